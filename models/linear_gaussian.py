@@ -1,0 +1,103 @@
+r"""Linear-Gaussian state-space model.
+
+.. math::
+    h_0 &\sim N(m_0, P_0) \\
+    h_t &= A h_{t-1} + B u_t + b + e_t, \quad e_t \sim N(0, Q) \\
+    y_t &= C h_t + D u_t + d + v_t, \quad v_t \sim N(0, R)
+
+Covariances are parameterised by their Cholesky factors (``constraints.lower_cholesky``: lower
+triangular with a positive diagonal), so every parameter value is a valid model. All parameters are
+learnable ``PyroParam`` s living on the module.
+"""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.nn import PyroParam
+
+from ppl_rnn.errors import ConfigurationError
+from ppl_rnn.model import LinearGaussianParams, StateSpaceModel
+
+
+def _mat(x, shape, name):
+    t = torch.as_tensor(x, dtype=torch.get_default_dtype()).clone()
+    if tuple(t.shape) != tuple(shape):
+        raise ConfigurationError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)}.")
+    return t
+
+
+def _chol(cov, n, name):
+    c = _mat(cov, (n, n), name)
+    try:
+        return torch.linalg.cholesky(c)
+    except Exception as e:
+        raise ConfigurationError(f"{name} must be symmetric positive definite; Cholesky failed: {e}") from e
+
+
+class LinearGaussianSSM(StateSpaceModel):
+    """Linear-Gaussian SSM. Matrices default to a stable random ``A`` (spectral radius 0.9) and identity
+    covariances scaled by 0.1 (process) and 0.1 (observation)."""
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        obs_dim: int,
+        input_dim: int = 0,
+        *,
+        A=None,
+        B=None,
+        b=None,
+        C=None,
+        D=None,
+        d=None,
+        Q=None,
+        R=None,
+        m0=None,
+        P0=None,
+        seed: int = 0,
+    ):
+        super().__init__(hidden_dim, obs_dim, input_dim)
+        H, O, I = hidden_dim, obs_dim, input_dim
+        g = torch.Generator().manual_seed(seed)
+        if A is None:
+            A0 = torch.randn(H, H, generator=g, dtype=torch.float64)
+            A = 0.9 * A0 / torch.linalg.eigvals(A0).abs().max()
+        if C is None:
+            C = torch.randn(O, H, generator=g, dtype=torch.float64) / H**0.5
+        self.A = PyroParam(_mat(A, (H, H), "A"))
+        self.b = PyroParam(_mat(torch.zeros(H) if b is None else b, (H,), "b"))
+        self.C = PyroParam(_mat(C, (O, H), "C"))
+        self.d = PyroParam(_mat(torch.zeros(O) if d is None else d, (O,), "d"))
+        if I > 0:
+            self.B = PyroParam(_mat(torch.zeros(H, I) if B is None else B, (H, I), "B"))
+            self.D = PyroParam(_mat(torch.zeros(O, I) if D is None else D, (O, I), "D"))
+        elif B is not None or D is not None:
+            raise ConfigurationError("B/D given but input_dim=0; pass input_dim>0 to use inputs.")
+        self.Q_tril = PyroParam(_chol(0.1 * torch.eye(H) if Q is None else Q, H, "Q"), constraint=constraints.lower_cholesky)
+        self.R_tril = PyroParam(_chol(0.1 * torch.eye(O) if R is None else R, O, "R"), constraint=constraints.lower_cholesky)
+        self.m0 = PyroParam(_mat(torch.zeros(H) if m0 is None else m0, (H,), "m0"))
+        self.P0_tril = PyroParam(_chol(torch.eye(H) if P0 is None else P0, H, "P0"), constraint=constraints.lower_cholesky)
+
+    def initial(self, u0):
+        return dist.MultivariateNormal(self.m0, scale_tril=self.P0_tril)
+
+    def transition(self, t, h_prev, u_t):
+        loc = h_prev @ self.A.T + self.b
+        if u_t is not None:
+            loc = loc + u_t @ self.B.T
+        return dist.MultivariateNormal(loc, scale_tril=self.Q_tril)
+
+    def emission(self, t, h, u_t):
+        loc = h @ self.C.T + self.d
+        if u_t is not None:
+            loc = loc + u_t @ self.D.T
+        return dist.MultivariateNormal(loc, scale_tril=self.R_tril)
+
+    def linear_gaussian(self) -> LinearGaussianParams:
+        Lq, Lr, Lp = self.Q_tril, self.R_tril, self.P0_tril
+        return LinearGaussianParams(
+            A=self.A, b=self.b, Q=Lq @ Lq.T, C=self.C, d=self.d, R=Lr @ Lr.T, m0=self.m0, P0=Lp @ Lp.T,
+            B=self.B if self.input_dim else None, D=self.D if self.input_dim else None,
+        )

@@ -1,0 +1,35 @@
+"""ppl_rnn: stochastic recurrent networks (nonlinear state-space models) as Pyro programs, with
+interchangeable inference: particle smoothing + Monte Carlo EM, mean-field EM, SVI, EKF, exact Kalman, BPTT.
+
+    import ppl_rnn as pr
+    post = pr.infer(model, y, method=pr.inference.KalmanSmoother())
+"""
+
+import pyro
+
+# Parameters live on the modules, never in Pyro's global param store (DESIGN.md).
+pyro.settings.set(module_local_params=True)
+
+from . import errors  # noqa: E402
+from .data import Data, prepare  # noqa: E402
+from .errors import (  # noqa: E402
+    ConfigurationError,
+    DataError,
+    DegenerateWeightsError,
+    DivergenceError,
+    ModelCapabilityError,
+)
+from .method import InferenceMethod  # noqa: E402
+from .model import LinearGaussianParams, Simulation, StateSpaceModel  # noqa: E402
+from .results import FitResult, Forecast, Posterior  # noqa: E402
+from .verbs import fit, forecast, infer  # noqa: E402
+
+from . import inference, models  # noqa: E402  (floors 2: import the contract above)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "StateSpaceModel", "LinearGaussianParams", "Simulation", "Posterior", "FitResult", "Forecast",
+    "InferenceMethod", "Data", "prepare", "infer", "fit", "forecast", "inference", "models", "errors",
+    "ConfigurationError", "DataError", "DegenerateWeightsError", "DivergenceError", "ModelCapabilityError",
+]

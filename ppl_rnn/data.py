@@ -1,0 +1,163 @@
+"""Validation of observations and exogenous inputs: the one place where data are checked.
+
+Conventions (DESIGN.md, "Data"):
+
+* ``observations``: float tensor ``(num_sequences, num_steps, obs_dim)``; a single series
+  ``(num_steps, obs_dim)`` is promoted to one sequence. **NaN marks a missing entry** (per element).
+* ``inputs``: ``(num_sequences, num_steps, input_dim)`` (a ``(num_steps, input_dim)`` array is promoted
+  and broadcast over sequences). Inputs may not be missing.
+* ±inf, wrong ranks, mismatched lengths and non-float dtypes raise :class:`~ppl_rnn.errors.DataError`
+  naming the argument, the shape found and the shape expected.
+* Nothing here mutates the caller's tensors: the returned tensors are fresh copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+
+@dataclass(frozen=True)
+class Data:
+    """Validated data.
+
+    observations: ``(B, T, D)``, missing entries filled with 0 (see ``mask``)
+    mask: ``(B, T, D)`` bool, True where observed
+    inputs: ``(B, T, I)`` or None
+    """
+
+    observations: torch.Tensor
+    mask: torch.Tensor
+    inputs: torch.Tensor | None
+
+    @property
+    def num_sequences(self) -> int:
+        return self.observations.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.observations.shape[1]
+
+    @property
+    def obs_dim(self) -> int:
+        return self.observations.shape[2]
+
+    @property
+    def num_observed(self) -> int:
+        return int(self.mask.sum())
+
+    def with_nan(self) -> torch.Tensor:
+        """Observations with NaN at the missing entries (a copy)."""
+        return self.observations.masked_fill(~self.mask, float("nan"))
+
+
+def _to_tensor(x, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    else:
+        try:
+            arr = np.asarray(x)
+        except Exception as e:  # pragma: no cover - exotic inputs
+            raise DataError(f"{name} could not be converted to an array: {e}") from e
+        if arr.dtype == object:
+            raise DataError(f"{name} must be a numeric array; found an object array (ragged lists?). "
+                            "Pad ragged sequences with NaN to a common length.")
+        t = torch.as_tensor(arr)
+    if not (t.is_floating_point()):
+        raise DataError(
+            f"{name} must have a floating dtype (float32 or float64); found {t.dtype}. "
+            f"Convert with {name}.float() or np.asarray({name}, dtype=float)."
+        )
+    if dtype is not None:
+        t = t.to(dtype)
+    return t.clone()
+
+
+def validate_observations(
+    observations,
+    *,
+    obs_dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    name: str = "observations",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(observations (B,T,D) with missing filled by 0, mask (B,T,D))``, validated and copied."""
+    if observations is None:
+        raise DataError(f"{name} is None; expected a float tensor of shape (num_sequences, num_steps, obs_dim).")
+    y = _to_tensor(observations, name, dtype)
+    if y.dim() == 1:
+        raise DataError(
+            f"{name} has shape {tuple(y.shape)} (rank 1); expected (num_steps, obs_dim) or "
+            f"(num_sequences, num_steps, obs_dim). For a scalar series use {name}[:, None]."
+        )
+    if y.dim() == 2:
+        y = y.unsqueeze(0)
+    if y.dim() != 3:
+        raise DataError(
+            f"{name} has shape {tuple(y.shape)} (rank {y.dim()}); expected (num_sequences, num_steps, obs_dim)."
+        )
+    if y.shape[1] == 0 or y.shape[0] == 0:
+        raise DataError(f"{name} has shape {tuple(y.shape)}; expected at least one sequence and one time step.")
+    if obs_dim is not None and y.shape[-1] != obs_dim:
+        raise DataError(
+            f"{name} has shape {tuple(y.shape)}; expected last dimension obs_dim={obs_dim} to match the model "
+            f"(found {y.shape[-1]})."
+        )
+    if torch.isinf(y).any():
+        idx = torch.nonzero(torch.isinf(y))[0].tolist()
+        raise DataError(
+            f"{name} contains ±inf (first at index {tuple(idx)}); only NaN is allowed, and it marks a missing "
+            "entry. Replace infinities with NaN if they are missing values."
+        )
+    mask = ~torch.isnan(y)
+    y = y.masked_fill(~mask, 0.0)
+    return y, mask
+
+
+def validate_inputs(
+    inputs,
+    *,
+    num_sequences: int,
+    num_steps: int,
+    input_dim: int,
+    dtype: torch.dtype | None = None,
+    name: str = "inputs",
+) -> torch.Tensor | None:
+    """Return inputs as ``(B, T, I)`` (a copy), or None for a model without inputs."""
+    if inputs is None:
+        if input_dim > 0:
+            raise DataError(
+                f"{name} is None but the model has input_dim={input_dim}; expected a float tensor of shape "
+                f"({num_sequences}, {num_steps}, {input_dim})."
+            )
+        return None
+    u = _to_tensor(inputs, name, dtype)
+    expected = (num_sequences, num_steps, input_dim)
+    if input_dim == 0:
+        raise DataError(f"{name} given with shape {tuple(u.shape)} but the model takes no inputs (input_dim=0); "
+                        "drop the argument or build the model with input_dim>0.")
+    if u.dim() == 2:
+        u = u.unsqueeze(0).expand(num_sequences, -1, -1).clone()
+    if u.dim() != 3 or u.shape[0] != num_sequences or u.shape[1] < num_steps or u.shape[2] != input_dim:
+        raise DataError(f"{name} has shape {tuple(u.shape)}; expected {expected} (num_sequences, num_steps, input_dim).")
+    if not torch.isfinite(u).all():
+        raise DataError(f"{name} contains NaN or ±inf; inputs may not be missing. Impute or drop those steps.")
+    return u
+
+
+def prepare(model, observations, inputs=None, *, dtype: torch.dtype | None = None) -> Data:
+    """Validate ``observations`` and ``inputs`` against ``model`` (its obs_dim, input_dim and dtype)."""
+    if dtype is None:
+        dtype = model_dtype(model)
+    y, mask = validate_observations(observations, obs_dim=model.obs_dim, dtype=dtype)
+    u = validate_inputs(inputs, num_sequences=y.shape[0], num_steps=y.shape[1], input_dim=model.input_dim, dtype=dtype)
+    return Data(y, mask, u)
+
+
+def model_dtype(model) -> torch.dtype:
+    for p in model.parameters():
+        return p.dtype
+    return torch.get_default_dtype()

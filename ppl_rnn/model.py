@@ -1,0 +1,214 @@
+r"""The model contract: a state-space model is a Pyro program built from three conditionals.
+
+.. math::
+    h_0 &\sim p_\theta(h_0 \mid u_0)                       &&\texttt{initial(u0)} \\
+    h_t &\sim p_\theta(h_t \mid h_{t-1}, u_t),\ t\ge 1     &&\texttt{transition(t, h\_prev, u\_t)} \\
+    y_t &\sim p_\theta(y_t \mid h_t, u_t)                  &&\texttt{emission(t, h, u\_t)}
+
+Time is 0-based in code (``t = 0 … T-1``). Each method returns a torch distribution batched over any
+leading dims of its arguments (particles, sequences) with event dim ``hidden_dim`` (resp. ``obs_dim``).
+``u_t`` is ``None`` for a model without inputs, else a tensor ``(..., input_dim)`` that broadcasts
+against ``h``.
+
+:meth:`StateSpaceModel.forward` composes the three into an ordinary Pyro program (``pyro.plate`` over
+sequences, ``pyro.markov`` over time, sites ``h_{t}`` and ``y_{t}``), so SVI, ``Predictive`` and
+``poutine`` see it as any Pyro model, while SMC, EKF and Kalman read the conditionals directly. The joint
+log-density is
+
+.. math:: \log p(h_{0:T-1}, y_{0:T-1}) = \log p(h_0) + \sum_{t\ge1}\log p(h_t\mid h_{t-1}) + \sum_t \log p(y_{t,o}\mid h_t)
+
+where :math:`y_{t,o}` are the observed (non-NaN) entries; see :mod:`ppl_rnn.masking`.
+
+Capabilities (optional methods that unlock fast paths; inference never imports model classes):
+
+* ``linear_gaussian() -> LinearGaussianParams``: the model is linear-Gaussian (exact Kalman, KalmanEM).
+* Gaussian transition/emission (``Normal(...).to_event(1)`` or ``MultivariateNormal``): the EKF
+  differentiates ``transition(...).mean`` by ``torch.func`` — no extra method needed.
+* ``closed_form_mstep(...)``: see :mod:`ppl_rnn.inference.mcem`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+
+from .data import model_dtype, validate_inputs, validate_observations
+from .errors import ConfigurationError, DataError, ModelCapabilityError
+from .masking import PartiallyObserved, masked_log_prob
+from .rng import seeded
+
+
+@dataclass(frozen=True)
+class LinearGaussianParams:
+    r"""A time-invariant linear-Gaussian state-space model.
+
+    .. math::
+        h_0 \sim N(m_0, P_0),\quad h_t = A h_{t-1} + B u_t + b + e_t,\ e_t\sim N(0,Q),\quad
+        y_t = C h_t + D u_t + d + v_t,\ v_t\sim N(0,R).
+
+    ``B``/``D`` are ``None`` for a model without inputs.
+    """
+
+    A: torch.Tensor
+    b: torch.Tensor
+    Q: torch.Tensor
+    C: torch.Tensor
+    d: torch.Tensor
+    R: torch.Tensor
+    m0: torch.Tensor
+    P0: torch.Tensor
+    B: torch.Tensor | None = None
+    D: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """Draws from the model's prior.
+
+    states: ``(B, T, H)`` hidden trajectories :math:`h_{0:T-1}`
+    observations: ``(B, T, D)`` observations :math:`y_{0:T-1}`
+    inputs: ``(B, T, I)`` or None
+    """
+
+    states: torch.Tensor
+    observations: torch.Tensor
+    inputs: torch.Tensor | None = None
+
+
+def input_at(inputs: torch.Tensor | None, t: int) -> torch.Tensor | None:
+    """``u_t`` from ``(B, T, I)`` inputs (None stays None)."""
+    return None if inputs is None else inputs[:, t]
+
+
+class StateSpaceModel(PyroModule):
+    """Base class of every model. Subclasses set ``hidden_dim``, ``obs_dim``, ``input_dim`` and write
+    :meth:`initial`, :meth:`transition` and :meth:`emission`.
+    """
+
+    hidden_dim: int
+    obs_dim: int
+    input_dim: int = 0
+
+    def __init__(self, hidden_dim: int, obs_dim: int, input_dim: int = 0, name: str = ""):
+        super().__init__(name)
+        for nm, v, lo in (("hidden_dim", hidden_dim, 1), ("obs_dim", obs_dim, 1), ("input_dim", input_dim, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigurationError(f"{nm} must be an int >= {lo}; found {v!r}.")
+        self.hidden_dim = hidden_dim
+        self.obs_dim = obs_dim
+        self.input_dim = input_dim
+
+    # ---- the three conditionals ------------------------------------------------------------
+    def initial(self, u0: torch.Tensor | None) -> dist.Distribution:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement initial(u0)")
+
+    def transition(self, t: int, h_prev: torch.Tensor, u_t: torch.Tensor | None) -> dist.Distribution:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__} must implement transition(t, h_prev, u_t)")
+
+    def emission(self, t: int, h: torch.Tensor, u_t: torch.Tensor | None) -> dist.Distribution:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__} must implement emission(t, h, u_t)")
+
+    # ---- derived quantities ----------------------------------------------------------------
+    def observation_log_prob(
+        self, t: int, h: torch.Tensor, y_t: torch.Tensor, mask_t: torch.Tensor | None, u_t: torch.Tensor | None
+    ) -> torch.Tensor:
+        r""":math:`\log p(y_{t,o}\mid h_t)` over the observed entries (0 for a fully missing step)."""
+        return masked_log_prob(self.emission(t, h, u_t), y_t, mask_t)
+
+    def linear_gaussian(self) -> LinearGaussianParams:
+        """The linear-Gaussian form, for models that have one (Kalman). Others raise."""
+        raise ModelCapabilityError(
+            f"{type(self).__name__} is not linear-Gaussian, so exact Kalman inference does not apply. Use "
+            "ParticleSmoother or ExtendedKalmanSmoother, or a LinearGaussianSSM / ElmanSSM(activation='identity')."
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return model_dtype(self)
+
+    def copy(self) -> StateSpaceModel:
+        """A deep copy (fits return a fitted copy; the input model is never modified)."""
+        return copy.deepcopy(self)
+
+    # ---- the Pyro program ------------------------------------------------------------------
+    def forward(self, observations=None, inputs=None, mask=None, *, num_steps=None, num_sequences=None):
+        """The Pyro program. With ``observations=None`` it samples ``num_steps`` steps of
+        ``num_sequences`` sequences from the prior (``y_t`` sites unobserved).
+
+        ``observations`` may contain NaN (missing) or come with an explicit bool ``mask`` (True = observed).
+        Returns the hidden trajectory ``(B, T, H)`` (with any leading vectorisation dims).
+        """
+        dtype = self.dtype
+        if observations is not None:
+            y, m = validate_observations(observations, obs_dim=self.obs_dim, dtype=dtype)
+            if mask is not None:
+                mask = torch.as_tensor(mask, dtype=torch.bool)
+                if mask.dim() == 2:
+                    mask = mask.unsqueeze(0)
+                if mask.shape != y.shape:
+                    raise DataError(f"mask has shape {tuple(mask.shape)}; expected {tuple(y.shape)} like observations.")
+                m = m & mask
+            B, T = y.shape[0], y.shape[1]
+            if num_steps is not None and num_steps != T:
+                raise DataError(f"num_steps={num_steps} but observations have {T} steps; drop num_steps.")
+        else:
+            if num_steps is None:
+                raise DataError("forward() without observations needs num_steps (how many steps to sample).")
+            T = int(num_steps)
+            B = 1 if num_sequences is None else int(num_sequences)
+            y = m = None
+        u = validate_inputs(inputs, num_sequences=B, num_steps=T, input_dim=self.input_dim, dtype=dtype)
+        hs = []
+        with pyro.plate("sequences", B, dim=-1):
+            h = None
+            for t in pyro.markov(range(T)):
+                u_t = input_at(u, t)
+                if t == 0:
+                    h = pyro.sample("h_0", self.initial(u_t))
+                else:
+                    h = pyro.sample(f"h_{t}", self.transition(t, h, u_t))
+                hs.append(h)
+                em = self.emission(t, h, u_t)
+                if y is None:
+                    pyro.sample(f"y_{t}", em)
+                else:
+                    m_t = m[:, t]
+                    if bool(m_t.all()):
+                        pyro.sample(f"y_{t}", em, obs=y[:, t])
+                    elif bool(m_t.any()):
+                        pyro.sample(f"y_{t}", PartiallyObserved(em, m_t), obs=y[:, t])
+                    # a fully missing step has no observation site
+        return torch.stack(hs, dim=-2)
+
+    # ---- simulation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def simulate(self, num_steps: int, num_sequences: int = 1, inputs=None, seed: int | None = None) -> Simulation:
+        """Sample states and observations from the prior; vectorised over sequences."""
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ConfigurationError(f"num_steps must be a positive int; found {num_steps!r}.")
+        if not isinstance(num_sequences, int) or num_sequences < 1:
+            raise ConfigurationError(f"num_sequences must be a positive int; found {num_sequences!r}.")
+        u = validate_inputs(inputs, num_sequences=num_sequences, num_steps=num_steps,
+                            input_dim=self.input_dim, dtype=self.dtype)
+        hs, ys = [], []
+        with seeded(seed):
+            h = None
+            for t in range(num_steps):
+                u_t = input_at(u, t)
+                if t == 0:
+                    h = self.initial_batched(u_t, (num_sequences,)).sample()
+                else:
+                    h = self.transition(t, h, u_t).sample()
+                ys.append(self.emission(t, h, u_t).sample())
+                hs.append(h)
+        return Simulation(torch.stack(hs, 1), torch.stack(ys, 1), None if u is None else u[:, :num_steps])
+
+    def initial_batched(self, u0: torch.Tensor | None, batch_shape: tuple[int, ...]) -> dist.Distribution:
+        """``initial(u0)`` expanded to ``batch_shape`` (when it does not depend on inputs it is unbatched)."""
+        d0 = self.initial(u0)
+        return d0.expand(torch.Size(batch_shape)) if d0.batch_shape != torch.Size(batch_shape) else d0

@@ -1,0 +1,146 @@
+"""Result records: frozen dataclasses, one line of maths per field. No algorithm stores results on itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import ConfigurationError
+from .rng import check_seed, seeded
+
+POSTERIOR_KINDS = ("filtering", "smoothing")
+EVIDENCE_KINDS = ("exact", "estimate", "lower_bound", "approximation")
+
+
+@dataclass(frozen=True)
+class Posterior:
+    r"""Posterior over the hidden states of ``B`` sequences of ``T`` steps.
+
+    kind: ``"filtering"`` (:math:`p(h_t\mid y_{0:t})`) or ``"smoothing"`` (:math:`p(h_t\mid y_{0:T-1})`)
+    mean: ``(B,T,H)`` :math:`E[h_t \mid \cdot]`
+    var: ``(B,T,H)`` :math:`\operatorname{diag}\operatorname{Var}[h_t \mid \cdot]`
+    log_evidence: ``(B,)`` :math:`\log p(y_{0:T-1})` (or its estimate / bound, see ``evidence_kind``)
+    evidence_kind: ``"exact"`` | ``"estimate"`` (unbiased for :math:`p`, not :math:`\log p`) | ``"lower_bound"`` | ``"approximation"``
+    method: name of the method that produced it
+    cov: ``(B,T,H,H)`` :math:`\operatorname{Cov}[h_t\mid\cdot]` where the method has it, else None
+    cross_cov: ``(B,T,H,H)`` :math:`\operatorname{Cov}[h_t, h_{t-1}\mid\cdot]` (index 0 unused) where available
+    diagnostics: per-method extras (per-step ESS, resampling flags, filtered moments, ...)
+    """
+
+    kind: str
+    mean: torch.Tensor
+    var: torch.Tensor
+    log_evidence: torch.Tensor
+    evidence_kind: str
+    method: str = ""
+    cov: torch.Tensor | None = None
+    cross_cov: torch.Tensor | None = None
+    diagnostics: Mapping[str, Any] = field(default_factory=dict)
+    sampler: Callable[[int], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    final_sampler: Callable[[int], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.kind not in POSTERIOR_KINDS:
+            raise ValueError(f"Posterior.kind must be one of {POSTERIOR_KINDS}; found {self.kind!r}")
+        if self.evidence_kind not in EVIDENCE_KINDS:
+            raise ValueError(f"Posterior.evidence_kind must be one of {EVIDENCE_KINDS}; found {self.evidence_kind!r}")
+
+    @property
+    def num_sequences(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.mean.shape[1]
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.mean.shape[2]
+
+    def sample(self, num: int, seed: int | None = None) -> torch.Tensor:
+        """Draw ``num`` joint trajectories ``(num, B, T, H)`` from the posterior."""
+        if not isinstance(num, int) or num < 1:
+            raise ConfigurationError(f"num must be a positive int; found {num!r}.")
+        check_seed(seed)
+        if self.sampler is None:
+            raise NotImplementedError(
+                f"this {self.kind} posterior from {self.method or 'this method'} has no trajectory sampler; "
+                "use a smoother (ParticleSmoother, KalmanSmoother, ExtendedKalmanSmoother)."
+            )
+        with seeded(seed):
+            return self.sampler(num)
+
+    def sample_final(self, num: int, seed: int | None = None) -> torch.Tensor:
+        r"""Draw ``num`` states ``(num, B, H)`` from :math:`p(h_{T-1}\mid y_{0:T-1})` (the start of a forecast)."""
+        if self.final_sampler is None:
+            return self.sample(num, seed)[:, :, -1]
+        if not isinstance(num, int) or num < 1:
+            raise ConfigurationError(f"num must be a positive int; found {num!r}.")
+        with seeded(check_seed(seed)):
+            return self.final_sampler(num)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Outcome of :func:`ppl_rnn.fit`.
+
+    model: the fitted **copy** (the input model is untouched)
+    trace: ``xarray.Dataset`` over dim ``iteration``: ``objective``, ``log_evidence``, parameters, ``wall_time_s``
+    posterior: final E-step posterior, where the method has one
+    wall_time_s: total fitting time in seconds
+    converged: whether the method's convergence criterion was met
+    method: name of the method
+    evidence_kind: what ``trace.objective`` is (``"exact"``, ``"estimate"``, ``"lower_bound"``, ``"approximation"``)
+    diagnostics: per-method extras
+    """
+
+    model: Any
+    trace: Any
+    posterior: Posterior | None
+    wall_time_s: float
+    converged: bool
+    method: str = ""
+    evidence_kind: str = "estimate"
+    diagnostics: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    r"""Predictive draws :math:`y_{T:T+k-1} \mid y_{0:T-1}`.
+
+    samples: ``(S, B, horizon, D)`` draws of future observations
+    state_samples: ``(S, B, horizon, H)`` the matching hidden states
+    mean: ``(B, horizon, D)`` :math:`E[y_{T+k}\mid y_{0:T-1}]` (Monte Carlo)
+    method: name of the filtering method used for :math:`p(h_{T-1}\mid y_{0:T-1})`
+    """
+
+    samples: torch.Tensor
+    state_samples: torch.Tensor
+    mean: torch.Tensor
+    method: str = ""
+
+    @property
+    def horizon(self) -> int:
+        return self.samples.shape[2]
+
+    def quantile(self, q: float) -> torch.Tensor:
+        """``(B, horizon, D)`` pointwise predictive quantile."""
+        return torch.quantile(self.samples, q, dim=0)
+
+
+def params_snapshot(model) -> dict[str, torch.Tensor]:
+    """Constrained parameter values of a model, detached copies (for traces)."""
+    out = {}
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        obj = model
+        for p in parts[:-1]:
+            obj = getattr(obj, p)
+        leaf = parts[-1]
+        if leaf.endswith("_unconstrained"):
+            leaf = leaf[: -len("_unconstrained")]
+        out[".".join(parts[:-1] + [leaf])] = getattr(obj, leaf).detach().clone()
+    return out
