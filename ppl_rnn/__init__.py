@@ -10,7 +10,11 @@ import pyro
 # Parameters live on the modules, never in Pyro's global param store (DESIGN.md).
 pyro.settings.set(module_local_params=True)
 
-from . import errors  # noqa: E402
+from . import (  # noqa: E402  (floors 2: import the contract above)
+    errors,  # noqa: E402
+    inference,
+    models,
+)
 from .data import Data, prepare  # noqa: E402
 from .errors import (  # noqa: E402
     ConfigurationError,
@@ -23,8 +27,6 @@ from .method import InferenceMethod  # noqa: E402
 from .model import LinearGaussianParams, Simulation, StateSpaceModel  # noqa: E402
 from .results import FitResult, Forecast, Posterior  # noqa: E402
 from .verbs import fit, forecast, infer  # noqa: E402
-
-from . import inference, models  # noqa: E402  (floors 2: import the contract above)
 
 __version__ = "0.1.0"
 
