@@ -64,7 +64,7 @@ def masked_log_prob(dist, y: torch.Tensor, mask: torch.Tensor | None) -> torch.T
 
 def _has_mean(dist) -> bool:
     try:
-        dist.mean
+        _ = dist.mean
         return True
     except NotImplementedError:
         return False
