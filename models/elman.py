@@ -23,6 +23,7 @@ from pyro.nn import PyroParam
 
 from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
 from ppl_rnn.model import LinearGaussianParams, StateSpaceModel
+from ppl_rnn.rng import check_seed
 
 _ACTIVATIONS = {"tanh": torch.tanh, "identity": lambda x: x}
 
@@ -32,7 +33,7 @@ def _scale(v, n, name):
     if t.dim() == 0:
         t = t.expand(n)
     t = t.clone()
-    if t.shape != (n,) or not bool((t > 0).all()):
+    if t.shape != (n,) or not bool((t > 0).all()) or not bool(torch.isfinite(t).all()):
         raise ConfigurationError(f"{name} must be a positive scalar or a positive vector of length {n}; found {v!r}.")
     return t
 
@@ -66,6 +67,11 @@ class ElmanSSM(StateSpaceModel):
         super().__init__(hidden_dim, obs_dim, input_dim)
         if activation not in _ACTIVATIONS:
             raise ConfigurationError(f"activation must be one of {sorted(_ACTIVATIONS)}; found {activation!r}.")
+        if isinstance(weight_scale, bool) or not isinstance(weight_scale, (int, float)) or not (
+            0 <= weight_scale < float("inf")
+        ):
+            raise ConfigurationError(f"weight_scale must be a finite real number >= 0; found {weight_scale!r}.")
+        seed = check_seed(seed) or 0
         self.activation = activation
         H, O, I = hidden_dim, obs_dim, input_dim
         g = torch.Generator().manual_seed(seed)
@@ -112,3 +118,136 @@ class ElmanSSM(StateSpaceModel):
             B=self.U if self.input_dim else None,
             D=torch.zeros(O, self.input_dim, dtype=self.C.dtype) if self.input_dim else None,
         )
+
+    # ---- closed-form (generalised) M-step: the MCEM fast path ------------------------------
+    def closed_form_mstep(
+        self,
+        trajectories: torch.Tensor,
+        observations: torch.Tensor,
+        mask: torch.Tensor,
+        inputs: torch.Tensor | None = None,
+        *,
+        weights: torch.Tensor | None = None,
+        transition_steps: int = 5,
+        learn_initial: bool = True,
+    ) -> float:
+        r"""Maximise (or, for ``W, U, b`` under ``tanh``, increase) the Monte Carlo EM objective in place.
+
+        With trajectories :math:`h^{(s)}` ``(S,B,T,H)`` of weight :math:`w_s` (``weights``, default uniform;
+        normalised to sum to one), the objective is
+
+        .. math:: \hat Q(\theta) = \sum_s w_s \log p_\theta(h^{(s)}, y_{obs}),
+
+        which separates into blocks, each solved given the trajectories:
+
+        * output map, per output dim :math:`k` over the steps where :math:`y_{t,k}` is observed: weighted
+          least squares of :math:`y_{t,k}` on :math:`(h_t, 1)` gives :math:`(C_k, d_k)`, and
+          :math:`r_k^2` is the weighted mean squared residual;
+        * initial state: :math:`m_0` and :math:`s_0^2` are the weighted mean and variance of :math:`h_0`;
+        * recurrent weights, per hidden unit :math:`j`, regressors :math:`x_t = (h_{t-1}, u_t, 1)`:
+          identity activation — weighted least squares of :math:`h_{t,j}` on :math:`x_t` (exact);
+          ``tanh`` — ``transition_steps`` Levenberg-Marquardt (damped Gauss-Newton) steps on
+          :math:`F_j = \sum w_s (h_{t,j} - \tanh(x_t^\top\theta_j))^2`, started at the current weights and
+          accepted only where :math:`F_j` decreases (a generalised EM step: :math:`\hat Q` never decreases);
+        * process noise given the new weights: :math:`q_j^2 = F_j / (B(T-1))` (closed form).
+
+        Args:
+            trajectories: ``(S,B,T,H)`` smoothed paths (detached).
+            observations, mask: ``(B,T,D)`` (missing entries: any finite value, mask False).
+            inputs: ``(B,T,I)`` or None.
+            weights: ``(S,)`` non-negative path weights (e.g. SAEM averaging over iterations).
+            transition_steps: Levenberg-Marquardt steps for ``tanh`` (ignored for the identity).
+            learn_initial: update ``m0``, ``s0``.
+
+        Returns:
+            :math:`\hat Q` at the new parameters (a float).
+        """
+        import math
+
+        with torch.no_grad():
+            dt = self.C.dtype
+            h = trajectories.detach().to(dt)
+            S, B, T, H = h.shape
+            y = observations.to(dt)
+            mf = mask.to(dt)
+            w = torch.full((S,), 1.0 / S, dtype=dt) if weights is None else weights.detach().to(dt)
+            w = w / w.sum()
+            log2pi = math.log(2 * math.pi)
+            obj = 0.0
+            # output map: per output dim WLS over observed steps
+            z = torch.cat([h, torch.ones(S, B, T, 1, dtype=dt)], -1)
+            Szz = torch.einsum("s,btk,sbtp,sbtq->kpq", w, mf, z, z)
+            Syz = torch.einsum("s,btk,sbtp->kp", w, mf * y, z)
+            Syy = (mf * y * y).sum((0, 1))
+            n = mf.sum((0, 1))
+            eye = torch.eye(H + 1, dtype=dt)
+            ridge = 1e-10 * torch.diagonal(Szz, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+            theta = torch.linalg.solve(Szz + ridge[:, None, None] * eye, Syz.unsqueeze(-1)).squeeze(-1)
+            seen = n > 0
+            ssr = (Syy - (theta * Syz).sum(-1)).clamp_min(0.0)
+            r2 = torch.where(seen, (ssr / n.clamp_min(1)).clamp_min(1e-12), self.r.detach() ** 2)
+            self.C = torch.where(seen[:, None], theta[:, :H], self.C.detach())
+            self.d = torch.where(seen, theta[:, H], self.d.detach())
+            self.r = r2.sqrt()
+            obj -= 0.5 * float((n * (1 + torch.log(r2) + log2pi)).sum())
+            # initial state
+            h0 = h[:, :, 0]
+            if learn_initial:
+                m0 = torch.einsum("s,sbh->h", w, h0) / B
+                s02 = (torch.einsum("s,sbh->h", w, (h0 - m0) ** 2) / B).clamp_min(1e-12)
+                self.m0 = m0
+                self.s0 = s02.sqrt()
+            s02 = self.s0.detach() ** 2
+            obj -= 0.5 * float((torch.einsum("s,sbh->h", w, (h0 - self.m0.detach()) ** 2) / s02
+                                + B * (torch.log(s02) + log2pi)).sum())
+            if T < 2:
+                return obj
+            # recurrent weights
+            parts = [h[:, :, :-1]]
+            if self.input_dim:
+                parts.append(inputs[:, 1:T].to(dt).expand(S, B, T - 1, self.input_dim))
+            parts.append(torch.ones(S, B, T - 1, 1, dtype=dt))
+            X = torch.cat(parts, -1).reshape(-1, H + self.input_dim + 1)  # (M, P)
+            Yt = h[:, :, 1:].reshape(-1, H)  # (M, H)
+            wm = w[:, None].expand(S, B * (T - 1)).reshape(-1)  # (M,)
+            P_ = X.shape[1]
+            th = [self.W.detach()]
+            if self.input_dim:
+                th.append(self.U.detach())
+            th.append(self.b.detach()[:, None])
+            Th = torch.cat(th, 1)  # (H, P)
+            eyeP = torch.eye(P_, dtype=dt)
+            if self.activation == "identity":
+                Sxx = torch.einsum("m,mp,mq->pq", wm, X, X)
+                Syx = torch.einsum("m,mj,mp->jp", wm, Yt, X)
+                rid = 1e-10 * torch.diagonal(Sxx).mean().clamp_min(1e-30)
+                Th = torch.linalg.solve(Sxx + rid * eyeP, Syx.T).T
+                F = (wm[:, None] * (Yt - X @ Th.T) ** 2).sum(0)
+            else:
+                act = torch.tanh
+                lam = torch.full((H,), 1e-3, dtype=dt)
+                F = (wm[:, None] * (Yt - act(X @ Th.T)) ** 2).sum(0)
+                for _ in range(int(transition_steps)):
+                    a = act(X @ Th.T)  # (M,H)
+                    g = 1 - a * a
+                    res = Yt - a
+                    JtJ = torch.einsum("m,mj,mp,mq->jpq", wm, g * g, X, X)
+                    Jtr = torch.einsum("m,mj,mp->jp", wm, g * res, X)
+                    diag = torch.diagonal(JtJ, dim1=-2, dim2=-1)
+                    A = JtJ + (lam[:, None] * (diag + 1e-12))[..., None] * eyeP
+                    step = torch.linalg.solve(A, Jtr.unsqueeze(-1)).squeeze(-1)
+                    Th_new = Th + step
+                    F_new = (wm[:, None] * (Yt - act(X @ Th_new.T)) ** 2).sum(0)
+                    ok = torch.isfinite(F_new) & (F_new <= F)
+                    Th = torch.where(ok[:, None], Th_new, Th)
+                    F = torch.where(ok, F_new, F)
+                    lam = torch.where(ok, lam * 0.3, lam * 10.0).clamp(1e-9, 1e9)
+            self.W = Th[:, :H]
+            if self.input_dim:
+                self.U = Th[:, H:H + self.input_dim]
+            self.b = Th[:, -1]
+            N = B * (T - 1)
+            q2 = (F / N).clamp_min(1e-12)
+            self.q = q2.sqrt()
+            obj -= 0.5 * float((N * (1 + torch.log(q2) + log2pi)).sum())
+            return obj

@@ -19,17 +19,23 @@ from pyro.nn import PyroParam
 
 from ppl_rnn.errors import ConfigurationError
 from ppl_rnn.model import LinearGaussianParams, StateSpaceModel
+from ppl_rnn.rng import check_seed
 
 
 def _mat(x, shape, name):
     t = torch.as_tensor(x, dtype=torch.get_default_dtype()).clone()
     if tuple(t.shape) != tuple(shape):
         raise ConfigurationError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)}.")
+    if not bool(torch.isfinite(t).all()):
+        raise ConfigurationError(f"{name} must be finite; found NaN or ±inf in {t.tolist()}.")
     return t
 
 
 def _chol(cov, n, name):
     c = _mat(cov, (n, n), name)
+    if not torch.allclose(c, c.T, rtol=1e-6, atol=1e-8):
+        raise ConfigurationError(f"{name} must be symmetric positive definite; found a non-symmetric matrix "
+                                 f"{c.tolist()}. Pass (M + M.T) / 2 or L @ L.T.")
     try:
         return torch.linalg.cholesky(c)
     except Exception as e:
@@ -60,7 +66,7 @@ class LinearGaussianSSM(StateSpaceModel):
     ):
         super().__init__(hidden_dim, obs_dim, input_dim)
         H, O, I = hidden_dim, obs_dim, input_dim
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(check_seed(seed) or 0)
         if A is None:
             A0 = torch.randn(H, H, generator=g, dtype=torch.float64)
             A = 0.9 * A0 / torch.linalg.eigvals(A0).abs().max()

@@ -154,6 +154,13 @@ def prepare(model, observations, inputs=None, *, dtype: torch.dtype | None = Non
         dtype = model_dtype(model)
     y, mask = validate_observations(observations, obs_dim=model.obs_dim, dtype=dtype)
     u = validate_inputs(inputs, num_sequences=y.shape[0], num_steps=y.shape[1], input_dim=model.input_dim, dtype=dtype)
+    if u is not None and u.shape[1] != y.shape[1]:
+        # validate_inputs accepts longer inputs (forecasting needs T + horizon); paired data must match
+        raise DataError(
+            f"inputs has shape {tuple(inputs.shape) if hasattr(inputs, 'shape') else tuple(u.shape)}; expected "
+            f"{(y.shape[0], y.shape[1], model.input_dim)} (num_sequences, num_steps, input_dim): inputs must have "
+            f"as many steps as observations ({y.shape[1]}). Slice inputs[..., :{y.shape[1]}, :] if they run longer."
+        )
     return Data(y, mask, u)
 
 

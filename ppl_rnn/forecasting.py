@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .data import prepare, validate_inputs
-from .errors import ConfigurationError, ModelCapabilityError
+from .data import Data, validate_inputs, validate_observations
+from .errors import DataError, ModelCapabilityError
 from .method import check_positive_int
 from .model import input_at
 from .results import Forecast
@@ -35,15 +35,18 @@ def forecast(model, observations, *, horizon: int, method=None, num_samples: int
              seed: int | None = None) -> Forecast:
     horizon = check_positive_int(horizon, "horizon")
     num_samples = check_positive_int(num_samples, "num_samples")
-    data = prepare(model, observations, None)
-    B, T = data.num_sequences, data.num_steps
+    y, mask = validate_observations(observations, obs_dim=model.obs_dim, dtype=model.dtype)
+    B, T = y.shape[0], y.shape[1]
     u_all = None
     if model.input_dim:
         if inputs is None:
-            raise ConfigurationError(f"the model takes inputs: pass inputs covering {T + horizon} steps (T + horizon).")
+            raise DataError(f"inputs is None but the model takes inputs: pass inputs of shape "
+                            f"({B}, {T + horizon}, {model.input_dim}) covering T + horizon steps.")
         u_all = validate_inputs(inputs, num_sequences=B, num_steps=T + horizon, input_dim=model.input_dim,
-                                dtype=data.observations.dtype)
-        data = prepare(model, data.with_nan(), u_all[:, :T])
+                                dtype=y.dtype)
+    elif inputs is not None:
+        validate_inputs(inputs, num_sequences=B, num_steps=T + horizon, input_dim=0)  # raises the usual error
+    data = Data(y, mask, None if u_all is None else u_all[:, :T].clone())
     method = default_filter(model) if method is None else method
     with seeded(seed):
         post = method._infer(model, data, None)

@@ -1,0 +1,440 @@
+r"""Data sets: real series from installed packages and the project's synthetic benchmark.
+
+``load(name, **kw)`` returns a frozen :class:`Dataset` record. Every record holds ``values`` as a float
+tensor ``(num_sequences, num_steps, obs_dim)`` (a single series has ``num_sequences = 1``), ``inputs``
+``(num_sequences, num_steps, input_dim)`` or None, and its documentation: ``sampling_interval`` (in
+``time_unit``), ``units``, ``source``, ``licence``, ``description``. ``record.split()`` cuts every sequence in
+time into a training part and the test part that continues it (the convention of
+:func:`ppl_rnn.evaluate.evaluate`: the test set continues the same sequences).
+
+======================== ====================== ========= =================== ========================
+name                     shape (B, T, D) [+ u]  interval  package (extra)     licence
+======================== ====================== ========= =================== ========================
+``santafe-laser``        (1, 10093, 1)          a.u.      reservoirpy (data)  MIT (as shipped)
+``gas-furnace``          (1, 296, 1) + u (1)    9 s       timeseries-toolbox  MIT (as shipped)
+``sunspots``             (1, 309, 1)            1 year    statsmodels         public domain
+``respiration``          (1, 127500, 1) full    0.04 s    biopeaks==1.4.1     GPL-3.0 (read in place)
+``unkelbach-synthetic``  (1, 1500, 1) 1000+500  1 step    none (simulated)    MIT (this project)
+======================== ====================== ========= =================== ========================
+
+Scaling (``scale=`` for the real series): ``"none"`` (raw values), ``"standard"`` (subtract the mean, divide by
+the standard deviation) or ``"robust"`` (subtract the median, divide by the inter-quartile range). The
+statistics come from the default **training part only** (no test leakage), and the record keeps
+``offset`` and ``scale`` so that ``raw = values * scale + offset`` (``input_offset``/``input_scale`` for
+inputs). Defaults: ``"none"`` except ``respiration`` (``"robust"``).
+
+The real data sets come from optional packages (the ``data`` extra). A missing one raises
+:class:`MissingExtraError` (an :class:`ImportError`) that names the extra: ``pip install 'ppl_rnn[data]'``.
+Nothing GPL is copied into this repository: ``respiration`` is read from the installed biopeaks package.
+
+The synthetic benchmark, ``unkelbach-synthetic``
+-----------------------------------------------
+Sequences drawn from one **fixed** stochastic Elman network (:class:`ppl_rnn.models.ElmanSSM`, tanh) in the
+spirit of Unkelbach, Yi & Schmidhuber (2009):
+
+.. math::
+    h_0 \sim N(0, 0.5^2 I_4),\quad h_t = \tanh(W h_{t-1} + b) + e_t,\ e_t\sim N(0, 0.15^2 I_4),\quad
+    y_t = C h_t + v_t,\ v_t \sim N(0, 0.1^2)
+
+* hidden size 4, observation size 1, no inputs; process noise ``q = 0.15``, observation noise ``r = 0.1``,
+  ``m0 = 0``, ``s0 = 0.5``, ``d = 0``.
+* ``W = R blockdiag(1.2 rot(2π/20), 1.2 rot(2π/11)) Rᵀ`` with ``R`` a random orthogonal matrix: two rotations
+  with gain 1.2 (periods of about 20 and 11 steps), which ``tanh`` limits to sustained nonlinear
+  oscillations — the deterministic network neither collapses to a fixed point nor saturates (about 3-4 % of
+  ``|h| > 0.95``). ``R``, ``b ~ 0.1 N(0, I)`` and ``C`` (a random unit vector) are drawn from a fixed
+  generator (seed 0) and never change; ``seed=`` changes only the noise draw (initial state, process and
+  observation noise).
+* ``train_steps=1000`` then ``test_steps=500`` steps that continue the same sequence(s)
+  (``num_sequences=1`` by default); ``record.split()`` cuts at ``train_steps``.
+* Why it is the benchmark: the process noise diffuses the phase of the oscillation, so a deterministic
+  network (zero process noise, the BPTT limit) loses track of the signal within a few periods while a
+  filter of the stochastic model keeps it. Measured with a 2000-particle bootstrap filter at the true
+  parameters (noise seeds 0, 1, 2): training log-evidence **-0.03, +0.06, +0.00 nats/step** (test part:
+  +0.01, -0.01, +0.06); the same network run with negligible process noise (q = 1e-4, with the best
+  observation noise for its free run) **-0.99, -0.94, -1.15 nats/step**; an i.i.d. Gaussian fitted to the
+  training part **-0.76, -0.70, -0.87 nats/step**. ``std(y)`` is about 0.52, the one-step predictive
+  standard deviation given the true state about 0.18, and the linear part of ``W`` has eigenvalues
+  ``1.01 ± 0.65i`` and ``1.14 ± 0.37i``: smooth, periodic enough to be learnable from 1000 steps.
+* The record carries the generating model (``true_model``, float dtype of the values) and the hidden
+  states (``states`` ``(B, T, 4)``), so the true model's held-out log-evidence and the smoothing error
+  are available as references.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.resources
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ConfigurationError, DataError, PplRnnError
+from .rng import check_seed
+
+__all__ = ["Dataset", "MissingExtraError", "load", "DATASETS"]
+
+DATASETS = ("santafe-laser", "gas-furnace", "sunspots", "respiration", "unkelbach-synthetic")
+_EXTRA = "pip install 'ppl_rnn[data]'"
+_SCALES = ("none", "standard", "robust")
+
+
+class MissingExtraError(PplRnnError, ImportError):
+    """An optional package needed by a data set is not installed (install the ``data`` extra)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A data set (see the module docstring for the catalogue).
+
+    name: registry name
+    values: ``(B, T, D)`` float tensor, NaN = missing
+    inputs: ``(B, T, I)`` float tensor or None
+    sampling_interval: time between steps, in ``time_unit`` (None where unknown)
+    time_unit: ``"s"``, ``"year"``, ``"step"``, ...
+    units: what ``values`` measure (after scaling)
+    input_units: what ``inputs`` measure (None without inputs)
+    source, licence, description: provenance, terms, and what the series is
+    offset, scale: ``raw = values * scale + offset`` (per obs dim)
+    input_offset, input_scale: the same for inputs
+    train_steps: default split point of :meth:`split` (None: 80 % of the steps)
+    states: ``(B, T, H)`` true hidden states (synthetic data) or None
+    true_model: the generating model (synthetic data) or None
+    meta: any further facts (original sampling rate, column, ...)
+    """
+
+    name: str
+    values: torch.Tensor
+    inputs: torch.Tensor | None
+    sampling_interval: float | None
+    time_unit: str | None
+    units: str
+    source: str
+    licence: str
+    description: str
+    input_units: str | None = None
+    offset: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    input_offset: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
+    train_steps: int | None = None
+    states: torch.Tensor | None = None
+    true_model: Any = None
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def obs_dim(self) -> int:
+        return self.values.shape[2]
+
+    @property
+    def input_dim(self) -> int:
+        return 0 if self.inputs is None else self.inputs.shape[2]
+
+    def __repr__(self) -> str:
+        u = "" if self.inputs is None else f", inputs={tuple(self.inputs.shape)}"
+        dt = "?" if self.sampling_interval is None else f"{self.sampling_interval:g} {self.time_unit}"
+        return (f"Dataset({self.name!r}, values={tuple(self.values.shape)}{u}, sampling_interval={dt}, "
+                f"units={self.units!r}, licence={self.licence!r})")
+
+    def _slice(self, sl: slice, part: str) -> Dataset:
+        return dataclasses.replace(
+            self,
+            values=self.values[:, sl].clone(),
+            inputs=None if self.inputs is None else self.inputs[:, sl].clone(),
+            states=None if self.states is None else self.states[:, sl].clone(),
+            train_steps=None,
+            description=f"{self.description} [{part}: steps {sl.start or 0}..{(sl.stop or self.num_steps) - 1}]",
+        )
+
+    def split(self, train_fraction: float | None = None, *, train_steps: int | None = None) -> tuple[Dataset, Dataset]:
+        """Cut every sequence in time: ``(train, test)`` with ``test`` continuing ``train``.
+
+        ``train_steps`` (an int) or ``train_fraction`` (in (0, 1)) choose the cut; by default the record's
+        ``train_steps`` (synthetic data) or 80 % of the steps.
+        """
+        T = self.num_steps
+        if train_steps is not None and train_fraction is not None:
+            raise ConfigurationError("give train_fraction or train_steps, not both.")
+        if train_steps is None:
+            if train_fraction is None:
+                train_steps = self.train_steps if self.train_steps is not None else int(round(0.8 * T))
+            else:
+                if isinstance(train_fraction, bool) or not isinstance(train_fraction, (int, float)) or not (
+                    0.0 < train_fraction < 1.0
+                ):
+                    raise ConfigurationError(f"train_fraction must be in (0, 1); found {train_fraction!r}.")
+                train_steps = int(round(train_fraction * T))
+        if isinstance(train_steps, bool) or not isinstance(train_steps, int) or not (1 <= train_steps < T):
+            raise ConfigurationError(
+                f"train_steps must be an int in [1, {T - 1}] (the series has {T} steps); found {train_steps!r}.")
+        return self._slice(slice(0, train_steps), "train"), self._slice(slice(train_steps, T), "test")
+
+    train_test_split = split
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _require(module: str, dataset: str, package: str | None = None):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtraError(
+            f"load({dataset!r}) needs the optional package {package or module!r}, which is not installed "
+            f"({e}). Install the data extra: {_EXTRA}"
+        ) from e
+
+
+def _stats(x: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offset, scale) per last dim of ``x`` (T, D)."""
+    if how == "none":
+        return np.zeros(x.shape[-1]), np.ones(x.shape[-1])
+    if how == "standard":
+        off, sc = np.nanmean(x, 0), np.nanstd(x, 0)
+    else:
+        q25, off, q75 = np.nanpercentile(x, [25, 50, 75], axis=0)
+        sc = q75 - q25
+    sc = np.where(sc > 0, sc, 1.0)
+    return off, sc
+
+
+def _record(name, values, inputs=None, *, scale="none", dtype=None, train_fraction=0.8, **fields) -> Dataset:
+    """Build a record from numpy ``values`` (T, D) and ``inputs`` (T, I): scale with training-part stats."""
+    if scale not in _SCALES:
+        raise ConfigurationError(f"scale must be one of {_SCALES}; found {scale!r}.")
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise ConfigurationError(f"dtype must be torch.float32 or torch.float64; found {dtype!r}.")
+    values = np.asarray(values, dtype=np.float64)
+    n_train = int(round(train_fraction * values.shape[0]))
+    off, sc = _stats(values[:n_train], scale)
+    t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=dtype)  # noqa: E731
+    rec = dict(values=t((values - off) / sc)[None], offset=t(off), scale=t(sc), inputs=None)
+    if inputs is not None:
+        inputs = np.asarray(inputs, dtype=np.float64)
+        ioff, isc = _stats(inputs[:n_train], scale)
+        rec.update(inputs=t((inputs - ioff) / isc)[None], input_offset=t(ioff), input_scale=t(isc))
+    if scale != "none":
+        fields["units"] = f"{fields['units']}, {scale}-scaled (raw = values * scale + offset)"
+    return Dataset(name=name, **rec, **fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loaders
+
+
+def _santafe(*, scale="none", dtype=None) -> Dataset:
+    rds = _require("reservoirpy.datasets", "santafe-laser", "reservoirpy")
+    x = np.asarray(rds.santafe_laser(), dtype=np.float64).reshape(-1, 1)
+    return _record(
+        "santafe-laser", x, scale=scale, dtype=dtype, sampling_interval=None, time_unit=None,
+        units="laser intensity (a.u., integer counts)",
+        source="reservoirpy.datasets.santafe_laser() (Santa Fe Time Series Competition, data set A; "
+               "Weigend & Gershenfeld 1993; copy from J. McNames' data sets)",
+        licence="MIT (reservoirpy); the competition data are freely redistributed for research",
+        description="Far-infrared NH3 laser in a chaotic state (Lorenz-like pulsations); 10093 steps, "
+                    "a classical nonlinear forecasting benchmark.",
+    )
+
+
+def _gas_furnace(*, scale="none", dtype=None) -> Dataset:
+    _require("TimeSeriesSRC", "gas-furnace", "timeseries-toolbox")
+    path = importlib.resources.files("TimeSeriesSRC").joinpath("TestData").joinpath("Series_J_Gas_Furnace.csv")
+    if not path.is_file():
+        raise DataError(f"gas-furnace: {path} is missing from the installed timeseries-toolbox; reinstall it "
+                        f"({_EXTRA}).")
+    import pandas as pd
+
+    with path.open("r") as f:
+        df = pd.read_csv(f)
+    if list(df.columns) != ["InputGasRate", "CO2"]:
+        raise DataError(f"gas-furnace: unexpected columns {list(df.columns)} in {path}; expected "
+                        "['InputGasRate', 'CO2'].")
+    return _record(
+        "gas-furnace", df[["CO2"]].to_numpy(), df[["InputGasRate"]].to_numpy(), scale=scale, dtype=dtype,
+        sampling_interval=9.0, time_unit="s",
+        units="CO2 concentration in the outlet gas (%)",
+        input_units="coded methane feed rate (0.6 - 0.04 x cubic feet per minute)",
+        source="Box & Jenkins (1976) Time Series Analysis, Series J; file TestData/Series_J_Gas_Furnace.csv "
+               "of the timeseries-toolbox package (import TimeSeriesSRC)",
+        licence="MIT (timeseries-toolbox); textbook data",
+        description="Gas furnace: input = methane feed rate, output = CO2 concentration; 296 steps at 9 s; "
+                    "the classical input-output system-identification series.",
+    )
+
+
+def _sunspots(*, scale="none", dtype=None) -> Dataset:
+    sm = _require("statsmodels.datasets.sunspots", "sunspots", "statsmodels")
+    df = sm.load_pandas().data
+    return _record(
+        "sunspots", df[["SUNACTIVITY"]].to_numpy(), scale=scale, dtype=dtype,
+        sampling_interval=1.0, time_unit="year", units="yearly mean sunspot number (Wolf number)",
+        source="statsmodels.datasets.sunspots (NOAA National Geophysical Data Center)",
+        licence="public domain",
+        description=f"Yearly sunspot numbers {int(df['YEAR'].iloc[0])}-{int(df['YEAR'].iloc[-1])} "
+                    f"({len(df)} steps); the ~11-year solar cycle.",
+        meta={"first_year": int(df["YEAR"].iloc[0])},
+    )
+
+
+_RESP_FS = 1000  # Hz, from the OpenSignals header
+_RESP_TARGET = 25  # Hz
+_RESP_COLUMN = 5  # 0-based: columns nSeq, I1, I2, O1, O2, A2 (RESPBIT), A3 (ECGBIT)
+
+
+def _respiration(*, duration_s: float | None = None, max_steps: int | None = None, start_s: float = 0.0,
+                 scale="robust", dtype=None) -> Dataset:
+    _require("biopeaks", "respiration", "biopeaks==1.4.1")
+    path = importlib.resources.files("biopeaks").joinpath("tests").joinpath("testdata").joinpath("OSmontage0J.txt")
+    if not path.is_file():
+        raise DataError(f"respiration: {path} is not in the installed biopeaks; the data set needs "
+                        f"biopeaks==1.4.1 (pip install 'biopeaks==1.4.1' or {_EXTRA}).")
+    for nm, v in (("duration_s", duration_s), ("start_s", start_s)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or v < 0 or (nm == "duration_s" and v == 0)):
+            raise ConfigurationError(f"{nm} must be a {'positive' if nm == 'duration_s' else 'non-negative'} "
+                                     f"number of seconds; found {v!r}.")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ConfigurationError(f"max_steps must be a positive int; found {max_steps!r}.")
+    import pandas as pd
+    from scipy.signal import decimate
+
+    stop_s = None
+    if duration_s is not None:
+        stop_s = start_s + duration_s
+    if max_steps is not None:
+        s2 = start_s + max_steps / _RESP_TARGET
+        stop_s = s2 if stop_s is None else min(stop_s, s2)
+    factor = _RESP_FS // _RESP_TARGET  # 40 raw samples per output step
+    k0 = int(round(start_s * _RESP_TARGET))  # first output step (on the 25 Hz grid of the full recording)
+    k_first = max(0, k0 - 10 * _RESP_TARGET)  # 10 s of margin for the anti-aliasing filters' edges
+    k_stop = None if stop_s is None else int(round(stop_s * _RESP_TARGET))
+    nrows = None if k_stop is None else (k_stop + 10 * _RESP_TARGET) * factor
+    with path.open("r") as f:
+        raw = pd.read_csv(f, sep="\t", comment="#", header=None, usecols=[_RESP_COLUMN], nrows=nrows,
+                          dtype=np.float64, engine="c")[_RESP_COLUMN].to_numpy()
+    raw = raw[k_first * factor:]
+    if raw.size < 2 * _RESP_FS:
+        raise ConfigurationError(f"start_s={start_s} leaves less than 2 s of the 5100 s recording.")
+    # 1000 Hz -> 25 Hz in two anti-aliased stages (FIR, zero phase): 8 then 5
+    x = decimate(decimate(raw, 8, ftype="fir", zero_phase=True), 5, ftype="fir", zero_phase=True)
+    x = x[k0 - k_first:]
+    if k_stop is not None:
+        x = x[: k_stop - k0]
+    x = x.reshape(-1, 1)
+    return _record(
+        "respiration", x, scale=scale, dtype=dtype, sampling_interval=1.0 / _RESP_TARGET, time_unit="s",
+        units="breathing-belt signal (RESPBIT ADC counts)",
+        source="biopeaks 1.4.1 test data tests/testdata/OSmontage0J.txt (BITalino/OpenSignals recording, "
+               "channel A2 = RESPBIT, column 5), read from the installed package",
+        licence="GPL-3.0 (biopeaks); read in place, never copied into ppl_rnn",
+        description=f"Respiratory inductance belt, 85 min recorded at 1000 Hz, decimated to 25 Hz "
+                    f"(anti-aliased FIR, 8x then 5x); {x.shape[0]} steps from t={start_s:g} s.",
+        meta={"original_rate_hz": _RESP_FS, "column": _RESP_COLUMN, "start_s": start_s},
+    )
+
+
+# the fixed synthetic network -------------------------------------------------------------------
+SYNTHETIC_HIDDEN = 4
+SYNTHETIC_PERIODS = (20.0, 11.0)
+SYNTHETIC_GAINS = (1.2, 1.2)
+SYNTHETIC_PROCESS_NOISE = 0.15
+SYNTHETIC_OBS_NOISE = 0.1
+SYNTHETIC_INIT_SCALE = 0.5
+_SYNTHETIC_NETWORK_SEED = 0
+
+
+def synthetic_network(dtype: torch.dtype | None = None):
+    """The fixed generating network of ``unkelbach-synthetic`` (see the module docstring)."""
+    from ppl_rnn.models import ElmanSSM
+
+    H = SYNTHETIC_HIDDEN
+    g = torch.Generator().manual_seed(_SYNTHETIC_NETWORK_SEED)
+    R, _ = torch.linalg.qr(torch.randn(H, H, generator=g, dtype=torch.float64))
+
+    def rot(period, gain):
+        th = 2 * math.pi / period
+        return gain * torch.tensor([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]], dtype=torch.float64)
+
+    W = R @ torch.block_diag(*(rot(p, k) for p, k in zip(SYNTHETIC_PERIODS, SYNTHETIC_GAINS, strict=True))) @ R.T
+    b = 0.1 * torch.randn(H, generator=g, dtype=torch.float64)
+    C = torch.randn(1, H, generator=g, dtype=torch.float64)
+    C = C / C.norm()
+    m = ElmanSSM(H, 1, activation="tanh", process_noise=SYNTHETIC_PROCESS_NOISE, obs_noise=SYNTHETIC_OBS_NOISE,
+                 init_scale=SYNTHETIC_INIT_SCALE).double()
+    m.W, m.b, m.C = W, b, C
+    m.d = torch.zeros(1, dtype=torch.float64)
+    m.m0 = torch.zeros(H, dtype=torch.float64)
+    return m.to(torch.get_default_dtype() if dtype is None else dtype)
+
+
+def _unkelbach(*, seed: int = 0, num_sequences: int = 1, train_steps: int = 1000, test_steps: int = 500,
+               dtype=None) -> Dataset:
+    seed = check_seed(seed)
+    if seed is None:
+        raise ConfigurationError("unkelbach-synthetic needs an int seed (the noise draw); found None.")
+    for nm, v in (("num_sequences", num_sequences), ("train_steps", train_steps), ("test_steps", test_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigurationError(f"{nm} must be a positive int; found {v!r}.")
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise ConfigurationError(f"dtype must be torch.float32 or torch.float64; found {dtype!r}.")
+    gen = synthetic_network(torch.float64)  # simulate in float64: the same numbers whatever the dtype
+    sim = gen.simulate(train_steps + test_steps, num_sequences, seed=seed)
+    H = SYNTHETIC_HIDDEN
+    return Dataset(
+        name="unkelbach-synthetic",
+        values=sim.observations.to(dtype), inputs=None, states=sim.states.to(dtype),
+        sampling_interval=1.0, time_unit="step", units="a.u.",
+        source="simulated by ppl_rnn.datasets from a fixed stochastic Elman network (Unkelbach, Yi & "
+               "Schmidhuber 2009 model class)",
+        licence="MIT (generated by this project)",
+        description=(f"Stochastic Elman network, tanh, hidden {H}, obs 1, process noise "
+                     f"{SYNTHETIC_PROCESS_NOISE}, obs noise {SYNTHETIC_OBS_NOISE}; {num_sequences} sequence(s) of "
+                     f"{train_steps} training + {test_steps} test steps; noise seed {seed}."),
+        offset=torch.zeros(1, dtype=dtype), scale=torch.ones(1, dtype=dtype),
+        train_steps=train_steps, true_model=gen.to(dtype),
+        meta={"seed": seed, "periods": SYNTHETIC_PERIODS, "gains": SYNTHETIC_GAINS},
+    )
+
+
+_LOADERS = {
+    "santafe-laser": _santafe,
+    "gas-furnace": _gas_furnace,
+    "sunspots": _sunspots,
+    "respiration": _respiration,
+    "unkelbach-synthetic": _unkelbach,
+}
+
+
+def load(name: str, **kw) -> Dataset:
+    """Load a data set by name (see the module docstring for names, options and provenance).
+
+    Options: ``scale=`` and ``dtype=`` for every real series; ``duration_s=``, ``max_steps=``, ``start_s=`` for
+    ``respiration``; ``seed=``, ``num_sequences=``, ``train_steps=``, ``test_steps=``, ``dtype=`` for
+    ``unkelbach-synthetic``.
+    """
+    if name not in _LOADERS:
+        raise ConfigurationError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}.")
+    loader = _LOADERS[name]
+    try:
+        return loader(**kw)
+    except TypeError as e:
+        import inspect
+
+        if "unexpected keyword" in str(e):
+            opts = [p for p in inspect.signature(loader).parameters]
+            raise ConfigurationError(f"load({name!r}) got an unknown option ({e}); its options are {opts}.") from e
+        raise
