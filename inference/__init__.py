@@ -1,5 +1,20 @@
 """Inference strategies. Every method is an object passed to ``pr.infer`` / ``pr.fit``."""
 
+from . import guides
+from .bptt import BPTT
+from .ekf import EKFEM, EKFProposal, ExtendedKalmanFilter, ExtendedKalmanSmoother, extended_kalman_filter
 from .kalman import KalmanFilter, KalmanSmoother, kalman_filter, rts_smoother
+from .kalman_em import KalmanEM
+from .mcem import MonteCarloEM
+from .meanfield_em import MeanFieldEM
+from .particle_smoother import ParticleSmoother, ffbsm, pairwise_expectations
+from .proposals import BootstrapProposal, register_proposal
+from .smc import ParticleFilter, run_particle_filter
+from .svi import SVI
 
-__all__ = ["KalmanFilter", "KalmanSmoother", "kalman_filter", "rts_smoother"]
+__all__ = ["KalmanFilter", "KalmanSmoother", "kalman_filter", "rts_smoother",
+           "ParticleFilter", "run_particle_filter", "ParticleSmoother", "ffbsm", "pairwise_expectations",
+           "BootstrapProposal", "register_proposal",
+           "ExtendedKalmanFilter", "ExtendedKalmanSmoother", "EKFEM", "EKFProposal", "extended_kalman_filter",
+           "SVI", "guides",
+           "MonteCarloEM", "KalmanEM", "MeanFieldEM", "BPTT"]

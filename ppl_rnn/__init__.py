@@ -15,6 +15,10 @@ from . import (  # noqa: E402  (floors 2: import the contract above)
     inference,
     models,
 )
+
+# (floor 3, after inference/models: compare, to_inference_data, evaluate — the workbench)
+from .arviz_export import to_inference_data  # noqa: E402
+from .compare import compare  # noqa: E402
 from .data import Data, prepare  # noqa: E402
 from .errors import (  # noqa: E402
     ConfigurationError,
@@ -23,6 +27,7 @@ from .errors import (  # noqa: E402
     DivergenceError,
     ModelCapabilityError,
 )
+from .evaluate import evaluate  # noqa: E402
 from .method import InferenceMethod  # noqa: E402
 from .model import LinearGaussianParams, Simulation, StateSpaceModel  # noqa: E402
 from .results import FitResult, Forecast, Posterior  # noqa: E402
@@ -34,4 +39,5 @@ __all__ = [
     "StateSpaceModel", "LinearGaussianParams", "Simulation", "Posterior", "FitResult", "Forecast",
     "InferenceMethod", "Data", "prepare", "infer", "fit", "forecast", "inference", "models", "errors",
     "ConfigurationError", "DataError", "DegenerateWeightsError", "DivergenceError", "ModelCapabilityError",
+    "compare", "to_inference_data", "evaluate",
 ]

@@ -1,0 +1,157 @@
+r"""Deterministic training by backpropagation through time: the classical RNN loss as maximum likelihood.
+
+With zero process noise the state-space model becomes a deterministic recurrent network,
+:math:`p(h_t\mid h_{t-1}) = \delta(h_t - f_\theta(h_{t-1}, u_t))`, :math:`h_0 = E[h_0]`, and the log-evidence
+collapses to the familiar loss (Mohamed, "Recurrent nets and dynamical systems"; Werbos):
+
+.. math:: \log p_\theta(y) = \sum_t \log p_\theta(y_{t,o}\mid \bar h_t),\qquad
+          \bar h_t = E[h_t\mid h_{t-1}=\bar h_{t-1}],\ \bar h_0 = E[h_0],
+
+a Gaussian negative log-likelihood of the observed entries (so the observation noise :math:`r` is fitted too,
+not just the squared error). :class:`BPTT` maximises it with Adam over the unrolled network
+(``truncation=k``: gradients are cut every ``k`` steps, truncated BPTT).
+
+The fitted model is a copy of the input model with the process noise and the initial-state spread set to a
+tiny floor (``noise_floor``, default :math:`10^{-4}`) instead of exactly zero, so it stays a valid
+state-space model (positive scales) that the common particle-filter evaluator can score like every other
+fitted model; at that floor the filter's log-evidence equals the BPTT objective up to :math:`O(\text{floor})`.
+It is supported for models that expose their process-noise parameters: :class:`~ppl_rnn.models.ElmanSSM`
+(``q``, ``s0``) and :class:`~ppl_rnn.models.LinearGaussianSSM` (``Q_tril``, ``P0_tril``); the transition's
+``.mean`` is the deterministic map, so any Gaussian-transition model with those parameters works.
+
+``FitResult.trace`` (dim ``iteration`` = optimisation step, recorded every ``record_every`` steps):
+``objective`` = ``log_evidence`` = the deterministic log-likelihood :math:`\log p_\theta(y)` of the
+zero-noise network (``evidence_kind="approximation"``: it is not the evidence of the noisy model), the
+parameters, ``wall_time_s``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pyro
+import torch
+
+from ppl_rnn.errors import ModelCapabilityError
+from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive_int
+from ppl_rnn.model import input_at
+from ppl_rnn.results import FitResult
+from ppl_rnn.rng import seeded
+
+from .em_common import TraceRecorder, check_finite, set_param
+
+#: (parameter, kind) of the noise parameters a model may expose; kind "scale" (vector) or "tril" (Cholesky)
+_NOISE = {"q": "scale", "s0": "scale", "Q_tril": "tril", "P0_tril": "tril"}
+_REQUIRED = ({"q", "s0"}, {"Q_tril", "P0_tril"})
+
+
+def deterministic_log_likelihood(model, data, truncation: int | None = None) -> torch.Tensor:
+    r"""``(B,)`` :math:`\sum_t\log p(y_{t,o}\mid\bar h_t)` along the noise-free rollout (differentiable)."""
+    y, mask, u = data.observations, data.mask, data.inputs
+    B, T, _ = y.shape
+    h = model.initial_batched(input_at(u, 0), (B,)).mean
+    ll = model.observation_log_prob(0, h, y[:, 0], mask[:, 0], input_at(u, 0))
+    for t in range(1, T):
+        if truncation and t % truncation == 0:
+            h = h.detach()
+        u_t = input_at(u, t)
+        h = model.transition(t, h, u_t).mean
+        ll = ll + model.observation_log_prob(t, h, y[:, t], mask[:, t], u_t)
+    return ll
+
+
+def set_noise_floor(model, floor: float) -> list[str]:
+    """Set the process noise and initial spread of ``model`` to ``floor`` in place; returns their names."""
+    names = set(getattr(model, "_pyro_params", {}))
+    if not any(req <= names for req in _REQUIRED):
+        raise ModelCapabilityError(
+            f"BPTT sets the process noise to ~0 and needs to know where it is: ElmanSSM (q, s0) or "
+            f"LinearGaussianSSM (Q_tril, P0_tril); {type(model).__name__} exposes neither. Use MonteCarloEM or SVI.")
+    done = []
+    for n, kind in _NOISE.items():
+        if n in names:
+            cur = getattr(model, n).detach()
+            val = torch.full_like(cur, floor) if kind == "scale" else floor * torch.eye(cur.shape[-1], dtype=cur.dtype)
+            set_param(model, n, val)
+            done.append(n)
+    return done
+
+
+class BPTT(InferenceMethod):
+    """Backpropagation through time on the zero-process-noise network (module docstring).
+
+    Args:
+        num_steps: Adam steps (each over all sequences, the full unrolled series).
+        lr: Adam learning rate.
+        truncation: cut gradients every ``truncation`` steps (``None``: full BPTT).
+        noise_floor: process-noise / initial-spread scale of the returned model.
+        record_every: trace row every this many steps (default: about 200 rows).
+        progress: progress bar.
+    """
+
+    name = "bptt"
+
+    def __init__(self, *, num_steps: int = 500, lr: float = 0.01, truncation: int | None = None,
+                 noise_floor: float = 1e-4, record_every: int | None = None, progress: bool = False):
+        self.num_steps = check_positive_int(num_steps, "num_steps")
+        self.lr = check_positive_float(lr, "lr")
+        self.truncation = None if truncation is None else check_positive_int(truncation, "truncation")
+        self.noise_floor = check_positive_float(noise_floor, "noise_floor")
+        self.record_every = (max(1, self.num_steps // 200) if record_every is None
+                             else check_positive_int(record_every, "record_every"))
+        self.progress = bool(progress)
+
+    def _fit(self, model, data, seed):
+        noise = set_noise_floor(model, self.noise_floor)
+        frozen = {f"{n}_unconstrained" for n in noise}
+        params = [p for n, p in model.named_parameters() if n not in frozen]
+        for n, p in model.named_parameters():
+            if n in frozen:
+                p.requires_grad_(False)
+        t0 = time.perf_counter()
+        rec = TraceRecorder()
+        n_obs = max(data.num_observed, 1)
+        good = model.copy()
+        it = range(self.num_steps + 1)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="BPTT")
+
+        def last_good(snapshot):
+            return FitResult(model=snapshot, trace=rec.dataset(), posterior=None,
+                             wall_time_s=time.perf_counter() - t0, converged=False, method=self.name,
+                             evidence_kind="approximation")
+
+        opt = torch.optim.Adam(params, lr=self.lr)
+        with seeded(seed):
+            for k in it:
+                opt.zero_grad()
+                with pyro.validation_enabled(False):  # NaN must reach the divergence check, not a ValueError
+                    ll = deterministic_log_likelihood(model, data, self.truncation).sum()
+                val = float(ll.detach())
+                check_finite(model, iteration=k, method=self.name, what={"objective": val},
+                             last_good=lambda good=good: last_good(good))
+                if k % self.record_every == 0 or k == self.num_steps:
+                    rec.record(model, log_evidence=val, objective=val)
+                good_state = good
+                if k == self.num_steps:
+                    break
+                with pyro.validation_enabled(False):
+                    (-ll / n_obs).backward()
+                if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params):
+                    check_finite(model, iteration=k + 1, method=self.name, what={"gradient": math.nan},
+                                 last_good=lambda good_state=good_state: last_good(good_state))
+                good = model.copy()
+                opt.step()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        trace = rec.dataset(attrs={"method": self.name, "evidence_kind": "approximation",
+                                   "objective": "deterministic (zero process noise) log-likelihood"})
+        return FitResult(model=model, trace=trace, posterior=None, wall_time_s=time.perf_counter() - t0,
+                         converged=True, method=self.name, evidence_kind="approximation",
+                         diagnostics={"noise_floor": self.noise_floor, "noise_parameters": noise})
+
+
+__all__ = ["BPTT", "deterministic_log_likelihood", "set_noise_floor"]

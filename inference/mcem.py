@@ -1,0 +1,316 @@
+r"""Monte Carlo EM with a particle-smoother E-step (Unkelbach, Yi & Schmidhuber 2009).
+
+EM maximises the log-evidence :math:`\log p_\theta(y)` by iterating
+
+.. math::
+    Q(\theta\mid\theta_k) = E_{p_{\theta_k}(h\mid y)}\big[\log p_\theta(h, y)\big], \qquad
+    \theta_{k+1} = \arg\max_\theta Q(\theta\mid\theta_k).
+
+For a nonlinear model the smoothing distribution is intractable; the **E-step** draws :math:`S` trajectories
+:math:`h^{(s)}\sim p_{\theta_k}(h\mid y)` with a smoother (default: the particle smoother, forward particle
+filter plus backward simulation; any method whose posterior has ``diagnostics["paths"]`` or a ``sample``
+works, e.g. ``KalmanSmoother`` on a linear model) and replaces :math:`Q` by the Monte Carlo estimate
+
+.. math:: \hat Q_k(\theta) = \sum_s w_s \log p_\theta(h^{(s)}, y_{obs})
+
+scored with the model's own conditionals. The **M-step**:
+
+* ``mstep="closed_form"`` (``"auto"`` picks it when the model has the ``closed_form_mstep`` capability, e.g.
+  :class:`~ppl_rnn.models.ElmanSSM`): the model maximises :math:`\hat Q` block by block — output map and
+  noise variances by weighted least squares, recurrent weights by least squares (identity) or
+  ``gradient_steps`` Levenberg-Marquardt steps (``tanh``; generalised EM), process noise in closed form given
+  the weights. See :meth:`ppl_rnn.models.ElmanSSM.closed_form_mstep`.
+* ``mstep="gradient"`` (any :class:`~ppl_rnn.StateSpaceModel`): ``gradient_steps`` Adam steps (learning rate
+  ``lr``, optimiser state kept across iterations) on :math:`-\hat Q/n_{obs}` computed by
+  :func:`~ppl_rnn.inference.complete_data.complete_data_log_likelihood`.
+
+**Monte Carlo noise.** :math:`\hat Q` is noisy, so the exact EM ascent property holds only up to Monte Carlo
+error. ``particle_schedule`` grows the number of particles (and paths) geometrically across iterations so the
+noise shrinks as EM converges; ``saem`` switches on stochastic-approximation EM (Delyon, Lavielle &
+Moulines 1999): :math:`\tilde Q_k = (1-\gamma_k)\tilde Q_{k-1} + \gamma_k\hat Q_k`, implemented by keeping the
+paths of past iterations with geometrically decaying weights (a bank pruned below weight ``1e-3``), which
+for the exponential-family blocks is exactly the averaging of sufficient statistics.
+
+**Convergence** is judged on the smoothed log-evidence estimate :math:`\hat\ell_k` (the forward filter's, at
+:math:`\theta_k`): stop when the mean of the last ``window`` estimates exceeds the mean of the ``window``
+before by less than ``tol`` nats per observed entry.
+
+**Trace** (``FitResult.trace``, dim ``iteration``; row ``k`` = parameters :math:`\theta_k`, row 0 = the initial
+model): ``log_evidence`` (estimate at :math:`\theta_k`), ``objective`` (:math:`\hat Q_{k-1}(\theta_k)`, NaN at
+``k=0``), ``num_particles``, ``num_paths``, ``gamma``, ``wall_time_s`` (cumulative) and every parameter.
+``K`` iterations cost ``K`` M-steps and ``K+1`` E-steps (the last gives ``FitResult.posterior`` at the fitted
+parameters).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping
+
+import torch
+
+from ppl_rnn.errors import ConfigurationError, DegenerateWeightsError, DivergenceError, ModelCapabilityError
+from ppl_rnn.method import InferenceMethod, check_choice, check_positive_float, check_positive_int
+from ppl_rnn.results import FitResult
+from ppl_rnn.rng import seeded
+
+from .em_common import TraceRecorder, check_finite
+
+MSTEPS = ("auto", "closed_form", "gradient")
+
+
+def _check_count(v, name):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigurationError(
+            f"{name} must be a positive int (at least one particle/path); found {v!r}. Use e.g. 100.")
+    return v
+
+
+def _geometric(a: int, b: int, k: int, n: int) -> int:
+    if n <= 1:
+        return b
+    f = min(k, n - 1) / (n - 1)
+    return max(1, int(round(a * (b / a) ** f)))
+
+
+def _resized(smoother, num_particles: int | None, num_paths: int):
+    """A shallow copy of ``smoother`` with ``num_particles`` / ``num_paths`` set (and on any nested method,
+    e.g. a particle smoother's forward filter)."""
+    sm = copy.copy(smoother)
+    if num_particles is not None and hasattr(sm, "num_particles"):
+        sm.num_particles = num_particles
+        for k, v in list(vars(sm).items()):
+            if isinstance(v, InferenceMethod) and hasattr(v, "num_particles"):
+                v2 = copy.copy(v)
+                v2.num_particles = num_particles
+                setattr(sm, k, v2)
+    if hasattr(sm, "num_paths"):
+        sm.num_paths = num_paths
+    return sm
+
+
+class MonteCarloEM(InferenceMethod):
+    """Monte Carlo EM (module docstring has the maths).
+
+    Args:
+        smoother: the E-step method (default ``ParticleSmoother(num_particles=500, num_paths=100)``).
+        num_iterations: maximum number of EM iterations (M-steps).
+        particle_schedule: ``None`` (the smoother's sizes every iteration); ``(start, end)`` ints: number of
+            particles growing geometrically from ``start`` to ``end`` over the iterations (paths: the
+            smoother's ``num_paths``); ``((N0, P0), (N1, P1))``: particles and paths both growing; or a
+            callable ``k -> N`` or ``k -> (N, P)``.
+        tol: convergence threshold in nats per observed entry on the smoothed log-evidence (``0``: never
+            stop early).
+        window: iterations averaged by the convergence check.
+        saem: ``None`` (plain MCEM), a float ``alpha`` in (0.5, 1] (step sizes 1 for the first half of the
+            iterations, then :math:`\\gamma_k = (k - k_0 + 1)^{-\\alpha}`), or a callable ``k -> gamma`` in (0, 1].
+        mstep: ``"auto"`` | ``"closed_form"`` | ``"gradient"``.
+        gradient_steps: Adam steps (``"gradient"``) or Levenberg-Marquardt steps for nonlinear recurrent
+            weights (``"closed_form"``) per M-step.
+        lr: Adam learning rate (``"gradient"``).
+        learn_initial: also fit the initial-state parameters (closed-form M-step).
+        progress: progress bar over iterations.
+    """
+
+    name = "mcem"
+
+    def __init__(self, *, smoother: InferenceMethod | None = None, num_iterations: int = 50,
+                 particle_schedule=None, tol: float = 1e-4, window: int = 3, saem=None, mstep: str = "auto",
+                 gradient_steps: int = 10, lr: float = 0.01, learn_initial: bool = True, progress: bool = False):
+        if smoother is None:
+            from .particle_smoother import ParticleSmoother
+
+            smoother = ParticleSmoother(num_particles=500, num_paths=100)
+        if not isinstance(smoother, InferenceMethod):
+            raise ConfigurationError(
+                f"smoother must be an inference method object such as ParticleSmoother(...); found {smoother!r}.")
+        self.smoother = smoother
+        self.num_iterations = check_positive_int(num_iterations, "num_iterations")
+        self.tol = check_positive_float(tol, "tol", allow_zero=True)
+        self.window = check_positive_int(window, "window")
+        self.mstep = check_choice(mstep, "mstep", MSTEPS)
+        self.gradient_steps = check_positive_int(gradient_steps, "gradient_steps", minimum=0)
+        self.lr = check_positive_float(lr, "lr")
+        self.learn_initial = bool(learn_initial)
+        self.progress = bool(progress)
+        self.particle_schedule = self._check_schedule(particle_schedule)
+        if saem is not None and not callable(saem):
+            if isinstance(saem, bool) or not isinstance(saem, (int, float)) or not (0.5 < saem <= 1.0):
+                raise ConfigurationError(
+                    f"saem must be None, a float alpha in (0.5, 1] or a callable k -> gamma; found {saem!r}.")
+            saem = float(saem)
+        self.saem = saem
+        self._sizes(0)  # validate a callable schedule early
+
+    @staticmethod
+    def _check_schedule(s):
+        if s is None or callable(s):
+            return s
+        if isinstance(s, (tuple, list)) and len(s) == 2:
+            if all(isinstance(x, (tuple, list)) and len(x) == 2 for x in s):
+                for x in s:
+                    _check_count(x[0], "particle_schedule num_particles")
+                    _check_count(x[1], "particle_schedule num_paths")
+                return (tuple(s[0]), tuple(s[1]))
+            _check_count(s[0], "particle_schedule start")
+            _check_count(s[1], "particle_schedule end")
+            return tuple(s)
+        raise ConfigurationError(
+            f"particle_schedule must be None, (start, end), ((N0, P0), (N1, P1)) or a callable; found {s!r}.")
+
+    def _sizes(self, k: int) -> tuple[int | None, int]:
+        sm = self.smoother
+        N = getattr(sm, "num_particles", None)
+        P = getattr(sm, "num_paths", 100)
+        s, n = self.particle_schedule, self.num_iterations
+        if s is None:
+            pass
+        elif callable(s):
+            out = s(k)
+            if isinstance(out, (tuple, list)):
+                N, P = out
+            else:
+                N = out
+        elif isinstance(s[0], tuple):
+            N = _geometric(s[0][0], s[1][0], k, n)
+            P = _geometric(s[0][1], s[1][1], k, n)
+        else:
+            N = _geometric(s[0], s[1], k, n)
+        if N is not None:
+            _check_count(N, f"num_particles at iteration {k}")
+        _check_count(P, f"num_paths at iteration {k}")
+        return N, P
+
+    def _gamma(self, k: int) -> float:
+        """SAEM step size for the M-step that produces :math:`\\theta_{k+1}` (1 = plain MCEM)."""
+        if self.saem is None:
+            return 1.0
+        if callable(self.saem):
+            g = float(self.saem(k))
+        else:
+            k0 = self.num_iterations // 2
+            g = 1.0 if k < k0 else float((k - k0 + 1) ** (-self.saem))
+        if not (0.0 < g <= 1.0) or g != g:
+            raise ConfigurationError(f"saem step size at iteration {k} must be in (0, 1]; found {g!r}.")
+        return g
+
+    def _resolve_mstep(self, model) -> str:
+        has = callable(getattr(model, "closed_form_mstep", None))
+        if self.mstep == "closed_form" and not has:
+            raise ModelCapabilityError(
+                f"mstep='closed_form' needs a model with the closed_form_mstep capability (Gaussian noise with "
+                f"closed-form updates, e.g. ElmanSSM); {type(model).__name__} has none. Use mstep='gradient' "
+                "(or 'auto') for this model.")
+        if self.mstep == "auto":
+            return "closed_form" if has else "gradient"
+        return self.mstep
+
+    # ------------------------------------------------------------------------------------------
+    def _estep(self, model, data, k):
+        N, P = self._sizes(k)
+        sm = _resized(self.smoother, N, P)
+        with torch.no_grad():
+            post = sm._infer(model, data, None)
+            paths = post.diagnostics.get("paths") if isinstance(post.diagnostics, Mapping) else None
+            if paths is None:
+                paths = post.sample(P)
+        le = float(post.log_evidence.detach().sum())
+        return post, paths.detach().to(model.dtype), le, N, P
+
+    def _fit(self, model, data, seed):
+        mode = self._resolve_mstep(model)
+        t0 = time.perf_counter()
+        rec = TraceRecorder()
+        n_obs = max(data.num_observed, 1)
+        les: list[float] = []
+        bank: list[tuple[torch.Tensor, float]] = []
+        opt = None
+        obj = math.nan
+        converged = False
+        post = None
+        good = model.copy()
+        it = range(self.num_iterations + 1)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.num_iterations, desc="MonteCarloEM")
+
+        def last_good(snapshot, upto_post):
+            return FitResult(model=snapshot, trace=rec.dataset(attrs={"method": self.name}), posterior=upto_post,
+                             wall_time_s=time.perf_counter() - t0, converged=False, method=self.name,
+                             evidence_kind="estimate", diagnostics={"mstep": mode})
+
+        with seeded(seed):
+            for k in it:
+                try:
+                    post_k, paths, le, N, P = self._estep(model, data, k)
+                except DegenerateWeightsError as e:
+                    if k == 0:
+                        raise
+                    raise DivergenceError(
+                        f"{self.name} diverged at iteration {k}: the E-step's particle weights degenerated at the "
+                        f"parameters of that iteration ({e}). The last good fit is in .last_good; use more "
+                        "particles, SAEM (saem=0.7) or fewer gradient steps.",
+                        iteration=k, last_good=last_good(good, post)) from e
+                if not math.isfinite(le):
+                    raise DivergenceError(
+                        f"{self.name} diverged at iteration {k}: log-evidence estimate {le}. The last good fit is "
+                        "in .last_good.", iteration=k, last_good=last_good(good, post) if k else None)
+                post = post_k
+                gamma = self._gamma(k) if k < self.num_iterations else math.nan
+                rec.record(model, log_evidence=le, objective=obj, num_particles=-1 if N is None else N,
+                           num_paths=P, gamma=gamma)
+                les.append(le)
+                good = model.copy()
+                if bar is not None:
+                    bar.set_postfix(log_evidence=f"{le:.2f}")
+                    if k:
+                        bar.update(1)
+                if k == self.num_iterations or converged:
+                    break
+                # ---- M-step on the (SAEM-)weighted bank of paths
+                bank = [(p, w * (1 - gamma)) for p, w in bank if w * (1 - gamma) >= 1e-3] + [(paths, gamma)]
+                tot = sum(w for _, w in bank)
+                allp = torch.cat([p for p, _ in bank], 0)
+                wts = torch.cat([torch.full((p.shape[0],), w / tot / p.shape[0], dtype=allp.dtype)
+                                 for p, w in bank])
+                if mode == "closed_form":
+                    obj = float(model.closed_form_mstep(allp, data.observations, data.mask, data.inputs,
+                                                        weights=wts, transition_steps=self.gradient_steps,
+                                                        learn_initial=self.learn_initial))
+                else:
+                    opt, obj = self._gradient_mstep(model, data, allp, wts, opt, n_obs)
+                check_finite(model, iteration=k + 1, method=self.name, what={"objective": obj},
+                             last_good=lambda post=post, good=good: last_good(good, post))
+                w_ = self.window
+                if self.tol > 0 and len(les) >= 2 * w_:
+                    rise = (sum(les[-w_:]) - sum(les[-2 * w_:-w_])) / w_
+                    converged = rise / n_obs < self.tol
+        if bar is not None:
+            bar.close()
+        trace = rec.dataset(attrs={"method": self.name, "evidence_kind": "estimate", "mstep": mode})
+        return FitResult(model=model, trace=trace, posterior=post, wall_time_s=time.perf_counter() - t0,
+                         converged=converged, method=self.name, evidence_kind="estimate",
+                         diagnostics={"mstep": mode, "num_iterations": rec.n - 1})
+
+    def _gradient_mstep(self, model, data, paths, wts, opt, n_obs):
+        from .complete_data import complete_data_log_likelihood
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        if opt is None:
+            opt = torch.optim.Adam(params, lr=self.lr)
+        w = wts.to(model.dtype)
+        for _ in range(self.gradient_steps):
+            opt.zero_grad()
+            q = (w * complete_data_log_likelihood(model, paths, data).sum(-1)).sum()
+            (-q / n_obs).backward()
+            opt.step()
+        with torch.no_grad():
+            obj = float((w * complete_data_log_likelihood(model, paths, data).sum(-1)).sum())
+        return opt, obj
+
+
+__all__ = ["MonteCarloEM"]

@@ -1,0 +1,597 @@
+"""The ``ppl-rnn`` command line: simulate, fit, forecast, compare, demo.
+
+Every command writes a run directory (netCDF results, PNG figures, ``report.md``) and prints a readable
+table. Bad arguments give a one-line error and exit status 2. Ctrl-C stops cleanly: finished comparison
+cells stay in ``<out>/cells`` and a rerun of the same command resumes from them.
+
+The method names (``--method`` / ``type =`` in a TOML config) are in :data:`METHOD_TYPES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import sys
+import time
+from pathlib import Path
+
+from .errors import ConfigurationError, PplRnnError
+
+__all__ = ["main", "METHOD_TYPES", "make_method", "build_parser"]
+
+
+# ---------------------------------------------------------------------------------------------
+# method registry
+
+
+def method_class(module: str, name: str):
+    """``ppl_rnn.inference.<name>`` (or, before it is exported, ``ppl_rnn.inference.<module>.<name>``)."""
+    import ppl_rnn.inference as inf
+
+    cls = getattr(inf, name, None)
+    if cls is None:
+        cls = getattr(importlib.import_module(f"ppl_rnn.inference.{module}"), name)
+    return cls
+
+
+def _mcem(num_particles=200, num_paths=50, backward="simulation", **kw):
+    PS = method_class("particle_smoother", "ParticleSmoother")
+    return method_class("mcem", "MonteCarloEM")(
+        smoother=PS(num_particles=num_particles, num_paths=num_paths, backward=backward), **kw)
+
+
+def _svi(guide):
+    return lambda **kw: method_class("svi", "SVI")(guide=guide, **kw)
+
+
+def _ref(name):
+    def make(**kw):
+        from . import reference_models
+
+        return getattr(reference_models, name)(**kw)
+
+    return make
+
+
+#: ``type`` -> (factory, target class (module, name), one-line description)
+METHOD_TYPES = {
+    "mcem": (_mcem, ("mcem", "MonteCarloEM"), "Monte Carlo EM, particle-smoother E-step (Unkelbach et al. 2009)"),
+    "meanfield-em": (lambda **kw: method_class("meanfield_em", "MeanFieldEM")(**kw), ("meanfield_em", "MeanFieldEM"),
+                     "mean-field EM (Ma & Ji 1998)"),
+    "svi-markov": (_svi("markov_gaussian"), ("svi", "SVI"), "SVI with the structured Markov Gaussian guide"),
+    "svi-meanfield": (_svi("mean_field"), ("svi", "SVI"), "SVI with the mean-field Gaussian guide"),
+    "svi-amortized": (_svi("amortized"), ("svi", "SVI"), "SVI with the amortised bidirectional-GRU guide"),
+    "svi-ekf": (_svi("ekf"), ("svi", "SVI"), "SVI with the extended-Kalman-smoother guide"),
+    "ekf-em": (lambda **kw: method_class("ekf", "EKFEM")(**kw), ("ekf", "EKFEM"),
+               "EM with an extended Kalman smoother E-step"),
+    "bptt": (lambda **kw: method_class("bptt", "BPTT")(**kw), ("bptt", "BPTT"),
+             "deterministic network by backpropagation through time"),
+    "kalman-em": (lambda **kw: method_class("kalman_em", "KalmanEM")(**kw), ("kalman_em", "KalmanEM"),
+                  "exact EM (linear-Gaussian models only)"),
+    "ar": (_ref("LinearAR"), None, "reference: linear AR(order) by least squares"),
+    "persistence": (_ref("Persistence"), None, "reference: random walk (forecast = last value)"),
+}
+
+
+def make_method(type_: str, *, show_progress: bool = False, **options):
+    """Build the method named ``type_`` with ``options`` (constructor keywords; ``mcem`` also takes
+    ``num_particles``, ``num_paths`` and ``backward`` for its particle smoother). ``show_progress`` turns on
+    the method's per-iteration progress bar where it has one."""
+    if type_ not in METHOD_TYPES:
+        raise ConfigurationError(f"unknown method type {type_!r}; choose one of: {', '.join(METHOD_TYPES)}.")
+    factory, target, _ = METHOD_TYPES[type_]
+    if show_progress and target is not None and "progress" not in options:
+        try:
+            if "progress" in inspect.signature(method_class(*target).__init__).parameters:
+                options["progress"] = True
+        except Exception:  # pragma: no cover - best effort
+            pass
+    try:
+        return factory(**options)
+    except TypeError as e:
+        allowed = ""
+        if target is not None:
+            try:
+                ps = [p for p in inspect.signature(method_class(*target).__init__).parameters
+                      if p not in ("self", "guide", "smoother")]
+                if type_ == "mcem":
+                    ps = ["num_particles", "num_paths", "backward"] + ps
+                allowed = f"; allowed options: {', '.join(ps)}"
+            except Exception:  # pragma: no cover - best-effort help
+                pass
+        raise ConfigurationError(f"bad options for method type {type_!r} ({e}){allowed}.") from e
+
+
+def is_reference_type(type_: str) -> bool:
+    return type_ in ("ar", "persistence")
+
+
+# ---------------------------------------------------------------------------------------------
+# argument parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message and exit status 2."""
+
+    def error(self, message):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _die(msg: str) -> None:
+    sys.stderr.write(f"ppl-rnn: error: {msg}\n")
+    raise SystemExit(2)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        v = [int(x) for x in str(text).replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,5,10; found {text!r}") from None
+    if not v:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return v
+
+
+def _value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _settings(pairs) -> dict:
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            _die(f"--set expects key=value (e.g. --set num_iterations=20); found {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = _value(v.strip())
+    return out
+
+
+def _add_data_args(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="unkelbach-synthetic",
+                   help="a data set name (unkelbach-synthetic, respiration, sunspots, santafe-laser, gas-furnace) or "
+                        "a .csv/.npy file with one column per observed dimension (default: %(default)s)")
+    g.add_argument("--data-seed", type=int, default=0, help="noise seed of the synthetic data set (default: 0)")
+    g.add_argument("--max-steps", type=int, default=None, help="use only the first N steps of the series")
+    g.add_argument("--train-steps", type=int, default=None,
+                   help="training steps; the rest is the held-out test part (default: the data set's split, or 80%%)")
+
+
+def _add_model_args(p):
+    g = p.add_argument_group("model (a stochastic Elman network, ppl_rnn.models.ElmanSSM)")
+    g.add_argument("--hidden", type=int, default=4, help="hidden units (default: 4)")
+    g.add_argument("--activation", choices=("tanh", "identity"), default="tanh", help="default: tanh")
+    g.add_argument("--model-seed", type=int, default=1, help="seed of the random initial weights (default: 1)")
+    g.add_argument("--process-noise", type=float, default=0.3, help="initial process-noise scale q (default: 0.3)")
+    g.add_argument("--obs-noise", type=float, default=0.3, help="initial observation-noise scale r (default: 0.3)")
+
+
+def _add_out(p, cmd):
+    p.add_argument("--out", default=None, help=f"run directory (default: runs/{cmd}-<timestamp>)")
+
+
+def _methods_help() -> str:
+    return "method types:\n" + "\n".join(f"  {k:<14} {v[2]}" for k, v in METHOD_TYPES.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="ppl-rnn",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Stochastic recurrent networks as Pyro programs: simulate, fit, forecast and compare inference "
+                    "methods on one model with one yardstick (held-out log-evidence by a particle filter, forecast "
+                    "CRPS and interval coverage).",
+        epilog="examples:\n"
+               "  ppl-rnn demo                                   # the full comparison (< 10 min on 2 cores)\n"
+               "  ppl-rnn demo --quick                           # a 1-minute version\n"
+               "  ppl-rnn simulate --hidden 4 --steps 500 --out runs/sim\n"
+               "  ppl-rnn fit --data unkelbach-synthetic --method mcem --set num_iterations=10\n"
+               "  ppl-rnn forecast --data respiration --max-steps 2000 --method ekf-em --horizon 15\n"
+               "  ppl-rnn compare --methods mcem,svi-markov,bptt,ar --seeds 0,1 --horizons 1,10\n"
+               "  ppl-rnn compare --config comparison.toml --executor dask\n\n" + _methods_help() +
+               "\n\nEvery command writes a run directory with netCDF results, PNG figures and report.md.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("simulate", help="draw states and observations from a random Elman network",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Simulate a stochastic Elman network h_t = tanh(W h_{t-1} + b) + e_t, "
+                                   "y_t = C h_t + d + v_t with random weights.",
+                       epilog="example:\n  ppl-rnn simulate --hidden 4 --steps 500 --sequences 2 --seed 0 --out runs/sim")
+    _add_model_args(p)
+    p.add_argument("--steps", type=int, default=500, help="time steps (default: 500)")
+    p.add_argument("--sequences", type=int, default=1, help="independent sequences (default: 1)")
+    p.add_argument("--obs-dim", type=int, default=1, help="observed dimensions (default: 1)")
+    p.add_argument("--weight-scale", type=float, default=1.5, help="scale of the recurrent weights (default: 1.5)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    _add_out(p, "simulate")
+
+    for name, hlp, extra in (
+        ("fit", "train the model with one method and score it on the held-out part",
+         "  ppl-rnn fit --data unkelbach-synthetic --method svi-markov --set num_steps=300 --set lr=0.02"),
+        ("forecast", "train, then forecast the steps after the training part with intervals",
+         "  ppl-rnn forecast --data respiration --max-steps 2000 --method ekf-em --horizon 15"),
+    ):
+        p = sub.add_parser(name, help=hlp, description=hlp[0].upper() + hlp[1:] + ".",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="example:\n" + extra + "\n\n" + _methods_help())
+        _add_data_args(p)
+        _add_model_args(p)
+        p.add_argument("--method", default="mcem", choices=list(METHOD_TYPES), metavar="TYPE",
+                       help="method type (default: mcem; see the list below)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option, repeatable "
+                       "(e.g. --set num_iterations=20)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the fit (default: 0)")
+        p.add_argument("--num-particles", type=int, default=5000, help="particles of the yardstick filter")
+        p.add_argument("--horizon" if name == "forecast" else "--horizons", type=int if name == "forecast" else _ints,
+                       default=15 if name == "forecast" else [1, 10],
+                       help="forecast steps (default: 15)" if name == "forecast" else "forecast leads (default: 1,10)")
+        _add_out(p, name)
+
+    p = sub.add_parser("compare", help="fit every method with every seed and score all with one yardstick",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Compare inference methods on one model: each method and seed fits a fresh copy; "
+                                   "each fit is scored by the same evaluator. Finished cells are saved at once; a "
+                                   "rerun resumes.",
+                       epilog="examples:\n"
+                              "  ppl-rnn compare --methods mcem,meanfield-em,svi-markov,ekf-em,bptt,ar,persistence\n"
+                              "  ppl-rnn compare --config comparison.toml --executor dask\n\n"
+                              "a TOML config (command-line flags override it):\n"
+                              "  [data]\n  name = \"unkelbach-synthetic\"\n  train_steps = 1000\n"
+                              "  [model]\n  hidden = 4\n"
+                              "  [compare]\n  seeds = [0, 1]\n  horizons = [1, 5, 10]\n  num_particles = 5000\n"
+                              "  [methods.MCEM]\n  type = \"mcem\"\n  num_iterations = 10\n"
+                              "  [methods.\"AR(5)\"]\n  type = \"ar\"\n  order = 5\n\n" + _methods_help())
+    p.add_argument("--config", type=Path, default=None, help="TOML file describing the comparison")
+    _add_data_args(p)
+    _add_model_args(p)
+    p.add_argument("--methods", default=None,
+                   help="comma-separated method types (default with no config: mcem,svi-markov,bptt,ar,persistence)")
+    p.add_argument("--seeds", type=_ints, default=None, help="comma-separated seeds (default: 0)")
+    p.add_argument("--horizons", type=_ints, default=None, help="forecast leads (default: 1,10)")
+    p.add_argument("--num-particles", type=int, default=None, help="particles of the yardstick filter (default: 5000)")
+    p.add_argument("--executor", choices=("local", "dask"), default=None, help="local (default) or dask")
+    p.add_argument("--address", default=None, help="dask scheduler address, e.g. tcp://host:8786")
+    p.add_argument("--workers", type=int, default=2, help="LocalCluster workers for --executor dask (default: 2)")
+    _add_out(p, "compare")
+
+    p = sub.add_parser("demo", help="the main comparison: all methods on the synthetic benchmark and a breathing trace",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Compare MCEM, mean-field EM, SVI (two guides), EKF-EM and BPTT with persistence "
+                                   "and linear-AR reference rows on unkelbach-synthetic and on a respiration trace "
+                                   "(forecasts 0.2-0.6 s ahead at 25 Hz). Writes report.md saying which method won "
+                                   "and why.",
+                       epilog="examples:\n  ppl-rnn demo\n  ppl-rnn demo --quick --out runs/demo-quick\n"
+                              "  ppl-rnn demo --workers 2     # cells in parallel on a dask LocalCluster")
+    p.add_argument("--quick", action="store_true", help="tiny settings (about a minute; for tests)")
+    p.add_argument("--workers", type=int, default=2, help="run cells on a dask LocalCluster with this many worker "
+                                                          "processes (default: 2; 1 = in-process)")
+    p.add_argument("--no-respiration", action="store_true", help="skip the breathing trace")
+    _add_out(p, "demo")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared by the commands
+
+
+def _out_dir(args, cmd) -> Path:
+    out = Path(args.out) if args.out else Path("runs") / f"{cmd}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def load_data(name_or_path: str, *, seed: int = 0, max_steps: int | None = None, train_steps: int | None = None):
+    """``(train, test, record)`` for a data set name or a CSV/NPY file (record None for files)."""
+    import numpy as np
+    import torch
+
+    from . import datasets
+
+    if name_or_path in datasets.DATASETS:
+        kw = {"seed": seed} if name_or_path == "unkelbach-synthetic" else {}
+        if name_or_path == "respiration" and max_steps is not None:
+            kw["max_steps"] = max_steps
+        rec = datasets.load(name_or_path, **kw)
+        if max_steps is not None and rec.num_steps > max_steps:
+            rec = rec._slice(slice(0, max_steps), "first steps")
+        ts = train_steps
+        if ts is None and rec.train_steps is not None and rec.train_steps < rec.num_steps:
+            ts = rec.train_steps
+        if ts is None:
+            ts = int(round(0.8 * rec.num_steps))
+        tr, te = rec.split(train_steps=ts)
+        return tr.values, te.values, rec
+    path = Path(name_or_path)
+    if not path.exists():
+        raise ConfigurationError(f"--data {name_or_path!r} is neither a data set name ({', '.join(datasets.DATASETS)}) "
+                                 "nor an existing .csv/.npy file.")
+    arr = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, delimiter=",", ndmin=2)
+    arr = np.asarray(arr, dtype=float)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if max_steps is not None:
+        arr = arr[:max_steps]
+    T = arr.shape[0]
+    ts = train_steps if train_steps is not None else int(round(0.8 * T))
+    if not 1 <= ts < T:
+        raise ConfigurationError(f"--train-steps must be in [1, {T - 1}] for this {T}-step series; found {ts}.")
+    y = torch.as_tensor(arr, dtype=torch.get_default_dtype())[None]
+    return y[:, :ts], y[:, ts:], None
+
+
+def make_model(args_or_dict, obs_dim: int = 1):
+    from .models import ElmanSSM
+
+    g = args_or_dict if isinstance(args_or_dict, dict) else vars(args_or_dict)
+    return ElmanSSM(int(g.get("hidden", 4)), obs_dim, activation=g.get("activation", "tanh"),
+                    process_noise=float(g.get("process_noise", 0.3)), obs_noise=float(g.get("obs_noise", 0.3)),
+                    seed=int(g.get("model_seed", 1)))
+
+
+def _print(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_simulate(args) -> None:
+    import numpy as np
+    import xarray as xr
+
+    from . import plots
+    from .models import ElmanSSM
+    from .report import write_report
+
+    out = _out_dir(args, "simulate")
+    m = ElmanSSM(args.hidden, args.obs_dim, activation=args.activation, process_noise=args.process_noise,
+                 obs_noise=args.obs_noise, weight_scale=args.weight_scale, seed=args.model_seed)
+    sim = m.simulate(args.steps, args.sequences, seed=args.seed)
+    y, h = sim.observations.double().numpy(), sim.states.double().numpy()
+    ds = xr.Dataset({"observations": (("sequence", "time", "obs"), y), "states": (("sequence", "time", "hidden"), h)},
+                    attrs={"model": repr(m.__class__.__name__), "seed": args.seed, "hidden": args.hidden,
+                           "activation": args.activation})
+    ds.to_netcdf(out / "simulation.nc", engine="h5netcdf")
+
+    class _P:  # states plotted as a "posterior" with zero variance
+        mean, var, kind, method = sim.states, sim.states * 0, "simulated", "simulation"
+
+    plots.plot_states(_P, None, title="simulated hidden states", path=out / "states.png")
+    plots.plot_forecast(sim.observations[:, :1], sim.observations[None, :, 1:], start=1, history=None,
+                        label="observations", title="simulated observations", path=out / "observations.png")
+    rows = ["| sequence | mean(y) | sd(y) | mean |h| |", "|---|---|---|---|"]
+    lines = [f"{'sequence':>8}  {'mean(y)':>8}  {'sd(y)':>8}  {'mean |h|':>8}"]
+    for b in range(args.sequences):
+        r = (b, float(np.mean(y[b])), float(np.std(y[b])), float(np.mean(np.abs(h[b]))))
+        rows.append(f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.3f} |")
+        lines.append(f"{r[0]:8d}  {r[1]:8.3f}  {r[2]:8.3f}  {r[3]:8.3f}")
+    write_report(out / "report.md", title="ppl-rnn simulate", sections=[
+        {"heading": "Simulation", "text": f"ElmanSSM(hidden={args.hidden}, activation={args.activation}), "
+         f"{args.steps} steps, {args.sequences} sequence(s), noise seed {args.seed}.\n\n" + "\n".join(rows),
+         "figures": [("hidden states", "states.png"), ("observations", "observations.png")]}])
+    _print("\n".join(lines))
+    _print(f"\nwrote {out}/simulation.nc, states.png, observations.png, report.md")
+
+
+def _fit_and_score(args, out):
+    import torch
+
+    from . import plots
+    from .evaluate import evaluate
+    from .verbs import fit
+
+    tr, te, rec = load_data(args.data, seed=args.data_seed, max_steps=args.max_steps, train_steps=args.train_steps)
+    model = make_model(args, tr.shape[-1])
+    method = make_method(args.method, show_progress=True, **_settings(args.set))
+    _print(f"fitting {args.method} on {tuple(tr.shape)} training steps ...")
+    f = fit(model, tr, method=method, seed=args.seed)
+    horizons = [args.horizon] if hasattr(args, "horizon") else args.horizons
+    horizons = sorted({1, *horizons})
+    ev = evaluate(f.model, tr, te, horizons=horizons, num_particles=args.num_particles, seed=args.seed)
+    ev.to_netcdf(out / "evaluation.nc", engine="h5netcdf")
+    torch.save(f.model, out / "model.pt")
+    if f.trace is not None:
+        try:
+            from .compare import _clean_trace
+
+            _clean_trace(f.trace).to_netcdf(out / "trace.nc", engine="h5netcdf")
+            plots.plot_traces({args.method: f.trace}, kinds={args.method: f.evidence_kind}, path=out / "trace.png")
+        except Exception:
+            pass
+    return tr, te, rec, f, ev
+
+
+def _eval_table(ev, name) -> tuple[str, str]:
+    hs = [int(h) for h in ev.horizon.values]
+    head = ["method", "held-out log-ev/step"] + [f"CRPS {h}" for h in hs] + [f"RMSE {h}" for h in hs] + ["cov50/90 1"]
+    row = [name, f"{float(ev.heldout_logev_per_step):.3f}"] + [f"{float(v):.3f}" for v in ev.crps.values] + [
+        f"{float(v):.3f}" for v in ev.rmse.values] + [f"{float(ev.coverage_50[0]):.2f}/{float(ev.coverage_90[0]):.2f}"]
+    md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n| " + " | ".join(row) + " |"
+    w = [max(len(a), len(b)) for a, b in zip(head, row, strict=True)]
+    txt = "  ".join(a.ljust(x) for a, x in zip(head, w, strict=True)) + "\n" + "  ".join(
+        b.ljust(x) for b, x in zip(row, w, strict=True))
+    return md, txt
+
+
+def cmd_fit(args) -> None:
+    from . import plots
+    from .arviz_export import to_inference_data
+    from .report import write_report
+
+    out = _out_dir(args, "fit")
+    tr, te, rec, f, ev = _fit_and_score(args, out)
+    try:
+        idata = to_inference_data(f, observations=tr, num_draws=100, seed=args.seed, onestep=False)
+        idata.to_netcdf(str(out / "inference_data.nc"))
+    except Exception as e:  # the export needs a smoother for the fitted model; report but go on
+        _print(f"(ArviZ export skipped: {type(e).__name__}: {e})")
+    plots.plot_forecast(tr, ev.onestep_y.values.transpose(0, 1, 2, 3)[:, :, :200], truth=te[:, :200],
+                        label="one-step-ahead predictive", title=f"{args.method}: one-step-ahead predictive on the "
+                        "held-out part", path=out / "onestep.png")
+    md, txt = _eval_table(ev, args.method)
+    figs = [("one-step-ahead predictive on the held-out part", "onestep.png")]
+    if (out / "trace.png").exists():
+        figs.insert(0, ("training trace (the method's own objective)", "trace.png"))
+    write_report(out / "report.md", title=f"ppl-rnn fit: {args.method} on {args.data}", sections=[
+        {"heading": "Score on the held-out part (the common yardstick)",
+         "text": md + f"\n\nFit time {f.wall_time_s:.1f} s; own objective kind: {f.evidence_kind}.", "figures": figs}])
+    _print(txt)
+    _print(f"\nwrote {out}/evaluation.nc, model.pt, report.md and figures")
+
+
+def cmd_forecast(args) -> None:
+    from . import plots
+    from .arviz_export import to_inference_data
+    from .report import write_report
+    from .verbs import forecast
+
+    out = _out_dir(args, "forecast")
+    tr, te, rec, f, ev = _fit_and_score(args, out)
+    K = min(args.horizon, te.shape[1])
+    fc = forecast(f.model, tr, horizon=K, num_samples=500, seed=args.seed)
+    to_inference_data(fc, observations=tr).to_netcdf(str(out / "forecast.nc"))
+    dt = getattr(rec, "sampling_interval", None) if rec is not None else None
+    unit = getattr(rec, "time_unit", "step") if rec is not None else "step"
+    plots.plot_forecast(tr, fc, truth=te[:, :K], history=max(3 * K, 100), dt=dt, time_unit=unit or "step",
+                        label=f"{args.method} forecast", path=out / "forecast.png")
+    import torch
+
+    q = fc.samples.quantile(torch.tensor([0.05, 0.5, 0.95], dtype=fc.samples.dtype), dim=0)
+    lines = [f"{'step':>4}  {'median':>8}  {'90% interval':>20}  {'observed':>8}"]
+    rows = ["| step | median | 90% interval | observed |", "|---|---|---|---|"]
+    for k in range(K):
+        lo, md_, hi, obs = float(q[0, 0, k, 0]), float(q[1, 0, k, 0]), float(q[2, 0, k, 0]), float(te[0, k, 0])
+        lines.append(f"{k + 1:>4}  {md_:8.3f}  [{lo:8.3f}, {hi:8.3f}]  {obs:8.3f}")
+        rows.append(f"| {k + 1} | {md_:.3f} | [{lo:.3f}, {hi:.3f}] | {obs:.3f} |")
+    md, _ = _eval_table(ev, args.method)
+    write_report(out / "report.md", title=f"ppl-rnn forecast: {args.method} on {args.data}", sections=[
+        {"heading": f"Forecast of the {K} steps after the training part", "text": "\n".join(rows),
+         "figures": [("forecast with 50%/90% intervals", "forecast.png")]},
+        {"heading": "Rolling-origin score on the held-out part", "text": md}])
+    _print("\n".join(lines))
+    _print(f"\nwrote {out}/forecast.nc, forecast.png, report.md")
+
+
+def _load_toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    if not path.exists():
+        _die(f"--config {str(path)!r} does not exist")
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        _die(f"--config {str(path)!r} is not valid TOML: {e}")
+
+
+def cmd_compare(args) -> None:
+    from . import plots
+    from .compare import compare, load_cell_trace
+    from .report import comparison_table, text_table, verdict, write_report
+
+    cfg = _load_toml(args.config) if args.config else {}
+    unknown = set(cfg) - {"data", "model", "compare", "methods"}
+    if unknown:
+        _die(f"unknown table(s) {sorted(unknown)} in {args.config}; allowed: data, model, compare, methods")
+    data_c, model_c, cmp_c = cfg.get("data", {}), dict(cfg.get("model", {})), cfg.get("compare", {})
+    parser_defaults = build_parser()._subparsers._group_actions[0].choices["compare"]
+    given = lambda k: getattr(args, k) != parser_defaults.get_default(k)  # noqa: E731
+    data = args.data if given("data") or "name" not in data_c and "path" not in data_c else data_c.get(
+        "name", data_c.get("path"))
+    seed = args.data_seed if given("data_seed") else data_c.get("seed", 0)
+    max_steps = args.max_steps if args.max_steps is not None else data_c.get("max_steps")
+    train_steps = args.train_steps if args.train_steps is not None else data_c.get("train_steps")
+    for k in ("hidden", "activation", "model_seed", "process_noise", "obs_noise"):
+        if given(k) or k not in model_c:
+            model_c[k] = getattr(args, k)
+    if args.methods:
+        specs = {t: {"type": t} for t in args.methods.split(",") if t}
+    elif cfg.get("methods"):
+        specs = cfg["methods"]
+    else:
+        specs = {t: {"type": t} for t in ("mcem", "svi-markov", "bptt", "ar", "persistence")}
+    methods, reference = {}, []
+    for label, spec in specs.items():
+        spec = dict(spec)
+        if "type" not in spec:
+            _die(f"[methods.{label}] needs a type = \"...\" entry (one of: {', '.join(METHOD_TYPES)})")
+        t = spec.pop("type")
+        methods[label] = make_method(t, show_progress=(args.executor or cmp_c.get("executor", "local")) == "local",
+                                     **spec)
+        if is_reference_type(t):
+            reference.append(label)
+    seeds = args.seeds or cmp_c.get("seeds", [0])
+    horizons = args.horizons or cmp_c.get("horizons", [1, 10])
+    num_particles = args.num_particles or cmp_c.get("num_particles", 5000)
+    executor = args.executor or cmp_c.get("executor", "local")
+    address = args.address or cmp_c.get("address")
+    out = _out_dir(args, "compare")
+    tr, te, rec = load_data(str(data), seed=int(seed), max_steps=max_steps, train_steps=train_steps)
+    model = make_model(model_c, tr.shape[-1])
+    _print(f"comparing {len(methods)} methods x {len(seeds)} seeds on {data}: train {tuple(tr.shape)}, "
+           f"test {tuple(te.shape)}; cells in {out}/cells")
+    ds = compare(model, tr, te, methods=methods, seeds=seeds, horizons=horizons, num_particles=num_particles,
+                 executor=None if executor == "local" else executor, address=address,
+                 n_workers=args.workers, out=out, progress=True)
+    plots.plot_comparison(ds, reference=tuple(reference), path=out / "comparison.png")
+    traces = {m: load_cell_trace(out, m, seeds[0]) for m in methods if m not in reference}
+    kinds = {str(m): str(k) for m, k in zip(ds.method.values, ds.own_evidence_kind.values, strict=True)}
+    plots.plot_traces(traces, kinds=kinds, path=out / "traces.png")
+    write_report(out / "report.md", title=f"ppl-rnn compare on {data}", sections=[
+        {"heading": "Result", "text": verdict(ds, reference=reference)},
+        {"heading": "Table (mean ± sd over seeds; * = reference row)", "text": comparison_table(ds, reference=reference),
+         "figures": [("held-out log-evidence and CRPS by method", "comparison.png"),
+                     ("training traces", "traces.png")]}])
+    _print(text_table(ds, reference=reference))
+    _print(f"\nwrote {out}/compare.nc, report.md, comparison.png, traces.png")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    out = _out_dir(args, "demo")
+    run_demo(out, quick=args.quick, workers=args.workers, respiration=not args.no_respiration, echo=_print)
+
+
+COMMANDS = {"simulate": cmd_simulate, "fit": cmd_fit, "forecast": cmd_forecast, "compare": cmd_compare,
+            "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    """Entry point of ``ppl-rnn``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for k in ("steps", "sequences", "hidden", "workers", "num_particles", "horizon", "max_steps", "train_steps"):
+        v = getattr(args, k, None)
+        if v is not None and (not isinstance(v, int) or v < 1):
+            _die(f"--{k.replace('_', '-')} must be a positive integer; found {v!r}")
+    try:
+        COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        sys.stderr.write("\nppl-rnn: interrupted. Finished results are on disk (comparison cells in <out>/cells); "
+                         "rerun the same command to resume.\n")
+        return 130
+    except (PplRnnError, ValueError, ImportError, FileNotFoundError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        sys.stderr.write(f"ppl-rnn: error: {msg}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,353 @@
+r"""The one yardstick: every fitted model is scored the same way, whatever trained it.
+
+Given training observations :math:`y_{0:T_1-1}` and their continuation :math:`y_{T_1:T-1}` (the test part,
+the same sequences), :func:`evaluate` runs one filter over the whole series at the fitted parameters and
+reports
+
+* **held-out log-evidence** :math:`\log p(y_{T_1:T-1}\mid y_{0:T_1-1}) = \sum_{t\ge T_1}\log p(y_t\mid y_{0:t-1})`,
+  the sum of the filter's per-step increments over the test steps. A high-particle bootstrap particle
+  filter (the algorithm of :mod:`ppl_rnn.inference.smc`, ESS-adaptive systematic resampling; written out
+  here because the evaluator also needs equally weighted draws at every test origin, which the library
+  filter only offers through its full :math:`T N H` history) estimates it for any model (an estimate of the increments, unbiased for
+  :math:`p`, ``evidence_method="particle_filter"``); for linear-Gaussian models the exact Kalman filter gives
+  it (``"kalman"``). Normalisations: ``heldout_logev_per_step`` divides by the number of test steps
+  (sequences :math:`\times` steps, each step carrying ``obs_dim`` entries), ``heldout_logev_per_obs`` by the
+  number of observed (non-NaN) test entries.
+* **k-step forecasts from rolling origins**: at every origin :math:`o = T_1-1,\dots,T-1-k` the filter's
+  draws of :math:`h_o\sim p(h_o\mid y_{0:o})` are rolled forward ``k`` steps with the model's own
+  transition and emission — vectorised over origins, draws and sequences in one pass — giving draws
+  :math:`X\sim p(y_{o+k}\mid y_{0:o})`. Per horizon, over all observed entries:
+
+  - RMSE of the predictive mean, :math:`\sqrt{\overline{(\bar X - y)^2}}`;
+  - CRPS in the energy form :math:`E|X-y| - \tfrac12 E|X-X'|` (sample estimate with the unbiased
+    :math:`S(S-1)` pair average), lower is better, in the units of :math:`y`;
+  - coverage of the central 50% and 90% predictive intervals (should be 0.5 and 0.9).
+
+* **one-step pointwise log-likelihood draws** ``onestep_log_lik`` :math:`\log p(y_t\mid h_t^{(s)})` with
+  :math:`h_t^{(s)}\sim p(h_t\mid y_{0:t})` (filtering draws). Pareto-smoothed importance sampling
+  leave-one-out (``az.loo``) reweights each draw by :math:`1/p(y_t\mid h_t^{(s)})`, which turns
+  :math:`p(h_t\mid y_{0:t})` into :math:`p(h_t\mid y_{0:t-1})`, so ``elpd_loo`` estimates the one-step-ahead
+  log score :math:`\sum_t\log p(y_t\mid y_{0:t-1})` and ``az.compare`` ranks methods by it. They fill
+  ``log_likelihood.y_onestep`` of the ArviZ export; ``onestep_y`` holds one-step-ahead predictive draws of
+  :math:`y_t` (the posterior predictive), ``filtered_signal`` the noise-free signal :math:`E[y_t\mid h_t^{(s)}]`
+  at the filtering draws (a posterior quantity with the same dims for every model, whatever its hidden size).
+
+The rolling-origin forecast passes one time index per lead ``j`` (that of the first origin,
+:math:`T_1-1+j`) to ``transition``/``emission``; inputs are taken at each origin's own times. Models
+whose conditionals depend on ``t`` other than through inputs therefore get forecasts at shifted ``t``.
+
+Cost: the filter is :math:`O(T N H^2)`; the forecast pass is :math:`O(k_{max} S T_2 H^2)`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pyro
+import torch
+import xarray as xr
+
+from .data import prepare
+from .errors import ConfigurationError, DataError, DegenerateWeightsError, ModelCapabilityError
+from .inference.resampling import systematic
+from .method import check_choice, check_positive_int
+from .model import input_at
+from .rng import check_seed, seeded
+
+__all__ = ["evaluate", "onestep_predictive", "crps_samples", "metric_names"]
+
+#: scalar metrics reported per horizon
+metric_names = ("rmse", "crps", "coverage_50", "coverage_90")
+
+
+def crps_samples(samples: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r"""Energy-form CRPS :math:`E|X-y| - \tfrac12 E|X-X'|` per entry from draws ``samples`` ``(S, ...)``.
+
+    :math:`E|X-X'|` uses the sorted-sample identity
+    :math:`\sum_{i<j}|x_{(j)}-x_{(i)}| = \sum_i (2i - S + 1)\,x_{(i)}` (0-based :math:`i`), averaged over the
+    :math:`S(S-1)/2` distinct pairs (unbiased). Returns a tensor of shape ``samples.shape[1:]``.
+    """
+    S = samples.shape[0]
+    term1 = (samples - y).abs().mean(0)
+    if S < 2:
+        return term1
+    xs, _ = torch.sort(samples, dim=0)
+    i = torch.arange(S, dtype=samples.dtype, device=samples.device).reshape((S,) + (1,) * (samples.dim() - 1))
+    pair_sum = ((2 * i - S + 1) * xs).sum(0)  # sum over i<j of |x_j - x_i|
+    term2 = pair_sum / (S * (S - 1) / 2)
+    return term1 - 0.5 * term2
+
+
+def _is_linear_gaussian(model) -> bool:
+    try:
+        model.linear_gaussian()
+        return True
+    except ModelCapabilityError:
+        return False
+
+
+def _gather(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``h`` ``(N,B,H)``, ``idx`` ``(S,B)`` -> ``(S,B,H)``."""
+    return torch.gather(h, 0, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+
+
+@torch.no_grad()
+def _particle_filter(model, y, mask, u, num_particles, first_origin, num_samples, ess_threshold=0.5,
+                     progress=False):
+    """Bootstrap filter over ``y`` ``(B,T,D)``. Returns per-step log-likelihood increments ``(B,T)`` (float64)
+    and ``num_samples`` equally weighted draws of :math:`p(h_o\\mid y_{0:o})` for ``o >= first_origin``:
+    ``(S, T - first_origin, B, H)``. ESS-adaptive systematic resampling."""
+    B, T, _ = y.shape
+    N = num_particles
+    log_lik = torch.zeros(B, T, dtype=torch.float64)
+    draws = []
+    logw = torch.zeros(N, B, dtype=torch.float64)
+    h = None
+    it = range(T)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="yardstick filter", leave=False)
+    for t in it:
+        u_t = input_at(u, t)
+        if t == 0:
+            h = model.initial_batched(u_t, (N, B)).sample()
+        else:
+            w = torch.softmax(logw, 0)
+            ess = 1.0 / (w**2).sum(0)  # (B,)
+            res = ess < ess_threshold * N
+            if bool(res.any()):
+                idx = systematic(logw, N)
+                keep = torch.arange(N).unsqueeze(1).expand(N, B)
+                idx = torch.where(res.unsqueeze(0), idx, keep)
+                h = _gather(h, idx)
+                logw = torch.where(res.unsqueeze(0), torch.zeros_like(logw), logw)
+            h = model.transition(t, h, u_t).sample()
+        lp = model.observation_log_prob(t, h, y[:, t], mask[:, t], u_t).double()  # (N,B)
+        lp = torch.nan_to_num(lp, nan=-math.inf)
+        prev = torch.logsumexp(logw, 0)
+        logw = logw + lp
+        cur = torch.logsumexp(logw, 0)
+        bad = ~torch.isfinite(cur)
+        if bool(bad.any()):
+            b = int(torch.nonzero(bad)[0])
+            raise DegenerateWeightsError(
+                f"every one of the {N} particles of sequence {b} has zero weight at time step {t}: the "
+                "observation is impossible under all propagated particles (observation noise too small, "
+                "or parameters far from the data). Increase num_particles, check the fitted noise scales, "
+                "or rescale the data.", sequence=b, time_step=t)
+        log_lik[:, t] = cur - prev
+        if t >= first_origin:
+            idx = systematic(logw, num_samples)
+            draws.append(_gather(h, idx))
+    return log_lik, torch.stack(draws, 1)
+
+
+@torch.no_grad()
+def _kalman(model, y, mask, u, first_origin, num_samples):
+    """Exact Kalman increments ``(B,T)`` and draws ``(S, T - first_origin, B, H)`` of the filtering marginals."""
+    from ppl_rnn.inference.kalman import kalman_filter
+
+    p = model.linear_gaussian()
+    f = kalman_filter(p, y, mask, u)
+    m = f.filt_mean[:, first_origin:].transpose(0, 1)  # (O,B,H)
+    P = f.filt_cov[:, first_origin:].transpose(0, 1)
+    H = m.shape[-1]
+    L = torch.linalg.cholesky(0.5 * (P + P.transpose(-1, -2)) + 1e-12 * torch.eye(H, dtype=P.dtype))
+    eps = torch.randn((num_samples,) + m.shape, dtype=m.dtype)
+    draws = m + (L @ eps.unsqueeze(-1)).squeeze(-1)
+    return f.log_lik.double(), draws
+
+
+def _signal(model, t, h, u):
+    """Noise-free signal :math:`E[y_t\\mid h_t]` at draws ``h`` (NaN where the emission has no mean)."""
+    em = model.emission(t, h, u)
+    try:
+        return em.mean
+    except NotImplementedError:
+        return torch.full(em.batch_shape + em.event_shape, float("nan"), dtype=h.dtype)
+
+
+def _check_horizons(horizons) -> tuple[int, ...]:
+    if isinstance(horizons, int):
+        horizons = (horizons,)
+    try:
+        hs = tuple(check_positive_int(k, "horizons entry") for k in horizons)
+    except TypeError as e:
+        raise ConfigurationError(f"horizons must be a positive int or a sequence of them; found {horizons!r}.") from e
+    if not hs:
+        raise ConfigurationError("horizons is empty; pass e.g. horizons=(1, 10).")
+    if len(set(hs)) != len(hs):
+        raise ConfigurationError(f"horizons has duplicates: {horizons!r}.")
+    return hs
+
+
+@torch.no_grad()
+def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num_particles: int = 10000,
+             num_samples: int = 200, train_inputs=None, test_inputs=None, filter: str = "auto",
+             seed: int | None = 0, progress: bool = False) -> xr.Dataset:
+    """Score ``model`` (at its current parameters) on ``test``, the continuation of ``train``.
+
+    Args:
+        model: a :class:`ppl_rnn.StateSpaceModel` (typically ``FitResult.model``).
+        train: ``(B, T1, D)`` (or ``(T1, D)``) observations the forecasts condition on; NaN = missing.
+        test: ``(B, T2, D)`` the held-out continuation of the same sequences.
+        horizons: forecast leads ``k`` (steps) for RMSE / CRPS / coverage.
+        num_particles: particles of the yardstick filter (ignored when the exact Kalman filter is used).
+        num_samples: predictive draws per origin for the forecast metrics and the one-step draws.
+        train_inputs, test_inputs: ``(B, T1, I)`` / ``(B, T2, I)`` for models with inputs.
+        filter: ``"auto"`` (Kalman for linear-Gaussian models, else particle), ``"particle"``, ``"kalman"``.
+        seed: seed of every random draw.
+
+    Returns:
+        ``xarray.Dataset`` with scalars ``heldout_logev``, ``heldout_logev_per_step``, ``heldout_logev_per_obs``;
+        ``heldout_log_lik`` (sequence, time); ``rmse``, ``crps``, ``coverage_50``, ``coverage_90``,
+        ``num_forecasts`` (horizon); ``onestep_log_lik`` (draw, sequence, time), ``onestep_y`` and
+        ``filtered_signal`` (draw, sequence, time, obs); attrs ``evidence_method``, ``num_particles``, ``num_samples``, ``seed``.
+    """
+    hs = _check_horizons(horizons)
+    num_particles = check_positive_int(num_particles, "num_particles")
+    num_samples = check_positive_int(num_samples, "num_samples", minimum=2)
+    check_choice(filter, "filter", ("auto", "particle", "kalman"))
+    check_seed(seed)
+    dtype = model.dtype
+    tr = prepare(model, train, train_inputs)
+    te = prepare(model, test, test_inputs)
+    if tr.num_sequences != te.num_sequences:
+        raise DataError(
+            f"train has {tr.num_sequences} sequences and test has {te.num_sequences}; test must continue the "
+            "same sequences (shape (B, T2, D) with the same B).")
+    T1, T2 = tr.num_steps, te.num_steps
+    kmax = max(hs)
+    if kmax > T2:
+        raise ConfigurationError(f"the largest horizon ({kmax}) exceeds the test length ({T2} steps); "
+                                 "use shorter horizons or a longer test set.")
+    y = torch.cat([tr.observations, te.observations], 1)
+    mask = torch.cat([tr.mask, te.mask], 1)
+    u = None if tr.inputs is None else torch.cat([tr.inputs, te.inputs], 1)
+    B, T, D = y.shape
+    use_kalman = filter == "kalman" or (filter == "auto" and _is_linear_gaussian(model))
+    first_origin = T1 - 1
+    t0 = time.perf_counter()
+    with seeded(seed):
+        if use_kalman:
+            log_lik, draws = _kalman(model, y, mask, u, first_origin, num_samples)
+        else:
+            with pyro.validation_enabled(False):
+                log_lik, draws = _particle_filter(model, y, mask, u, num_particles, first_origin, num_samples,
+                                                  progress=progress)
+        # draws: (S, O, B, H) at origins o = T1-1 .. T-1; drop the last (nothing to forecast from it)
+        h = draws[:, :T2].to(dtype)  # origins T1-1 .. T-2
+        origins = torch.arange(T1 - 1, T - 1)
+        ys_at = {}
+        onestep_lp = None
+        for j in range(1, kmax + 1):
+            tt = torch.clamp(origins + j, max=T - 1)  # target times (clamped ones are discarded)
+            u_j = None if u is None else u[:, tt].transpose(0, 1)  # (O,B,I)
+            t_first = T1 - 1 + j
+            h = model.transition(t_first, h, u_j).sample()
+            if j in hs or j == 1:
+                yj = model.emission(t_first, h, u_j).sample()  # (S,O,B,D)
+                ys_at[j] = yj
+            if j == 1:  # filtering draws at the targets T1..T-1 are the origins shifted by one
+                y_t = y[:, tt].transpose(0, 1)  # (O,B,D)
+                m_t = mask[:, tt].transpose(0, 1)
+                hf = draws[:, 1:].to(dtype)
+                onestep_lp = model.observation_log_prob(t_first, hf, y_t, m_t, u_j).double()
+                signal = _signal(model, t_first, hf, u_j)  # (S,O,B,D)
+    eval_time = time.perf_counter() - t0
+
+    test_ll = log_lik[:, T1:]  # (B,T2)
+    total = float(test_ll.sum())
+    n_obs = int(te.mask.sum())
+    rows = {k: [] for k in metric_names}
+    n_fc = []
+    for k in hs:
+        n_orig = T2 - k + 1
+        X = ys_at[k][:, :n_orig].double()  # (S,n,B,D)
+        tt = origins[:n_orig] + k
+        yt = y[:, tt].transpose(0, 1).double()
+        mt = mask[:, tt].transpose(0, 1)
+        nm = int(mt.sum())
+        n_fc.append(nm)
+        if nm == 0:
+            for key in rows:
+                rows[key].append(float("nan"))
+            continue
+        mean = X.mean(0)
+        rows["rmse"].append(float(torch.sqrt(((mean - yt) ** 2)[mt].mean())))
+        rows["crps"].append(float(crps_samples(X, yt)[mt].mean()))
+        q = torch.quantile(X, torch.tensor([0.05, 0.25, 0.75, 0.95], dtype=X.dtype), dim=0)
+        rows["coverage_50"].append(float(((yt >= q[1]) & (yt <= q[2]))[mt].double().mean()))
+        rows["coverage_90"].append(float(((yt >= q[0]) & (yt <= q[3]))[mt].double().mean()))
+
+    ds = xr.Dataset(
+        {
+            "heldout_logev": ((), total),
+            "heldout_logev_per_step": ((), total / (B * T2)),
+            "heldout_logev_per_obs": ((), total / max(n_obs, 1)),
+            "heldout_log_lik": (("sequence", "time"), test_ll.numpy()),
+            **{k: (("horizon",), np.asarray(v)) for k, v in rows.items()},
+            "num_forecasts": (("horizon",), np.asarray(n_fc)),
+            "onestep_log_lik": (("draw", "sequence", "time"), onestep_lp.permute(0, 2, 1).numpy()),
+            "onestep_y": (("draw", "sequence", "time", "obs"),
+                          ys_at[1].permute(0, 2, 1, 3).double().numpy()),
+            "filtered_signal": (("draw", "sequence", "time", "obs"), signal.permute(0, 2, 1, 3).double().numpy()),
+        },
+        coords={"horizon": list(hs), "time": np.arange(T1, T), "sequence": np.arange(B),
+                "draw": np.arange(num_samples), "obs": np.arange(D)},
+        attrs={
+            "evidence_method": "kalman" if use_kalman else "particle_filter",
+            "evidence_kind": "exact" if use_kalman else "estimate",
+            "num_particles": 0 if use_kalman else num_particles,
+            "num_samples": num_samples,
+            "seed": -1 if seed is None else int(seed),
+            "num_train_steps": T1,
+            "num_test_steps": T2,
+            "num_observed_test_entries": n_obs,
+            "eval_time_s": eval_time,
+            "normalisation": "heldout_logev_per_step = log p(y_test | y_train) / (num_sequences * num_test_steps); "
+                             "heldout_logev_per_obs = the same / number of observed test entries",
+        },
+    )
+    ds["heldout_logev_per_step"].attrs["long_name"] = "held-out log-evidence per test step (nats)"
+    ds["crps"].attrs["long_name"] = "CRPS (energy form), units of y"
+    return ds
+
+
+@torch.no_grad()
+def onestep_predictive(model, observations, *, inputs=None, num_samples: int = 200, num_particles: int = 2000,
+                       filter: str = "auto", seed: int | None = 0):
+    r"""Pointwise log-likelihood draws for ``log_likelihood.y_onestep`` and one-step predictive draws.
+
+    Returns ``(log_lik, y_draws, increments)``: ``log_lik`` ``(S,B,T)`` is :math:`\log p(y_t\mid h_t^{(s)})`
+    with :math:`h_t^{(s)}\sim p(h_t\mid y_{0:t})` (filtering draws; PSIS-LOO turns them into the one-step
+    log score, see the module docstring), ``y_draws`` ``(S,B,T,D)`` draws of :math:`y_t\mid y_{0:t-1}`
+    (:math:`p(h_0)` at t=0), ``increments`` ``(B,T)`` the filter's :math:`\log p(y_t\mid y_{0:t-1})`.
+    """
+    num_samples = check_positive_int(num_samples, "num_samples", minimum=2)
+    check_choice(filter, "filter", ("auto", "particle", "kalman"))
+    data = prepare(model, observations, inputs)
+    y, mask, u = data.observations, data.mask, data.inputs
+    B, T, _ = y.shape
+    use_kalman = filter == "kalman" or (filter == "auto" and _is_linear_gaussian(model))
+    with seeded(seed), pyro.validation_enabled(False):
+        if use_kalman:
+            log_lik, draws = _kalman(model, y, mask, u, 0, num_samples)
+        else:
+            log_lik, draws = _particle_filter(model, y, mask, u, check_positive_int(num_particles, "num_particles"),
+                                              0, num_samples)
+        draws = draws.to(model.dtype)  # (S,T,B,H) filtering draws
+        u_all = None if u is None else u.transpose(0, 1)
+        lp = model.observation_log_prob(0, draws, y.transpose(0, 1), mask.transpose(0, 1), u_all).double()
+        h0 = model.initial_batched(input_at(u, 0), (num_samples, B)).sample().unsqueeze(1)  # (S,1,B,H)
+        if T > 1:
+            u_n = None if u is None else u[:, 1:].transpose(0, 1)  # (T-1,B,I)
+            h = torch.cat([h0, model.transition(1, draws[:, :T - 1], u_n).sample()], 1)
+        else:
+            h = h0
+        yd = model.emission(0, h, u_all).sample()
+    return lp.permute(0, 2, 1), yd.permute(0, 2, 1, 3), log_lik

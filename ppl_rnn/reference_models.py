@@ -1,0 +1,204 @@
+r"""Reference rows for comparisons: persistence and a linear autoregressive model.
+
+Both are written as linear-Gaussian state-space models (companion form), so the **same yardstick**
+(:func:`ppl_rnn.evaluate.evaluate`, here with the exact Kalman filter) scores them like every fitted network.
+Each observed dimension :math:`d` gets its own AR(p) model fitted by least squares on the training data:
+
+.. math:: y_{t,d} = c_d + \sum_{i=1}^{p}\phi_{d,i}\,y_{t-i,d} + \varepsilon_{t,d},\qquad
+          \varepsilon_{t,d}\sim N(0,\sigma_d^2),
+
+with state :math:`h_t = (y_t, y_{t-1}, \dots, y_{t-p+1})` per dimension (hidden size :math:`pD`), transition
+the companion matrix, and emission :math:`y_t = h_{t,0} + v_t` with a negligible observation noise
+(:math:`10^{-3}` of the series' scale; the lag components carry the same tiny noise to keep the
+covariances positive definite). **Persistence** ("tomorrow equals today") is the random walk
+:math:`p=1, \phi=1, c=0` with :math:`\sigma_d^2` the mean squared one-step difference: its k-step predictive
+is :math:`N(y_o, k\sigma^2)`. Rows with missing entries are left out of the least-squares fit.
+
+Use them as methods: ``pr.fit(model, y, method=Persistence())`` ignores ``model`` except for its
+``obs_dim`` and returns a fitted reference model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyro.distributions as dist
+import torch
+import xarray as xr
+
+from .errors import DataError
+from .method import InferenceMethod, check_positive_int
+from .model import LinearGaussianParams, StateSpaceModel
+from .results import FitResult
+
+__all__ = ["ARStateSpace", "Persistence", "LinearAR", "FixedModel", "is_reference"]
+
+_TINY = 1e-3
+
+
+class ARStateSpace(StateSpaceModel):
+    """Independent AR(p) models per observed dimension in companion form (see module docstring).
+
+    ``phi`` ``(D, p)``, ``c`` ``(D,)``, ``sigma`` ``(D,)`` innovation scales, ``scale`` ``(D,)`` the series'
+    scale (sets the negligible noises), ``level`` ``(D,)`` the series' mean (the initial state's mean).
+    """
+
+    def __init__(self, phi, c, sigma, scale, level, dtype=None):
+        phi = torch.as_tensor(phi, dtype=dtype or torch.get_default_dtype())
+        D, p = phi.shape
+        super().__init__(hidden_dim=D * p, obs_dim=D)
+        dt = phi.dtype
+        self.order = p
+        self.register_buffer("phi", phi.clone())
+        self.register_buffer("c", torch.as_tensor(c, dtype=dt).clone())
+        self.register_buffer("sigma", torch.as_tensor(sigma, dtype=dt).clone())
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=dt).clone())
+        self.register_buffer("level", torch.as_tensor(level, dtype=dt).clone())
+        H = D * p
+        A = torch.zeros(H, H, dtype=dt)
+        b = torch.zeros(H, dtype=dt)
+        q = torch.empty(H, dtype=dt)
+        C = torch.zeros(D, H, dtype=dt)
+        for d in range(D):
+            o = d * p
+            A[o, o:o + p] = self.phi[d]
+            for i in range(1, p):
+                A[o + i, o + i - 1] = 1.0
+            b[o] = self.c[d]
+            q[o:o + p] = _TINY * self.scale[d]
+            q[o] = self.sigma[d]
+            C[d, o] = 1.0
+        self.register_buffer("A", A)
+        self.register_buffer("b", b)
+        self.register_buffer("q", q)
+        self.register_buffer("Cmat", C)
+        self.register_buffer("r", _TINY * self.scale)
+        self.register_buffer("m0", self.level.repeat_interleave(p))
+        self.register_buffer("s0", (2.0 * self.scale).repeat_interleave(p))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.A.dtype
+
+    def initial(self, u0):
+        return dist.Normal(self.m0, self.s0).to_event(1)
+
+    def transition(self, t, h_prev, u_t):
+        return dist.Normal(h_prev @ self.A.T + self.b, self.q).to_event(1)
+
+    def emission(self, t, h, u_t):
+        return dist.Normal(h @ self.Cmat.T, self.r).to_event(1)
+
+    def linear_gaussian(self) -> LinearGaussianParams:
+        return LinearGaussianParams(A=self.A, b=self.b, Q=torch.diag(self.q**2), C=self.Cmat,
+                                    d=torch.zeros(self.obs_dim, dtype=self.dtype), R=torch.diag(self.r**2),
+                                    m0=self.m0, P0=torch.diag(self.s0**2))
+
+
+def _design(y: np.ndarray, m: np.ndarray, p: int):
+    """Lagged regression rows for one dimension: ``y`` ``(B,T)``. Returns ``X`` ``(n, p)`` (lags 1..p), ``z`` ``(n,)``."""
+    B, T = y.shape
+    if T <= p:
+        raise DataError(f"the training series has {T} steps; an AR({p}) fit needs more than {p}.")
+    Xs, zs = [], []
+    for b in range(B):
+        lags = np.stack([y[b, p - i:T - i] for i in range(1, p + 1)], 1)  # (T-p, p)
+        ok = m[b, p:] & np.stack([m[b, p - i:T - i] for i in range(1, p + 1)], 1).all(1)
+        Xs.append(lags[ok])
+        zs.append(y[b, p:][ok])
+    X, z = np.concatenate(Xs), np.concatenate(zs)
+    if len(z) < p + 2:
+        raise DataError(f"only {len(z)} complete lagged rows in the training data; an AR({p}) fit needs at least {p + 2}.")
+    return X, z
+
+
+class _Reference(InferenceMethod):
+    smooths = False
+
+    def _coeffs(self, X, z):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _fit(self, model, data, seed):
+        t0 = time.perf_counter()
+        y = data.observations.double().numpy()
+        m = data.mask.numpy()
+        D = y.shape[-1]
+        p = self.order
+        phi, c, sig, scale, level = [], [], [], [], []
+        for d in range(D):
+            obs = y[..., d][m[..., d]]
+            if obs.size < 3:
+                raise DataError(f"dimension {d} has {obs.size} observed training values; a reference fit needs at least 3.")
+            X, z = _design(y[..., d], m[..., d], p)
+            ph, cc, s = self._coeffs(X, z)
+            phi.append(ph)
+            c.append(cc)
+            sig.append(max(s, 1e-6 * (obs.std() + 1e-12)))
+            scale.append(obs.std() + 1e-12)
+            level.append(obs.mean())
+        dt = model.dtype
+        ref = ARStateSpace(np.array(phi), np.array(c), np.array(sig), np.array(scale), np.array(level), dtype=dt)
+        # training objective: conditional Gaussian log-likelihood of the least-squares residuals (per row)
+        obj = float(-0.5 * np.sum(np.log(2 * np.pi * np.square(sig)) + 1.0))
+        wall = time.perf_counter() - t0
+        trace = xr.Dataset({"objective": (("iteration",), [obj]), "wall_time_s": (("iteration",), [wall])},
+                           coords={"iteration": [0]})
+        return FitResult(model=ref, trace=trace, posterior=None, wall_time_s=wall, converged=True,
+                         method=self.name, evidence_kind="approximation",
+                         diagnostics={"phi": ref.phi, "c": ref.c, "sigma": ref.sigma})
+
+
+class Persistence(_Reference):
+    """Random-walk reference: forecast = last observation, spread growing like :math:`\\sqrt{k}\\,\\sigma`."""
+
+    name = "persistence"
+    order = 1
+
+    def _coeffs(self, X, z):
+        d = z - X[:, 0]
+        return np.ones(1), 0.0, float(np.sqrt(np.mean(d**2)))
+
+
+class LinearAR(_Reference):
+    """Least-squares AR(``order``) reference per observed dimension (with intercept)."""
+
+    name = "linear_ar"
+
+    def __init__(self, *, order: int = 5):
+        self.order = check_positive_int(order, "order")
+
+    def _coeffs(self, X, z):
+        A = np.concatenate([X, np.ones((len(z), 1))], 1)
+        coef, *_ = np.linalg.lstsq(A, z, rcond=None)
+        resid = z - A @ coef
+        dof = max(len(z) - A.shape[1], 1)
+        return coef[:-1], float(coef[-1]), float(np.sqrt(resid @ resid / dof))
+
+
+def is_reference(method) -> bool:
+    """Whether ``method`` is one of the reference rows (they fit instantly; reports label them)."""
+    return isinstance(method, (_Reference, FixedModel))
+
+
+
+class FixedModel(InferenceMethod):
+    """A given model scored as is (no training): e.g. the generating network of simulated data, the ceiling
+    every fitted model is measured against. ``pr.fit`` returns a copy of ``model``."""
+
+    name = "fixed_model"
+    smooths = False
+
+    def __init__(self, model: StateSpaceModel, *, label: str = "fixed_model"):
+        if not isinstance(model, StateSpaceModel):
+            raise DataError(f"FixedModel needs a StateSpaceModel; found {type(model).__name__}.")
+        self.model = model
+        self.label = str(label)
+
+    def __repr__(self) -> str:
+        return f"FixedModel({type(self.model).__name__}, label={self.label!r})"
+
+    def _fit(self, model, data, seed):
+        trace = xr.Dataset({"objective": (("iteration",), [np.nan])}, coords={"iteration": [0]})
+        return FitResult(model=self.model.copy(), trace=trace, posterior=None, wall_time_s=0.0, converged=True,
+                         method=self.label, evidence_kind="approximation")

@@ -1,0 +1,178 @@
+"""Markdown reports and plain-text tables of a comparison (:func:`ppl_rnn.compare` Dataset).
+
+:func:`comparison_table` (markdown) and :func:`text_table` (terminal) show one row per method: the common
+yardstick first (held-out log-evidence per step, forecast RMSE/CRPS per horizon, interval coverage), then
+wall time and the method's own objective with its ``evidence_kind`` (never mixed with the yardstick).
+:func:`verdict` names the winner on the yardstick, with the margins that support it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["summarise", "comparison_table", "text_table", "verdict", "write_report"]
+
+#: why a method behaves as it does (used in verdicts); keyed by a lower-case substring of the label or class
+WHY = {
+    "mcem": "its E-step is a particle smoother, which represents the non-Gaussian posterior of the tanh network "
+            "without linearising, so the M-step fits process and observation noise to what the data support",
+    "mean": "its mean-field E-step propagates only posterior means through tanh (the variance of h_t is ignored "
+            "inside the nonlinearity), an approximation that is good when the posterior is narrow",
+    "svi": "SVI maximises an ELBO whose gap depends on the guide; a structured guide tracks the smoothing "
+           "posterior better than a factorised one",
+    "ekf": "the EKF linearises tanh around the current mean: accurate when the posterior is narrow relative "
+           "to the curvature, biased when it is not",
+    "bptt": "BPTT trains deterministic dynamics (process noise fixed near zero): the filter cannot correct the "
+            "hidden state when the signal's phase drifts, so the whole mismatch must be explained as observation noise",
+    "persistence": "persistence only repeats the last value",
+    "ar": "a linear AR model captures the series' second-order (autocorrelation) structure but not a nonlinearity",
+    "true": "the generating network itself: the ceiling any fitted model can approach",
+}
+
+
+def _why(name: str) -> str:
+    n = name.lower().replace("-", "").replace("_", "").replace(" ", "")
+    for key in ("true", "mcem", "bptt", "persistence", "ekf", "svi", "mean", "ar"):
+        if key in n:
+            return WHY[key]
+    return ""
+
+
+def summarise(ds) -> list[dict]:
+    """One dict per method: means and standard deviations over seeds of every yardstick metric."""
+    rows = []
+    hs = [int(h) for h in ds["horizon"].values]
+    for i, m in enumerate(ds["method"].values):
+        err = [str(e) for e in ds["error"].values[i] if str(e)]
+        r = {"method": str(m), "errors": err, "n_ok": int(ds["error"].values[i].size - len(err))}
+        for k in ("heldout_logev_per_step", "wall_time_s", "own_objective"):
+            v = np.asarray(ds[k].values[i], dtype=float)
+            v = v[np.isfinite(v)]
+            r[k] = float(v.mean()) if v.size else float("nan")
+            r[k + "_sd"] = float(v.std(ddof=1)) if v.size > 1 else float("nan")
+        for k in ("rmse", "crps", "coverage_50", "coverage_90"):
+            for j, h in enumerate(hs):
+                v = np.asarray(ds[k].values[i, :, j], dtype=float)
+                v = v[np.isfinite(v)]
+                r[f"{k}@{h}"] = float(v.mean()) if v.size else float("nan")
+        r["own_evidence_kind"] = str(ds["own_evidence_kind"].values[i])
+        rows.append(r)
+    return rows
+
+
+def _f(x, nd=3, sd=None):
+    if x is None or not np.isfinite(x):
+        return "—"
+    s = f"{x:.{nd}f}"
+    if sd is not None and np.isfinite(sd):
+        s += f" ± {sd:.{nd}f}"
+    return s
+
+
+def _columns(ds, steps_label=None):
+    hs = [int(h) for h in ds["horizon"].values]
+    lab = (lambda h: steps_label(h)) if steps_label else (lambda h: f"{h}-step")
+    cols = [("held-out log-ev/step", lambda r: _f(r["heldout_logev_per_step"], 3, r["heldout_logev_per_step_sd"]))]
+    for h in hs:
+        cols.append((f"CRPS {lab(h)}", lambda r, h=h: _f(r[f"crps@{h}"])))
+    for h in hs:
+        cols.append((f"RMSE {lab(h)}", lambda r, h=h: _f(r[f"rmse@{h}"])))
+    h0 = hs[0]
+    cols.append((f"cov50/90 {lab(h0)}", lambda r: f"{_f(r[f'coverage_50@{h0}'], 2)}/{_f(r[f'coverage_90@{h0}'], 2)}"))
+    cols.append(("fit time (s)", lambda r: _f(r["wall_time_s"], 1)))
+    cols.append(("own objective (kind)", lambda r: f"{_f(r['own_objective'], 1)} ({r['own_evidence_kind'] or '—'})"))
+    return cols
+
+
+def comparison_table(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
+    """Markdown table, methods sorted by held-out log-evidence (best first); reference rows marked *."""
+    rows = sorted(summarise(ds), key=lambda r: -r["heldout_logev_per_step"] if np.isfinite(
+        r["heldout_logev_per_step"]) else np.inf)
+    cols = _columns(ds, steps_label)
+    out = ["| method | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    for r in rows:
+        name = r["method"] + (" *" if r["method"] in reference else "")
+        if r["n_ok"] == 0:
+            out.append(f"| {name} | failed: {r['errors'][0][:80]} |" + " |" * (len(cols) - 1))
+            continue
+        out.append(f"| {name} | " + " | ".join(fn(r) for _, fn in cols) + " |")
+    return "\n".join(out)
+
+
+def text_table(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
+    """The same table as fixed-width text for the terminal."""
+    rows = sorted(summarise(ds), key=lambda r: -r["heldout_logev_per_step"] if np.isfinite(
+        r["heldout_logev_per_step"]) else np.inf)
+    cols = _columns(ds, steps_label)[:-1]
+    header = ["method"] + [c for c, _ in cols]
+    body = []
+    for r in rows:
+        name = r["method"] + (" *" if r["method"] in reference else "")
+        if r["n_ok"] == 0:
+            body.append([name, "FAILED: " + r["errors"][0][:60]] + [""] * (len(cols) - 1))
+        else:
+            body.append([name] + [fn(r) for _, fn in cols])
+    widths = [max(len(str(x[i])) for x in [header] + body) for i in range(len(header))]
+    line = lambda xs: "  ".join(str(x).ljust(w) for x, w in zip(xs, widths, strict=True))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def verdict(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
+    """Plain-language verdict: the winner on held-out log-evidence, its margins, the CRPS winner at the
+    longest horizon, and the reasons (from what each method does)."""
+    rows = [r for r in summarise(ds) if r["n_ok"] > 0 and np.isfinite(r["heldout_logev_per_step"])]
+    cands = [r for r in rows if r["method"] not in reference]
+    refs = [r for r in rows if r["method"] in reference]
+    failed = [r for r in summarise(ds) if r["errors"]]
+    if not cands:
+        return "No trained method finished; see the errors in the table."
+    hs = [int(h) for h in ds["horizon"].values]
+    hl = hs[-1]
+    lab = steps_label(hl) if steps_label else f"{hl}-step"
+    cands.sort(key=lambda r: -r["heldout_logev_per_step"])
+    w = cands[0]
+    parts = [f"**Winner: {w['method']}**, with a held-out log-evidence of {w['heldout_logev_per_step']:.3f} "
+             f"nats per step"]
+    if len(cands) > 1:
+        r2 = cands[1]
+        gap = w["heldout_logev_per_step"] - r2["heldout_logev_per_step"]
+        sd = max(w["heldout_logev_per_step_sd"] if np.isfinite(w["heldout_logev_per_step_sd"]) else 0,
+                 r2["heldout_logev_per_step_sd"] if np.isfinite(r2["heldout_logev_per_step_sd"]) else 0)
+        clear = "a clear margin" if (sd == 0 or gap > 2 * sd) else "a margin within the spread over seeds"
+        parts.append(f", {gap:.3f} nats/step ahead of {r2['method']} ({clear})")
+    parts.append(". ")
+    best_crps = min(cands + refs, key=lambda r: r[f"crps@{hl}"] if np.isfinite(r[f"crps@{hl}"]) else np.inf)
+    parts.append(f"On {lab} forecasts the lowest CRPS is {best_crps['method']}'s ({best_crps[f'crps@{hl}']:.3f}"
+                 f"; {w['method']}: {w[f'crps@{hl}']:.3f}). ")
+    for r in refs:
+        d = w["heldout_logev_per_step"] - r["heldout_logev_per_step"]
+        rel = "above" if d > 0 else "below"
+        parts.append(f"Reference {r['method']}: {r['heldout_logev_per_step']:.3f} nats/step "
+                     f"({w['method']} is {abs(d):.3f} {rel}). ")
+    why = _why(w["method"])
+    if why:
+        parts.append(f"\n\nWhy {w['method']} wins: {why}.")
+    worst = cands[-1] if len(cands) > 1 else None
+    if worst is not None and _why(worst["method"]):
+        parts.append(f" Last among the trained methods, {worst['method']}: {_why(worst['method'])}.")
+    if failed:
+        parts.append("\n\nFailed cells: " + "; ".join(f"{r['method']} ({r['errors'][0][:120]})" for r in failed) + ".")
+    return "".join(parts)
+
+
+def write_report(path, *, title: str, sections: Sequence[dict], preamble: str = "") -> None:
+    """Write a markdown report. ``sections``: dicts with ``heading``, ``text`` (markdown) and ``figures``
+    (list of ``(caption, relative_png_path)``)."""
+    lines = [f"# {title}", ""]
+    if preamble:
+        lines += [preamble, ""]
+    for s in sections:
+        lines += [f"## {s['heading']}", ""]
+        if s.get("text"):
+            lines += [s["text"], ""]
+        for cap, fig in s.get("figures", []):
+            lines += [f"![{cap}]({fig})", "", f"*{cap}*", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))

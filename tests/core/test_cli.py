@@ -1,0 +1,103 @@
+"""The ppl-rnn command line: help that teaches, one-line errors with exit 2, run directories."""
+
+import subprocess
+import sys
+
+import pytest
+import xarray as xr
+
+from ppl_rnn.cli import main
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("examples:", "ppl-rnn demo", "mcem", "svi-markov", "persistence", "report.md"):
+        assert word in out
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    out = capsys.readouterr().out
+    assert "[methods.MCEM]" in out and "--executor" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["simulate", "--steps", "-3"],
+    ["fit", "--method", "nope"],
+    ["compare", "--horizons", "a,b"],
+    ["compare", "--config", "/nonexistent/cfg.toml"],
+    ["fit", "--data", "/nonexistent.csv", "--method", "ar"],
+    ["fit", "--method", "ar", "--set", "bogus=1", "--max-steps", "300"],
+    ["frobnicate"],
+])
+def test_bad_arguments_one_line_exit_2(argv, capsys, tmp_path):
+    argv = argv + (["--out", str(tmp_path / "o")] if argv[0] in ("simulate", "fit", "compare") else [])
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "error" in err
+
+
+def test_simulate_writes_run_directory(tmp_path, capsys):
+    out = tmp_path / "sim"
+    assert main(["simulate", "--hidden", "3", "--steps", "60", "--sequences", "2", "--out", str(out)]) == 0
+    ds = xr.load_dataset(out / "simulation.nc", engine="h5netcdf")
+    assert ds.observations.shape == (2, 60, 1) and ds.states.shape == (2, 60, 3)
+    for f in ("states.png", "observations.png", "report.md"):
+        assert (out / f).exists()
+    assert "sd(y)" in capsys.readouterr().out
+
+
+def test_compare_with_toml_config_resumes(tmp_path, capsys):
+    cfg = tmp_path / "cmp.toml"
+    cfg.write_text('[data]\nname = "unkelbach-synthetic"\nmax_steps = 160\ntrain_steps = 120\n'
+                   '[model]\nhidden = 2\n[compare]\nseeds = [0, 1]\nhorizons = [1, 3]\nnum_particles = 200\n'
+                   '[methods.persist]\ntype = "persistence"\n[methods."AR(2)"]\ntype = "ar"\norder = 2\n')
+    out = tmp_path / "run"
+    assert main(["compare", "--config", str(cfg), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "AR(2)" in text and "persist" in text and "held-out log-ev/step" in text
+    ds = xr.load_dataset(out / "compare.nc", engine="h5netcdf")
+    assert list(ds.method.values) == ["persist", "AR(2)"] and list(ds.seed.values) == [0, 1]
+    report = (out / "report.md").read_text()
+    assert "| method |" in report and "comparison.png" in report and "Winner" in report or "No trained" in report
+    assert (out / "comparison.png").exists()
+    stamp = (out / "cells" / "persist__seed0.nc").stat().st_mtime_ns
+    assert main(["compare", "--config", str(cfg), "--out", str(out)]) == 0  # resumes: cells not rewritten
+    assert (out / "cells" / "persist__seed0.nc").stat().st_mtime_ns == stamp
+
+
+def test_fit_and_forecast_commands(tmp_path, capsys):
+    common = ["--data", "unkelbach-synthetic", "--max-steps", "160", "--train-steps", "120", "--method", "ar",
+              "--set", "order=3", "--num-particles", "200"]
+    assert main(["fit", *common, "--horizons", "1,4", "--out", str(tmp_path / "fit")]) == 0
+    ev = xr.load_dataset(tmp_path / "fit" / "evaluation.nc", engine="h5netcdf")
+    assert list(ev.horizon.values) == [1, 4]
+    assert (tmp_path / "fit" / "report.md").exists() and (tmp_path / "fit" / "onestep.png").exists()
+    assert main(["forecast", *common, "--horizon", "6", "--out", str(tmp_path / "fc")]) == 0
+    out = capsys.readouterr().out
+    assert "90% interval" in out and (tmp_path / "fc" / "forecast.png").exists()
+
+
+def test_entry_point_is_installed():
+    r = subprocess.run([sys.executable, "-m", "ppl_rnn.cli", "simulate", "--steps", "0"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+
+
+def test_demo_quick_writes_report_with_winner_and_figures(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--workers", "1", "--no-respiration", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "**Winner:" in report and "| method |" in report and "true network" in report
+    for png in ("comparison.png", "traces.png", "forecast.png", "onestep.png", "ess.png", "states.png"):
+        assert (out / "synthetic" / png).exists(), png
+        assert f"synthetic/{png}" in report
+    ds = xr.load_dataset(out / "synthetic" / "compare.nc", engine="h5netcdf")
+    assert {"MCEM", "mean-field EM", "SVI (Markov guide)", "SVI (mean-field guide)", "EKF-EM", "BPTT", "AR(5)",
+            "persistence", "true network"} == set(ds.method.values)
+    assert "held-out log-ev/step" in capsys.readouterr().out

@@ -1,0 +1,147 @@
+"""pr.compare: the grid, failures recorded per cell, resume from cell files, Dask, reference rows."""
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import ppl_rnn as pr
+from ppl_rnn.compare import load_cell_model, load_cell_trace
+from ppl_rnn.errors import ConfigurationError
+from ppl_rnn.models import ElmanSSM
+from ppl_rnn.reference_models import LinearAR, Persistence
+from ppl_rnn.results import FitResult
+
+
+class CountingFit(pr.InferenceMethod):
+    """Stand-in training method: nudges W by the seed and counts its calls."""
+
+    name = "counting"
+    calls = 0
+
+    def _fit(self, model, data, seed):
+        type(self).calls += 1
+        with torch.no_grad():
+            model.W = model.W * (1.0 - 0.01 * seed)
+        trace = xr.Dataset({"objective": ("iteration", [-3.0, -2.0])}, coords={"iteration": [0, 1]})
+        return FitResult(model=model, trace=trace, posterior=None, wall_time_s=0.01, converged=True,
+                         method=self.name, evidence_kind="lower_bound")
+
+
+class Broken(pr.InferenceMethod):
+    name = "broken"
+
+    def _fit(self, model, data, seed):
+        raise RuntimeError("diverged on purpose")
+
+
+@pytest.fixture
+def problem():
+    m = ElmanSSM(2, 1, activation="identity", process_noise=0.3, obs_noise=0.3, seed=1)
+    y = m.simulate(200, 1, seed=0).observations
+    return m, y[:, :140], y[:, 140:]
+
+
+def test_grid_records_failures_and_resumes_from_cells(problem, tmp_path):
+    m, tr, te = problem
+    methods = {"counting": CountingFit(), "broken": Broken(), "persistence": Persistence()}
+    CountingFit.calls = 0
+    ds = pr.compare(m, tr, te, methods=methods, seeds=[0, 1], horizons=[1, 5], num_samples=20,
+                    out=tmp_path, progress=False)
+    assert dict(ds.sizes)["method"] == 3 and dict(ds.sizes)["seed"] == 2 and dict(ds.sizes)["horizon"] == 2
+    assert list(ds.error.sel({"method": "broken"}).values) == ["RuntimeError: diverged on purpose"] * 2
+    assert np.isnan(ds.crps.sel({"method": "broken"})).all()
+    ok = ds.sel({"method": ["counting", "persistence"]})
+    assert (ok.error == "").all() and np.isfinite(ok.crps).all() and np.isfinite(ok.heldout_logev_per_step).all()
+    assert ds.own_evidence_kind.sel({"method": "counting"}).item() == "lower_bound"
+    assert float(ds.own_objective.sel({"method": "counting", "seed": 0})) == -2.0
+    # seeds matter: different fitted models -> different scores
+    assert float(ds.heldout_logev_per_step.sel({"method": "counting", "seed": 0})) != float(
+        ds.heldout_logev_per_step.sel({"method": "counting", "seed": 1}))
+    # saved grid, cell files, traces and fitted models
+    saved = xr.load_dataset(tmp_path / "compare.nc", engine="h5netcdf")
+    xr.testing.assert_allclose(saved.crps, ds.crps)
+    assert load_cell_trace(tmp_path, "counting", 1).objective.values.tolist() == [-3.0, -2.0]
+    assert isinstance(load_cell_model(tmp_path, "persistence", 0), pr.StateSpaceModel)
+    # rerun: finished cells are loaded, not refitted; the failed ones are retried
+    assert CountingFit.calls == 2
+    ds2 = pr.compare(m, tr, te, methods=methods, seeds=[0, 1], horizons=[1, 5], num_samples=20,
+                     out=tmp_path, progress=False)
+    assert CountingFit.calls == 2
+    xr.testing.assert_identical(ds2.crps, ds.crps)
+    # an interrupted run: a missing cell file is recomputed, the rest are kept
+    (tmp_path / "cells" / "counting__seed1.nc").unlink()
+    pr.compare(m, tr, te, methods=methods, seeds=[0, 1], horizons=[1, 5], num_samples=20, out=tmp_path,
+               progress=False)
+    assert CountingFit.calls == 3
+    # a changed configuration invalidates the cells
+    pr.compare(m, tr, te, methods={"counting": CountingFit()}, seeds=[0], horizons=[1, 6], num_samples=20,
+               out=tmp_path, progress=False)
+    assert CountingFit.calls == 4
+
+
+def test_dask_two_worker_cluster_matches_in_process(problem):
+    m, tr, te = problem
+    methods = {"persistence": Persistence(), "AR(2)": LinearAR(order=2)}
+    kw = dict(methods=methods, seeds=[0, 1], horizons=[1, 3], num_samples=20, progress=False)
+    local = pr.compare(m, tr, te, **kw)
+    # threads (processes=False) keep the test fast; they share torch's global RNG, so the Monte Carlo
+    # metrics agree up to noise while the exact (Kalman) held-out evidence agrees exactly
+    dist = pr.compare(m, tr, te, executor="dask", n_workers=2, processes=False, **kw)
+    assert (dist.error == "").all()
+    xr.testing.assert_allclose(local.heldout_logev_per_step, dist.heldout_logev_per_step)
+    xr.testing.assert_allclose(local.crps, dist.crps, rtol=0.25)
+
+
+def test_reference_rows(float64):
+    # AR(2) data: the linear AR row recovers the coefficients; persistence is the random walk
+    g = torch.Generator().manual_seed(0)
+    T = 1500
+    e = torch.randn(T, generator=g, dtype=torch.float64) * 0.5
+    y = torch.zeros(T, dtype=torch.float64)
+    for t in range(2, T):
+        y[t] = 0.2 + 1.2 * y[t - 1] - 0.5 * y[t - 2] + e[t]
+    y = y[:, None]
+    m = ElmanSSM(2, 1, activation="identity")
+    ar = pr.fit(m, y, method=LinearAR(order=2))
+    np.testing.assert_allclose(ar.model.phi[0].numpy(), [1.2, -0.5], atol=0.05)
+    assert float(ar.model.sigma) == pytest.approx(0.5, rel=0.05)
+    p = pr.fit(m, y[:1000], method=Persistence())
+    assert float(p.model.sigma) == pytest.approx(float(torch.sqrt((y[1:1000] - y[:999]).pow(2).mean())), rel=1e-6)
+    ev = pr.evaluate(p.model, y[:1000], y[1000:], horizons=[1], num_samples=2000, seed=0)
+    rw_rmse = float(torch.sqrt((y[1000:] - y[999:-1]).pow(2).mean()))  # forecast = last value
+    assert float(ev.rmse.sel(horizon=1)) == pytest.approx(rw_rmse, rel=0.02)
+    ev_ar = pr.evaluate(ar.model, y[:1000], y[1000:], horizons=[1], num_samples=200, seed=0)
+    assert float(ev_ar.heldout_logev_per_step) > float(ev.heldout_logev_per_step)
+    assert float(ev_ar.heldout_logev_per_step) == pytest.approx(-0.5 * np.log(2 * np.pi * 0.25) - 0.5, abs=0.08)
+
+
+def test_bad_configurations(problem):
+    m, tr, te = problem
+    with pytest.raises(ConfigurationError, match="methods"):
+        pr.compare(m, tr, te, methods={})
+    with pytest.raises(ConfigurationError, match="inference method"):
+        pr.compare(m, tr, te, methods={"x": "MCEM"})
+    with pytest.raises(ConfigurationError, match="executor"):
+        pr.compare(m, tr, te, methods={"p": Persistence()}, executor="ray")
+    with pytest.raises(ConfigurationError, match="seeds"):
+        pr.compare(m, tr, te, methods={"p": Persistence()}, seeds=[0, 0])
+
+
+class InterruptOnSeed1(pr.InferenceMethod):
+    name = "interrupting"
+
+    def _fit(self, model, data, seed):
+        if seed == 1:
+            raise KeyboardInterrupt
+        return Persistence()._fit(model, data, seed)
+
+
+def test_ctrl_c_keeps_finished_cells(problem, tmp_path):
+    m, tr, te = problem
+    methods = {"p": Persistence(), "x": InterruptOnSeed1()}
+    with pytest.raises(KeyboardInterrupt):
+        pr.compare(m, tr, te, methods=methods, seeds=[0, 1], horizons=[1], num_samples=10, out=tmp_path,
+                   progress=False)
+    done = sorted(p.name for p in (tmp_path / "cells").glob("*.nc") if not p.name.endswith(".trace.nc"))
+    assert done == ["p__seed0.nc", "p__seed1.nc", "x__seed0.nc"]

@@ -1,0 +1,78 @@
+"""Figures: each function draws what it says (checked on the artists) and writes a PNG."""
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+import ppl_rnn as pr
+from ppl_rnn import plots
+from ppl_rnn.models import ElmanSSM
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    m = ElmanSSM(2, 1, activation="identity", process_noise=0.3, obs_noise=0.2, seed=1)
+    sim = m.simulate(50, 1, seed=0)
+    return m, sim
+
+
+def _png(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_states_bands_and_truth(setup, tmp_path):
+    m, sim = setup
+    post = pr.infer(m, sim.observations, method=pr.inference.KalmanSmoother())
+    fig = plots.plot_states(post, sim.states, path=tmp_path / "s.png")
+    _png(tmp_path / "s.png")
+    axes = fig.axes
+    assert len(axes) == 2
+    lines = {ln.get_label(): ln for ln in axes[0].lines}
+    np.testing.assert_allclose(lines["smoothing mean"].get_ydata(), post.mean[0, :, 0].numpy())
+    np.testing.assert_allclose(lines["true state"].get_ydata(), sim.states[0, :, 0].numpy())
+    assert len(axes[0].collections) == 2  # 50% and 95% bands
+
+
+def test_forecast_intervals(setup, tmp_path):
+    m, sim = setup
+    fc = pr.forecast(m, sim.observations[:, :40], horizon=10, num_samples=400, seed=0)
+    fig = plots.plot_forecast(sim.observations[:, :40], fc, truth=sim.observations[:, 40:], path=tmp_path / "f.png")
+    _png(tmp_path / "f.png")
+    ax = fig.axes[0]
+    med = [ln for ln in ax.lines if "median" in ln.get_label()][0]
+    np.testing.assert_allclose(med.get_ydata(), fc.samples[:, 0, :, 0].median(0).values.numpy(), atol=1e-2)
+    np.testing.assert_allclose(med.get_xdata(), np.arange(40, 50))
+    assert len(ax.collections) == 2
+
+
+def test_traces_ess_and_comparison(setup, tmp_path):
+    m, sim = setup
+    tr = {"A": xr.Dataset({"objective": ("iteration", [-5.0, -3.0, -2.5])}),
+          "B": xr.Dataset({"objective": ("iteration", [1.0, 2.0])}), "C": None}
+    fig = plots.plot_traces(tr, kinds={"A": "lower_bound"}, path=tmp_path / "t.png")
+    _png(tmp_path / "t.png")
+    vis = [a for a in fig.axes if a.get_visible()]
+    assert len(vis) == 2 and "lower_bound" in vis[0].get_title()
+    np.testing.assert_allclose(vis[0].lines[0].get_ydata(), [-5.0, -3.0, -2.5])
+
+    post = pr.infer(m, sim.observations, method=pr.inference.ParticleFilter(200), seed=0)
+    fig = plots.plot_ess(post, path=tmp_path / "e.png")
+    _png(tmp_path / "e.png")
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), post.diagnostics["ess"][0].numpy() / 200)
+
+    ds = xr.Dataset(
+        {"heldout_logev_per_step": (("method", "seed"), [[-0.5, -0.6], [-0.9, np.nan]]),
+         "crps": (("method", "seed", "horizon"), np.array([[[0.2, 0.3], [0.21, 0.31]], [[0.4, 0.5], [np.nan] * 2]]))},
+        coords={"method": ["good", "bad"], "seed": [0, 1], "horizon": [1, 10]})
+    fig = plots.plot_comparison(ds, reference=("bad",), path=tmp_path / "c.png")
+    _png(tmp_path / "c.png")
+    ax1 = fig.axes[0]
+    assert [t.get_text() for t in ax1.get_yticklabels()] == ["good", "bad"]
+    dots = ax1.lines[0]
+    np.testing.assert_allclose(sorted(dots.get_xdata()), [-0.6, -0.5])
+    assert torch.is_tensor(sim.states)

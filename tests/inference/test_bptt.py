@@ -1,0 +1,95 @@
+"""BPTT: deterministic (zero process noise) training, float64.
+
+* oracle: the BPTT objective is the exact Kalman log-evidence of the identity network with (near-)zero
+  process noise and initial spread;
+* fitting raises the objective, fits r, and returns a copy whose process noise / initial spread sit at the
+  floor (the input model untouched); truncation; divergence and error cases.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ppl_rnn.inference import KalmanFilter
+from ppl_rnn.inference.bptt import BPTT, deterministic_log_likelihood, set_noise_floor
+from ppl_rnn.models import ElmanSSM, LinearGaussianSSM
+
+import ppl_rnn as pr
+from ppl_rnn.data import prepare
+from ppl_rnn.errors import ConfigurationError, DivergenceError, ModelCapabilityError
+from ppl_rnn.model import StateSpaceModel
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Intra-op threads spin against each other on a loaded 2-core machine; restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("kind", ["elman", "lg"])
+def test_objective_is_zero_noise_kalman_evidence(float64, kind):
+    if kind == "elman":
+        m = ElmanSSM(2, 2, activation="identity", obs_noise=0.3, seed=2)
+        m.m0 = torch.tensor([0.5, -1.0])
+    else:
+        m = LinearGaussianSSM(2, 2, m0=torch.tensor([0.5, -1.0]), seed=2)
+    y = torch.randn(2, 25, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y[0, 4, 0] = float("nan")
+    assert set_noise_floor(m, 1e-7)
+    det = deterministic_log_likelihood(m, prepare(m, y))
+    exact = pr.infer(m, y, method=KalmanFilter()).log_evidence
+    torch.testing.assert_close(det.detach(), exact, rtol=1e-6, atol=1e-6)
+
+
+def test_fit_raises_objective_and_floors_noise(float64):
+    true = ElmanSSM(2, 1, process_noise=1e-3, obs_noise=0.2, weight_scale=1.5, seed=1)
+    true.m0 = torch.tensor([0.8, -0.5])
+    y = true.simulate(50, 1, seed=0).observations
+    m = ElmanSSM(2, 1, seed=5)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    r = pr.fit(m, y, method=BPTT(num_steps=100, lr=0.05), seed=0)
+    obj = r.trace.objective.values
+    assert r.evidence_kind == "approximation" and np.isfinite(obj).all()
+    assert obj[-1] > obj[0] + 30
+    torch.testing.assert_close(r.model.q.detach(), torch.full((2,), 1e-4))
+    torch.testing.assert_close(r.model.s0.detach(), torch.full((2,), 1e-4))
+    assert 0.1 < float(r.model.r.detach()) < 0.4  # the observation noise is fitted (true 0.2)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k])
+    # the trace's last objective is the deterministic log-likelihood of the returned model
+    assert obj[-1] == pytest.approx(float(deterministic_log_likelihood(r.model, prepare(m, y)).sum().detach()), rel=1e-9)
+    # truncated BPTT also trains
+    r2 = pr.fit(m, y, method=BPTT(num_steps=40, lr=0.05, truncation=10), seed=0)
+    assert r2.trace.objective.values[-1] > r2.trace.objective.values[0]
+
+
+class _NaNAfter(ElmanSSM):
+    """Its dynamics blow up (NaN) once the output offset has moved away from 0."""
+
+    def transition_mean(self, t, h_prev, u_t):
+        out = super().transition_mean(t, h_prev, u_t)
+        return out * float("nan") if float(self.d.detach()[0]) > 0.05 else out
+
+
+def test_divergence_and_errors(float64):
+    y = 1.0 + 0.1 * torch.randn(30, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.raises(DivergenceError) as ei:
+        pr.fit(_NaNAfter(2, 1, seed=0), y, method=BPTT(num_steps=50, lr=0.05), seed=0)
+    assert ei.value.iteration >= 1 and ei.value.last_good is not None
+    assert all(bool(torch.isfinite(p).all()) for p in ei.value.last_good.model.parameters())
+    with pytest.raises(ConfigurationError):
+        BPTT(num_steps=0)
+    with pytest.raises(ConfigurationError):
+        BPTT(truncation=0)
+
+    class NoNoise(StateSpaceModel):
+        def __init__(self):
+            super().__init__(1, 1)
+            self.a = torch.nn.Parameter(torch.zeros(1))
+
+    with pytest.raises(ModelCapabilityError):
+        pr.fit(NoNoise(), y, method=BPTT(num_steps=2))

@@ -1,0 +1,177 @@
+"""MonteCarloEM (float64, tiny problems, fixed seeds).
+
+Oracles: KalmanEM (exact EM) and the exact Kalman log-evidence on ElmanSSM(activation="identity").
+
+* one MCEM step with an exact (FFBS) E-step and many paths equals one exact EM step up to Monte Carlo error
+  (checks ``ElmanSSM.closed_form_mstep`` against the moment-based KalmanEM update);
+* (acceptance a, slow) with the particle smoother, MCEM reaches KalmanEM's exact log-evidence within
+  1 nat per 1000 observations;
+* (acceptance b) on a tanh network the trace rises up to Monte Carlo noise (drops within 6 SE of the
+  evidence estimator, measured by repeated filters);
+* the generic gradient M-step (a model without ``closed_form_mstep``) raises the exact evidence;
+* trace layout, particle schedule, SAEM; configuration errors; divergence -> DivergenceError with last_good.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from ppl_rnn.inference import KalmanFilter, KalmanSmoother, ParticleFilter, ParticleSmoother
+from ppl_rnn.inference.kalman_em import KalmanEM, kalman_em_step
+from ppl_rnn.inference.mcem import MonteCarloEM
+from ppl_rnn.models import ElmanSSM, LinearGaussianSSM
+
+import ppl_rnn as pr
+from ppl_rnn.data import prepare
+from ppl_rnn.errors import ConfigurationError, DivergenceError, ModelCapabilityError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Intra-op threads spin against each other on a loaded 2-core machine; restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _exact(model, y):
+    return float(pr.infer(model, y, method=KalmanFilter()).log_evidence.sum())
+
+
+def _linear_data(T=60, B=2, seed=0):
+    true = ElmanSSM(2, 1, activation="identity", process_noise=0.3, obs_noise=0.2, seed=1)
+    return true.simulate(T, B, seed=seed).observations
+
+
+def test_closed_form_step_matches_exact_em_step(float64):
+    y = _linear_data()
+    y[0, 10:13] = float("nan")
+    m = ElmanSSM(2, 1, activation="identity", process_noise=0.3, obs_noise=0.3, seed=5)
+    data = prepare(m, y)
+    exact = m.copy()
+    kalman_em_step(exact, data, "elman")
+    mc = m.copy()
+    with torch.no_grad():
+        paths = pr.infer(m, y, method=KalmanSmoother()).sample(4000, seed=0)
+    mc.closed_form_mstep(paths, data.observations, data.mask, data.inputs)
+    for name in ("W", "b", "C", "d", "q", "r", "m0", "s0"):
+        a, b = getattr(exact, name).detach(), getattr(mc, name).detach()
+        assert torch.allclose(a, b, atol=0.03, rtol=0.03), (name, a, b)
+    # and the step is not the identity map (the test would pass trivially otherwise)
+    assert not torch.allclose(exact.W.detach(), m.W.detach(), atol=0.05)
+
+
+@pytest.mark.slow
+def test_mcem_reaches_kalman_em_evidence(float64):
+    """Acceptance (a): within 1 nat per 1000 observations of exact EM, same initial model and iterations."""
+    y = _linear_data(T=200, B=1, seed=3)
+    m0 = ElmanSSM(2, 1, activation="identity", seed=5)
+    iters = 20
+    kem = pr.fit(m0, y, method=KalmanEM(num_iterations=iters, tol=0), seed=0)
+    mcem = pr.fit(m0, y, method=MonteCarloEM(smoother=ParticleSmoother(200, 50), num_iterations=iters, tol=0,
+                                             particle_schedule=((200, 50), (1000, 200))), seed=0)
+    le_k, le_m, le_0 = _exact(kem.model, y), _exact(mcem.model, y), _exact(m0, y)
+    assert le_k > le_0 + 20
+    assert le_m > le_k - 1.0 * y.numel() / 1000, (le_m, le_k)
+
+
+def test_trace_rises_up_to_mc_noise(float64):
+    """Acceptance (b) on a tanh network."""
+    true = ElmanSSM(2, 1, process_noise=0.2, obs_noise=0.1, weight_scale=1.5, seed=1)
+    y = true.simulate(100, 1, seed=0).observations
+    m = ElmanSSM(2, 1, seed=5)
+    r = pr.fit(m, y, method=MonteCarloEM(smoother=ParticleSmoother(200, 30), num_iterations=8, tol=0), seed=0)
+    le = r.trace.log_evidence.values
+    # standard error of the evidence estimator at the fitted model (N=200, same as the E-step)
+    reps = [float(pr.infer(r.model, y, method=ParticleFilter(200), seed=s).log_evidence.sum()) for s in range(6)]
+    se = float(np.std(reps, ddof=1))
+    running_max = np.maximum.accumulate(le)
+    assert (le[1:] - running_max[:-1]).min() > -6 * math.sqrt(2) * se - 0.5, (le, se)
+    assert le[-3:].mean() > le[0] + 8  # it rises (fails if the M-step is removed)
+    assert r.trace.objective.values[1:].size == 8 and np.isfinite(r.trace.objective.values[1:]).all()
+
+
+def test_generic_gradient_mstep_raises_exact_evidence(float64):
+    """A model without closed_form_mstep (LinearGaussianSSM) gets Adam steps on the MC objective."""
+    true = LinearGaussianSSM(2, 1, seed=1)
+    y = true.simulate(40, 2, seed=0).observations
+    m = LinearGaussianSSM(2, 1, seed=4, Q=0.5 * torch.eye(2), R=torch.eye(1))
+    method = MonteCarloEM(smoother=KalmanSmoother(), particle_schedule=((1, 30), (1, 30)), num_iterations=3,
+                          tol=0, gradient_steps=10, lr=0.05)
+    r = pr.fit(m, y, method=method, seed=0)
+    assert r.diagnostics["mstep"] == "gradient"
+    assert _exact(r.model, y) > _exact(m, y) + 20
+    with pytest.raises(ModelCapabilityError):
+        pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), mstep="closed_form", num_iterations=1))
+
+
+def test_trace_layout_schedule_and_saem(float64):
+    y = _linear_data(T=30, B=1)
+    m = ElmanSSM(2, 1, activation="identity", seed=5)
+    method = MonteCarloEM(smoother=ParticleSmoother(50, 10), num_iterations=4, tol=0, saem=lambda k: 1 / (k + 1),
+                          particle_schedule=((50, 10), (400, 40)))
+    r = pr.fit(m, y, method=method, seed=0)
+    tr = r.trace
+    assert tr.sizes["iteration"] == 5
+    for v in ("log_evidence", "objective", "num_particles", "num_paths", "gamma", "wall_time_s", "W", "C", "q"):
+        assert v in tr.data_vars
+    np.testing.assert_array_equal(tr.num_particles.values, [50, 100, 200, 400, 400])
+    np.testing.assert_array_equal(tr.num_paths.values[[0, -1]], [10, 40])
+    np.testing.assert_allclose(tr.gamma.values[:4], [1, 1 / 2, 1 / 3, 1 / 4])
+    assert np.all(np.diff(tr.wall_time_s.values) >= 0)
+    assert math.isnan(tr.objective.values[0])
+    np.testing.assert_allclose(tr.q.values[-1], r.model.q.detach().numpy())
+    assert r.posterior is not None and r.posterior.kind == "smoothing"
+    # same seed, same fit
+    r2 = pr.fit(m, y, method=method, seed=0)
+    np.testing.assert_allclose(r2.trace.log_evidence.values, tr.log_evidence.values)
+
+
+def test_configuration_errors():
+    with pytest.raises(ConfigurationError):
+        MonteCarloEM(particle_schedule=(0, 100))
+    with pytest.raises(ConfigurationError):
+        MonteCarloEM(particle_schedule=((10, 0), (100, 10)))
+    with pytest.raises(ConfigurationError):
+        MonteCarloEM(particle_schedule=lambda k: 0)
+    with pytest.raises(ConfigurationError):
+        MonteCarloEM(tol=-1e-3)
+    with pytest.raises(ConfigurationError):
+        MonteCarloEM(mstep="newton")
+    with pytest.raises(ConfigurationError):
+        MonteCarloEM(smoother="particle")
+    with pytest.raises(ConfigurationError):
+        MonteCarloEM(saem=2.0)
+    with pytest.raises(ConfigurationError):
+        ParticleSmoother(num_particles=0)
+
+
+class _Exploding(ElmanSSM):
+    """Its second M-step produces NaN output weights."""
+
+    calls = 0
+
+    def closed_form_mstep(self, *args, **kwargs):
+        out = super().closed_form_mstep(*args, **kwargs)
+        type(self).calls += 1
+        if type(self).calls >= 2:
+            self.C = torch.full_like(self.C.detach(), float("nan"))
+        return out
+
+
+def test_divergence_error_names_iteration_and_keeps_last_good(float64):
+    y = _linear_data(T=30, B=1)
+    _Exploding.calls = 0
+    m = _Exploding(2, 1, activation="identity", seed=5)
+    with pytest.raises(DivergenceError) as ei:
+        pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), num_iterations=5, tol=0), seed=0)
+    e = ei.value
+    assert e.iteration == 2 and "iteration 2" in str(e) and "C" in str(e)
+    good = e.last_good
+    assert good is not None and good.trace.sizes["iteration"] == 2
+    assert all(bool(torch.isfinite(p).all()) for p in good.model.parameters())
+    np.testing.assert_allclose(good.trace.C.values[-1], good.model.C.detach().numpy())
