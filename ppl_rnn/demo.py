@@ -33,7 +33,7 @@ __all__ = ["run_demo", "demo_methods"]
 
 #: the demo's methods: label -> (type, full settings, quick settings)
 DEMO_METHODS = {
-    "MCEM": ("mcem", dict(num_particles=200, num_paths=40, backward="mcmc", num_iterations=10),
+    "MCEM": ("mcem", dict(num_particles=300, num_paths=40, backward="mcmc", num_iterations=25),
              dict(num_particles=50, num_paths=10, backward="mcmc", num_iterations=2)),
     "mean-field EM": ("meanfield-em", dict(num_iterations=20), dict(num_iterations=2)),
     "SVI (Markov guide)": ("svi-markov", dict(num_steps=60, lr=0.05), dict(num_steps=3, lr=0.05)),

@@ -151,6 +151,14 @@ def verdict(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
         rel = "above" if d > 0 else "below"
         parts.append(f"Reference {r['method']}: {r['heldout_logev_per_step']:.3f} nats/step "
                      f"({w['method']} is {abs(d):.3f} {rel}). ")
+    better_refs = [r for r in refs if r["heldout_logev_per_step"] > w["heldout_logev_per_step"]
+                   and "true" not in r["method"].lower()]
+    if better_refs:
+        b = max(better_refs, key=lambda r: r["heldout_logev_per_step"])
+        parts.append(f"\n\n**No trained network beats the {b['method']} reference here** "
+                     f"({b['heldout_logev_per_step'] - w['heldout_logev_per_step']:.3f} nats/step better than "
+                     f"{w['method']}; {lab} CRPS {b[f'crps@{hl}']:.3f}): with this compute budget and model size the "
+                     "networks have not learned more than the reference's linear structure. ")
     why = _why(w["method"])
     if why:
         parts.append(f"\n\nWhy {w['method']} wins: {why}.")

@@ -3,7 +3,7 @@ import torch
 
 
 def pytest_configure(config):
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

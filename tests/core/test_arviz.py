@@ -4,11 +4,10 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 import xarray as xr
+from ppl_rnn.models import ElmanSSM
 
 import ppl_rnn as pr
-from ppl_rnn.models import ElmanSSM
 from ppl_rnn.reference_models import LinearAR, Persistence
 
 warnings.filterwarnings("ignore", category=FutureWarning)

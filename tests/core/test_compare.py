@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from ppl_rnn.models import ElmanSSM
 
 import ppl_rnn as pr
 from ppl_rnn.compare import load_cell_model, load_cell_trace
 from ppl_rnn.errors import ConfigurationError
-from ppl_rnn.models import ElmanSSM
 from ppl_rnn.reference_models import LinearAR, Persistence
 from ppl_rnn.results import FitResult
 

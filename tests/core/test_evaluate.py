@@ -5,12 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from ppl_rnn.inference.kalman import kalman_filter
+from ppl_rnn.models import ElmanSSM
 
 import ppl_rnn as pr
 from ppl_rnn.errors import ConfigurationError, DataError
 from ppl_rnn.evaluate import crps_samples, evaluate, onestep_predictive
-from ppl_rnn.inference.kalman import kalman_filter
-from ppl_rnn.models import ElmanSSM
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from ppl_rnn.models import ElmanSSM
 
 import ppl_rnn as pr
 from ppl_rnn import plots
-from ppl_rnn.models import ElmanSSM
 
 matplotlib.use("Agg")
 
