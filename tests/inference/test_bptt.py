@@ -21,15 +21,6 @@ from ppl_rnn.errors import ConfigurationError, DivergenceError, ModelCapabilityE
 from ppl_rnn.model import StateSpaceModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Intra-op threads spin against each other on a loaded 2-core machine; restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.mark.parametrize("kind", ["elman", "lg"])
 def test_objective_is_zero_noise_kalman_evidence(float64, kind):
     if kind == "elman":

@@ -22,16 +22,6 @@ import ppl_rnn as pr
 from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Intra-op threads spin against each other on a loaded 2-core machine (10x slower); these tiny
-    problems run fastest on one thread. Restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _monotone(le):
     d = np.diff(le)
     return float(d.min()) >= -1e-9 * np.abs(le).max()

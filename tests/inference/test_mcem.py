@@ -29,15 +29,6 @@ from ppl_rnn.data import prepare
 from ppl_rnn.errors import ConfigurationError, DivergenceError, ModelCapabilityError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Intra-op threads spin against each other on a loaded 2-core machine; restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _exact(model, y):
     return float(pr.infer(model, y, method=KalmanFilter()).log_evidence.sum())
 
@@ -132,6 +123,8 @@ def test_trace_layout_schedule_and_saem(float64):
 
 
 def test_configuration_errors():
+    default = MonteCarloEM()
+    assert isinstance(default.smoother, ParticleSmoother) and default.smoother.num_paths == 100
     with pytest.raises(ConfigurationError):
         MonteCarloEM(particle_schedule=(0, 100))
     with pytest.raises(ConfigurationError):

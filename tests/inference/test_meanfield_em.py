@@ -20,15 +20,6 @@ from ppl_rnn.data import prepare
 from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Intra-op threads spin against each other on a loaded 2-core machine; restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_meanfield_estep_exact_without_recurrence(float64):
     m = ElmanSSM(2, 2, activation="identity", process_noise=0.4, obs_noise=0.3, seed=3)
     m.W = torch.zeros(2, 2)
