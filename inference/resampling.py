@@ -104,6 +104,21 @@ def systematic(log_weights: torch.Tensor, num: int, generator: torch.Generator |
     return idx.clamp_(max=n - 1).T
 
 
+def systematic_from_weights(weights: torch.Tensor, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`systematic` from non-negative weights ``(N, B)`` (any positive total per sequence) instead of
+    log-weights: the same law, without the softmax and transposes (the particle filter's fast path, which
+    has the normalised weights at hand). ``(num, B)``."""
+    c = torch.cumsum(weights, 0, dtype=torch.float64)
+    c = c / c[-1]  # (N, B), last row exactly 1
+    n, b = c.shape
+    v = torch.rand((1, b), dtype=torch.float64, device=c.device, generator=generator)
+    # nondecreasing along N, equal for a zero weight; in [0, num] (c in [0, 1], last row num) without clamping
+    m = c.mul_(num).sub_(v).ceil_().long()
+    counts = torch.zeros((num + 1, b), dtype=torch.long, device=c.device)
+    counts.scatter_add_(0, m, torch.ones_like(m))
+    return torch.cumsum(counts[:num], 0)  # <= n - 1: the last particle's m is num > every k
+
+
 def residual(log_weights: torch.Tensor, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Residual resampling: deterministic copies plus multinomial on the residuals. ``(num, B)``."""
     if log_weights.dim() != 2:
@@ -159,5 +174,6 @@ def effective_sample_size(log_weights: torch.Tensor, dim: int = 0) -> torch.Tens
 
 
 __all__ = [
-    "multinomial", "stratified", "systematic", "residual", "RESAMPLERS", "get_resampler", "effective_sample_size",
+    "multinomial", "stratified", "systematic", "systematic_from_weights", "residual", "RESAMPLERS", "get_resampler",
+    "effective_sample_size",
 ]

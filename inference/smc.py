@@ -44,12 +44,12 @@ import torch
 from ppl_rnn.data import Data
 from ppl_rnn.errors import ConfigurationError, DegenerateWeightsError
 from ppl_rnn.method import InferenceMethod, check_positive_int
-from ppl_rnn.model import input_at
+from ppl_rnn.model import StateSpaceModel, input_at
 from ppl_rnn.results import Posterior
 from ppl_rnn.rng import seeded
 
-from .proposals import get_proposal
-from .resampling import get_resampler, multinomial
+from .proposals import BootstrapProposal, _draw, get_proposal
+from .resampling import get_resampler, multinomial, systematic, systematic_from_weights
 
 _DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64,
            torch.float32: torch.float32, torch.float64: torch.float64}
@@ -160,11 +160,29 @@ def _gc_paused():
             gc.enable()
 
 
+def _denormals_flushed() -> bool:
+    return (torch.tensor([1e-38]) * torch.tensor([0.01])).item() == 0.0
+
+
+@contextlib.contextmanager
+def _denormals_flushed_to_zero():
+    """Flush denormal floats (below ~1e-38 in float32) to zero on this thread for the block (restored on
+    exit): products of tiny weights with particles are otherwise denormal and 10-100x slower on x86. The
+    values affected are far below any weight or moment the filter reports."""
+    before = _denormals_flushed()
+    changed = not before and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if changed:
+            torch.set_flush_denormal(False)
+
+
 @contextlib.contextmanager
 def _fast_context(model=None):
-    """No autograd, no distribution argument validation, no cyclic GC and cached parameters inside the
-    particle loops."""
-    with torch.no_grad(), pyro.validation_enabled(False), _gc_paused():
+    """No autograd, no distribution argument validation, no cyclic GC, denormals flushed to zero and cached
+    parameters inside the particle loops."""
+    with torch.no_grad(), pyro.validation_enabled(False), _gc_paused(), _denormals_flushed_to_zero():
         if model is None:
             yield
         else:
@@ -175,22 +193,37 @@ def _fast_context(model=None):
 #: steps whose particles are held back to compute filtered moments in one batched pass (bounded memory)
 _MOMENT_BLOCK_ELEMENTS = 1 << 18
 
+_NORMAL_TYPES = frozenset({torch.distributions.Normal, pyro.distributions.Normal})
+_INDEPENDENT_TYPES = frozenset({torch.distributions.Independent, pyro.distributions.Independent})
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
-def _flush_moments(pend_w, pend_h, means, variances):
-    """Weighted means and variances of the pending steps: ``(K,N,B)`` weights, ``(K,N,B,H)`` particles."""
-    if len(pend_h) == 1:
-        w, h = pend_w[0].unsqueeze(0), pend_h[0].unsqueeze(0)
-    else:
-        w, h = torch.stack(pend_w), torch.stack(pend_h)
-    wt = w.permute(0, 2, 1).unsqueeze(2)  # (K,B,1,N)
-    hb = h.permute(0, 2, 1, 3)  # (K,B,N,H)
-    m = (wt @ hb).squeeze(2)  # (K,B,H)
-    d = hb - m.unsqueeze(2)
-    v = (wt @ (d * d)).squeeze(2)
-    means.extend(m.unbind(0))
-    variances.extend(v.unbind(0))
-    pend_w.clear()
-    pend_h.clear()
+
+def _diag_normal(d):
+    """``(loc, scale)`` when ``d`` is exactly ``Independent(Normal, 1)`` (a diagonal Gaussian over the last
+    dim, e.g. ``Normal(loc, scale).to_event(1)``; subclasses excluded), else None. ``loc`` and ``scale`` are
+    broadcast to the full batch-and-event shape by ``Normal``."""
+    if type(d) in _INDEPENDENT_TYPES and d.reinterpreted_batch_ndims == 1 and type(d.base_dist) in _NORMAL_TYPES:
+        return d.base_dist.loc, d.base_dist.scale
+    return None
+
+
+def _flush_moments(w, h, mean, var, t0):
+    """Weighted means and variances of ``K`` pending steps into ``mean``/``var`` ``(B,T,H)`` at ``t0..t0+K-1``:
+    ``w (K,N,B)`` normalised weights, ``h (K,N,B,H)`` particles (two-pass: centred second moment)."""
+    K, N, B, H = h.shape
+    if B == 1:  # batched (1,N)@(N,H) products, no copies
+        wt = w.view(K, 1, N)
+        hk = h.view(K, N, H)
+        m = torch.bmm(wt, hk)  # (K,1,H)
+        v = torch.bmm(wt, (hk - m).square_())
+        mean[0, t0:t0 + K] = m.squeeze(1)
+        var[0, t0:t0 + K] = v.squeeze(1)
+        return
+    ww = w.unsqueeze(-1)  # (K,N,B,1)
+    m = (ww * h).sum(1)  # (K,B,H)
+    v = (h - m.unsqueeze(1)).square_().mul_(ww).sum(1)
+    mean[:, t0:t0 + K] = m.transpose(0, 1)
+    var[:, t0:t0 + K] = v.transpose(0, 1)
 
 
 def run_particle_filter(
@@ -208,31 +241,63 @@ def run_particle_filter(
     :class:`ParticleFilterRecord`. Uses the global torch RNG (wrap in :func:`ppl_rnn.rng.seeded`).
 
     The model and data must share dtype and device. Gradients are not tracked.
+
+    Fast paths (same law, fewer operations): with the bootstrap proposal and a transition that is exactly
+    ``Normal(loc, scale).to_event(1)``, particles are drawn as ``loc + scale * eps`` straight into the
+    output buffers; with an emission of that form (and ``observation_log_prob`` not overridden) the
+    log-likelihood of the observed entries is computed from ``loc``/``scale`` directly; systematic
+    resampling works from the normalised weights. Every other model/proposal/resampler takes the generic
+    path through the distribution objects.
     """
     N = check_positive_int(num_particles, "num_particles")
     if not (0.0 <= float(ess_threshold) <= 1.0):
         raise ConfigurationError(f"ess_threshold must be in [0, 1]; found {ess_threshold!r}.")
     prop = get_proposal(proposal)
     resample = get_resampler(resampling)
+    resample_w = systematic_from_weights if resample is systematic else None
+    fast_prop = type(prop) is BootstrapProposal
+    fast_obs = type(model).observation_log_prob is StateSpaceModel.observation_log_prob
     y, mask, u = data.observations, data.mask, data.inputs
     B, T, _ = y.shape
+    H = model.hidden_dim
     dev, dt = y.device, y.dtype
     if hasattr(prop, "setup"):
         prop.setup(model, data, N)
     step_full = mask.all(-1).all(0).tolist()  # every entry of step t observed in every sequence
     step_any = mask.any(-1).any(0).tolist()
+    missing = ~mask
     log_n = math.log(N)
+    log_tiny = math.ceil(math.log(torch.finfo(dt).tiny))
+    tiny = 1.001 * math.exp(log_tiny)  # a little above exp(log_tiny) in dt (within rounding)
     thr = float(ess_threshold) * N
+    inv_thr = 1.0 / thr if thr > 0 else math.inf  # resample where sum_n w_n^2 > 1 / thr
     arange_nb = torch.arange(N, device=dev).unsqueeze(1).expand(N, B)
-    never = torch.zeros(B, dtype=torch.bool, device=dev)
+    offsets = torch.arange(B, device=dev)
+    never_list = [False] * B
     uniform_lw = torch.full((N, B), -log_n, dtype=dt, device=dev)  # read-only
 
-    hist_h = hist_lw = hist_anc = None
-    # filtered moments are computed once per block of steps (fewer small ops at small N; one step at large N)
-    pend_w, pend_h = [], []
-    block = max(1, min(16, _MOMENT_BLOCK_ELEMENTS // max(1, N * B * model.hidden_dim)))
-    means, variances, lls, esss, flags = [], [], [], [], []
-    h = lw = ess = None
+    # outputs are written in place; filtered moments are computed once per block of K steps (fewer small
+    # ops at small N*B; one step at large N*B)
+    K = max(1, min(16, _MOMENT_BLOCK_ELEMENTS // max(1, N * B * H)))
+    filt_mean = torch.empty((B, T, H), dtype=dt, device=dev)
+    filt_var = torch.empty((B, T, H), dtype=dt, device=dev)
+    w_block = torch.empty((K, N, B), dtype=dt, device=dev)
+    if keep_history:  # preallocated: the peak memory is the history itself
+        hist_h = torch.empty((T, N, B, H), dtype=dt, device=dev)
+        hist_lw = torch.empty((T, N, B), dtype=dt, device=dev)
+        hist_anc = torch.empty((T, N, B), dtype=torch.long, device=dev)
+        h_block = None
+    else:
+        hist_h = hist_lw = hist_anc = None
+        # two slots at least: with K = 1, h_t must not overwrite h_{t-1} (a proposal may still read it)
+        h_block = torch.empty((max(K, 2), N, B, H), dtype=dt, device=dev)
+    lls, sw2s, flags = [], [], []
+    h = lw = w = sum_w2 = None
+    y_steps = y.unbind(1)
+    w_slots = w_block.unbind(0)
+    hist_slots = hist_h.unbind(0) if keep_history else None
+    h_slots = None if keep_history else h_block.unbind(0)
+    t0 = 0  # first step of the pending moment block
     steps = range(T)
     if progress:
         from tqdm.auto import tqdm
@@ -241,76 +306,111 @@ def run_particle_filter(
     with _fast_context(model):
         for t in steps:
             u_t = input_at(u, t)
-            y_t = y[:, t]
+            y_t = y_steps[t]
+            k = t - t0
+            k_h = k if K > 1 else t % 2
+            slot = hist_slots[t] if keep_history else h_slots[k_h]  # where h_t goes
             if t == 0:
                 h_prev = None
                 lw_prev = uniform_lw
                 anc = arange_nb
-                need = never
+                need_list = never_list
             else:
-                need = ess < thr
-                if bool(need.any()):
-                    idx = resample(lw, N)
-                    all_need = bool(need.all())
-                    anc = idx if all_need else torch.where(need, idx, arange_nb)
-                    h_prev = take(h, anc)
-                    lw_prev = uniform_lw if all_need else torch.where(need, -log_n, lw)
+                need_list = [s > inv_thr for s in sum_w2.tolist()]  # ESS < thr, on the host (B floats)
+                n_need = sum(need_list)
+                if n_need:
+                    idx = resample_w(w, N) if resample_w is not None else resample(lw, N)
+                    if n_need == B:
+                        anc, lw_prev = idx, uniform_lw
+                    else:
+                        need = torch.tensor(need_list, device=dev)
+                        anc, lw_prev = torch.where(need, idx, arange_nb), torch.where(need, -log_n, lw)
+                    h_prev = take(h, anc, offsets)
                 else:
                     anc = arange_nb
                     h_prev = h
                     lw_prev = lw
-            h, log_q = prop.propose(model, t, h_prev, y_t, mask[:, t], u_t)
-            if step_any[t]:
-                inc = model.observation_log_prob(t, h, y_t, None if step_full[t] else mask[:, t], u_t)
+            # propagate
+            if fast_prop and t > 0:
+                d = model.transition(t, h_prev, u_t)
+                g = _diag_normal(d)
+                if g is None:
+                    h = _draw(d)
+                else:
+                    loc, scale = g
+                    eps = torch.randn(loc.shape, dtype=loc.dtype, device=loc.device)
+                    h = torch.addcmul(loc, eps, scale, out=slot) if loc.shape == slot.shape else loc + eps * scale
+                log_q = None
             else:
-                inc = torch.zeros((N, B), dtype=dt, device=dev)
+                h, log_q = prop.propose(model, t, h_prev, y_t, mask[:, t], u_t)
+            if h is not slot:
+                slot.copy_(h)
+                h = slot
+            # weight
+            if not step_any[t]:
+                a = lw_prev
+            else:
+                e = _diag_normal(model.emission(t, h, u_t)) if fast_obs else None
+                if e is None:
+                    inc = model.observation_log_prob(t, h, y_t, None if step_full[t] else mask[:, t], u_t)
+                    a = lw_prev + inc
+                else:  # -log N(y; loc, scale) = 0.5 z^2 + log scale + log(2 pi)/2, summed over observed entries
+                    loc, scale = e
+                    z = (y_t - loc).div_(scale)
+                    nlp = torch.addcmul(scale.log().add_(_HALF_LOG_2PI), z, z, value=0.5)
+                    if not step_full[t]:
+                        nlp = nlp.masked_fill_(missing[:, t], 0.0)
+                    nlp = nlp[..., 0] if nlp.shape[-1] == 1 else nlp.sum(-1)
+                    a = lw_prev - nlp
             if log_q is not None:
                 prior = model.initial_batched(u_t, (B,)) if t == 0 else model.transition(t, h_prev, u_t)
-                inc = inc + prior.log_prob(h) - log_q
-            a = lw_prev + inc
-            l_t = torch.logsumexp(a, dim=0)
-            if not bool(torch.isfinite(l_t).all()):
+                a = a + prior.log_prob(h) - log_q
+            # normalise in (B, N) layout (fast reductions); exponents are clamped at log(tiny): torch's exp
+            # is 10-30x slower below it; weights at the clamp (below ~1e-38 in float32) are then set to 0
+            at = a.T.contiguous()
+            mx = at.amax(1, keepdim=True)
+            ex = (at - mx).clamp_min_(log_tiny).exp_()
+            sx = ex.sum(1)
+            l_t = torch.log(sx).add_(mx.squeeze(1))
+            if not all(map(math.isfinite, l_t.tolist())):
                 raise _degenerate(a, l_t, t, data)
-            lw = a - l_t
-            w = torch.exp(lw)
-            ess = 1.0 / (w * w).sum(0)
+            lw = torch.sub(a, l_t, out=hist_lw[t]) if keep_history else a - l_t
+            w = torch.div(torch.nn.functional.threshold_(ex, tiny, 0.0).T, sx, out=w_slots[k])
+            sum_w2 = torch.linalg.vecdot(w, w, dim=0)  # 1 / ESS
             lls.append(l_t)
-            pend_w.append(w)
-            pend_h.append(h)
-            if len(pend_h) == block or t == T - 1:
-                _flush_moments(pend_w, pend_h, means, variances)
-            esss.append(ess)
-            flags.append(need)
-            if keep_history:  # preallocated: the peak memory is the history itself, not a list plus a stack
-                if t == 0:
-                    hist_h = h.new_empty((T,) + tuple(h.shape))
-                    hist_lw = lw.new_empty((T, N, B))
-                    hist_anc = torch.empty((T, N, B), dtype=torch.long, device=dev)
-                hist_h[t] = h
-                hist_lw[t] = lw
+            sw2s.append(sum_w2)
+            flags.append(need_list)
+            if keep_history:
                 hist_anc[t] = anc
+            if k == K - 1 or t == T - 1:
+                hb = hist_h[t0:t + 1] if keep_history else h_block[k_h - k:k_h + 1]
+                _flush_moments(w_block[:k + 1], hb, filt_mean, filt_var, t0)
+                t0 = t + 1
     log_lik = torch.stack(lls, 1)
     return ParticleFilterRecord(
         log_evidence=log_lik.sum(1),
         log_lik=log_lik,
-        ess=torch.stack(esss, 1),
-        resampled=torch.stack(flags, 1),
-        filt_mean=torch.stack(means, 1),
-        filt_var=torch.stack(variances, 1),
-        final_particles=h,
-        final_log_weights=lw,
-        particles=hist_h if keep_history else None,
-        log_weights=hist_lw if keep_history else None,
-        ancestors=hist_anc if keep_history else None,
+        ess=torch.stack(sw2s, 1).reciprocal_(),
+        resampled=torch.tensor(flags, dtype=torch.bool, device=dev).T.contiguous(),
+        filt_mean=filt_mean,
+        filt_var=filt_var,
+        final_particles=h.clone(),
+        final_log_weights=lw.clone() if keep_history else lw,
+        particles=hist_h,
+        log_weights=hist_lw,
+        ancestors=hist_anc,
     )
 
 
-def take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def take(x: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """``x[idx[p, b], b]``: rows of ``x (N,B,H)`` at per-sequence indices ``idx (P,B)`` -> ``(P,B,H)``
-    (one flat ``index_select``, about 3x faster than ``gather`` with an expanded index)."""
+    (one flat ``index_select``, about 3x faster than ``gather`` with an expanded index). ``offsets``:
+    ``arange(B)`` when the caller has it at hand."""
     n, b = x.shape[0], x.shape[1]
-    flat = idx * b + torch.arange(b, device=idx.device)
-    return x.reshape(n * b, *x.shape[2:]).index_select(0, flat.reshape(-1)).reshape(idx.shape[0], b, *x.shape[2:])
+    if offsets is None:
+        offsets = torch.arange(b, device=idx.device)
+    flat = idx.reshape(-1) if b == 1 else offsets.add(idx, alpha=b).reshape(-1)
+    return x.reshape(n * b, *x.shape[2:]).index_select(0, flat).reshape(idx.shape[0], b, *x.shape[2:])
 
 
 def weighted_draws(particles: torch.Tensor, log_weights: torch.Tensor, num: int) -> torch.Tensor:

@@ -10,10 +10,12 @@ import pyro
 # Parameters live on the modules, never in Pyro's global param store (DESIGN.md).
 pyro.settings.set(module_local_params=True)
 
-from . import (  # noqa: E402  (floors 2: import the contract above)
+from . import (  # noqa: E402  (floor 2 after the contract; datasets and plots are floor 3)
+    datasets,
     errors,  # noqa: E402
     inference,
     models,
+    plots,
 )
 
 # (floor 3, after inference/models: compare, to_inference_data, evaluate — the workbench)
@@ -39,5 +41,5 @@ __all__ = [
     "StateSpaceModel", "LinearGaussianParams", "Simulation", "Posterior", "FitResult", "Forecast",
     "InferenceMethod", "Data", "prepare", "infer", "fit", "forecast", "inference", "models", "errors",
     "ConfigurationError", "DataError", "DegenerateWeightsError", "DivergenceError", "ModelCapabilityError",
-    "compare", "to_inference_data", "evaluate",
+    "compare", "to_inference_data", "evaluate", "datasets", "plots",
 ]

@@ -14,6 +14,7 @@ Grid: ``methods`` :math:`\times` ``seeds``; each **cell** is ``fit`` (on ``train
                                methods**; its meaning is ``own_evidence_kind`` (exact / estimate /
                                lower_bound / approximation)
 ``error``                      empty, or the error that stopped that cell (the grid goes on)
+``evidence_method``            per method: ``particle_filter`` or ``kalman`` (exact, linear-Gaussian models)
 ============================  ==================================================================
 
 Select a method with ``ds.sel({"method": "MCEM"})`` — **not** ``ds.sel(method="MCEM")``, where ``method``
@@ -181,7 +182,7 @@ def _assemble(cells: dict, names, seeds, hs, num_samples, B, T1, T2, D, y_test) 
     hll = np.full((nm, ns, B, T2), np.nan)
     err = np.full((nm, ns), "", dtype=object)
     kinds = np.full(nm, "", dtype=object)
-    evm = ""
+    evm = np.full(nm, "", dtype=object)
     for i, name in enumerate(names):
         for j, s in enumerate(seeds):
             ev = cells.get((name, s))
@@ -198,7 +199,7 @@ def _assemble(cells: dict, names, seeds, hs, num_samples, B, T1, T2, D, y_test) 
                 data["eval_time_s"][i, j] = float(ev.attrs["eval_time_s"])
             if err[i, j]:
                 continue
-            evm = ev.attrs.get("evidence_method", evm)
+            evm[i] = str(ev.attrs.get("evidence_method", ""))
             for k in metric_names:
                 metr[k][i, j] = ev[k].sel(horizon=list(hs)).values
             ll[i, j] = ev["onestep_log_lik"].values
@@ -217,10 +218,12 @@ def _assemble(cells: dict, names, seeds, hs, num_samples, B, T1, T2, D, y_test) 
             "y_test": (("sequence", "time", "obs"), y_test),
             "error": (dims, err.astype(str)),
             "own_evidence_kind": (("method",), kinds.astype(str)),
+            "evidence_method": (("method",), evm.astype(str)),
         },
         coords={"method": list(names), "seed": list(seeds), "horizon": list(hs), "draw": np.arange(num_samples),
                 "sequence": np.arange(B), "time": np.arange(T1, T1 + T2), "obs": np.arange(D)},
-        attrs={"evidence_method": evm, "num_train_steps": T1, "num_test_steps": T2,
+        attrs={"evidence_method": ", ".join(sorted({str(e) for e in evm if e})),
+               "num_train_steps": T1, "num_test_steps": T2,
                "yardstick": "held-out log-evidence by a high-particle filter (or exact Kalman) at the fitted "
                             "parameters; rolling-origin k-step forecasts (ppl_rnn.evaluate)"},
     )

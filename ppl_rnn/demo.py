@@ -191,7 +191,8 @@ def run_demo(out, *, quick: bool = False, workers: int = 1, respiration: bool = 
                  f"{st['train']} training and {st['test']} test steps. Every method fits the same randomly "
                  "initialised 4-unit network; every fit is scored by the same particle filter "
                  f"({st['num_particles']} particles) at its fitted parameters, on the test part, conditioning on the "
-                 "training part. *true network* is the generating model (the ceiling).\n\n"
+                 "training part (the linear reference rows by the exact Kalman filter, which is what a particle "
+                 "filter estimates for them). *true network* is the generating model (the ceiling).\n\n"
                  + verdict(ds, reference=REFERENCE) + "\n\n" + comparison_table(ds, reference=REFERENCE)
                  + f"\n\n(* reference rows; {len(st['seeds'])} seeds per method; wall time {wall:.0f} s)\n\n"
                  "What each method concluded about the noise (the generating values are q = 0.15, r = 0.1):\n\n"
@@ -232,13 +233,17 @@ def run_demo(out, *, quick: bool = False, workers: int = 1, respiration: bool = 
             })
 
     total = time.perf_counter() - t_start
+    cell_compute = sum(float(np.nansum(d.wall_time_s.values) + np.nansum(d.eval_time_s.values))
+                       for d in results.values())
     pre = ("How to read this: each method trains the same stochastic recurrent network; the **held-out log-evidence "
            "per step** (a high-particle filter at the fitted parameters, on data the fit never saw) is the common "
            "yardstick — higher is better, differences are in nats per time step. CRPS measures the whole forecast "
            "distribution in the units of the data (lower is better); coverage should match 0.50/0.90. A method's "
            "own objective (ELBO, EKF likelihood, MCEM estimate, loss) is shown beside it, labelled with what it "
            f"is, and is not comparable across methods.\n\nSettings: {'quick (tiny, for tests)' if quick else 'full'}; "
-           f"total run time {total:.0f} s.")
+           f"this invocation ran {total:.0f} s (cells finished by an earlier run are loaded, not refitted); wall "
+           f"time inside the cells (fit + evaluation, summed over cells, parallel workers counted separately): "
+           f"{cell_compute:.0f} s.")
     write_report(out / "report.md", title="ppl-rnn demo: which inference method trains a stochastic RNN best?",
                  sections=sections, preamble=pre)
     echo(f"\nreport: {out / 'report.md'}  (total {total:.0f} s)")

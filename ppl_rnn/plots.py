@@ -174,7 +174,7 @@ def plot_ess(posterior_or_ess, *, num_particles: int | None = None, resampled=No
         ax.set_ylim(0, 1.05)
     ax.set_xlabel(f"time ({time_unit})")
     ax.set_ylabel("ESS / N" if num_particles else "ESS")
-    ax.legend(loc="lower right", fontsize=8, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, fontsize=8, frameon=False)
     ax.set_title(title or f"{name}: effective sample size per step" + (f" (N = {num_particles})" if num_particles
                                                                        else ""), fontsize=11)
     fig.tight_layout()
@@ -219,8 +219,8 @@ def plot_comparison(ds, *, reference: tuple = (), title: str | None = None, path
     ax2.legend(fontsize=8, frameon=False, loc="best")
     for ax in (ax1, ax2):
         ax.grid(axis="x", alpha=0.3)
-    evm = ds.attrs.get("evidence_method", "")
-    fig.suptitle(title or f"method comparison (dots = seeds, bars = means; evidence by {evm or 'the yardstick'})",
-                 fontsize=10)
+    evm = str(ds.attrs.get("evidence_method", "")).replace("particle_filter", "particle filter")
+    evm = evm.replace(", ", " or ") if evm else "the yardstick"
+    fig.suptitle(title or f"method comparison (dots = seeds, bars = means; held-out evidence by {evm})", fontsize=10)
     fig.tight_layout()
     return _finish(fig, path)
