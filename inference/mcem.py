@@ -40,6 +40,16 @@ model): ``log_evidence`` (estimate at :math:`\theta_k`), ``objective`` (:math:`\
 ``k=0``), ``num_particles``, ``num_paths``, ``gamma``, ``wall_time_s`` (cumulative) and every parameter.
 ``K`` iterations cost ``K`` M-steps and ``K+1`` E-steps (the last gives ``FitResult.posterior`` at the fitted
 parameters).
+
+**Random restarts** (``num_restarts=k > 1``). EM only climbs to a local maximum of :math:`\log p_\theta(y)`;
+for a recurrent network the surface has many (e.g. a network that has learnt one of two oscillations of the
+data). Multi-start EM: candidate 0 is the given model, candidates :math:`1..k-1` redraw its recurrent weights
+(``W`` and ``U``: Gaussian entries with the same root-mean-square as the given ones; ``b`` keeps its value
+plus :math:`N(0, 0.1^2)`) with generators seeded from ``seed`` and the candidate index. Each candidate gets
+``restart_iterations`` plain MCEM iterations with the smoother's own sizes; the one with the largest
+training log-evidence estimate (the mean of its last two E-step estimates) is kept and the full run continues
+from it. ``FitResult.diagnostics`` gets ``restart_log_evidence`` (the k scores), ``restart_chosen`` (the
+index) and ``restart_wall_time_s``; the trace is the continued run's.
 """
 
 from __future__ import annotations
@@ -111,6 +121,12 @@ class MonteCarloEM(InferenceMethod):
             weights (``"closed_form"``) per M-step.
         lr: Adam learning rate (``"gradient"``).
         learn_initial: also fit the initial-state parameters (closed-form M-step).
+        anneal_noise: ``None`` or ``(factor, iterations)``: noise annealing (deterministic-annealing EM): after
+            each of the first ``iterations`` M-steps the estimated process noise ``q`` is multiplied by a factor
+            decaying linearly from ``factor`` to 1, which smooths the likelihood surface early on.
+        num_restarts: number of candidate initialisations (1: none; see the module docstring, "Random
+            restarts").
+        restart_iterations: MCEM iterations given to each candidate before the best one is kept.
         progress: progress bar over iterations.
     """
 
@@ -118,7 +134,8 @@ class MonteCarloEM(InferenceMethod):
 
     def __init__(self, *, smoother: InferenceMethod | None = None, num_iterations: int = 50,
                  particle_schedule=None, tol: float = 1e-4, window: int = 3, saem=None, mstep: str = "auto",
-                 gradient_steps: int = 10, lr: float = 0.01, learn_initial: bool = True, progress: bool = False):
+                 gradient_steps: int = 10, lr: float = 0.01, learn_initial: bool = True,
+                 num_restarts: int = 1, restart_iterations: int = 10, anneal_noise=None, progress: bool = False):
         if smoother is None:
             from .particle_smoother import ParticleSmoother
 
@@ -134,6 +151,18 @@ class MonteCarloEM(InferenceMethod):
         self.gradient_steps = check_positive_int(gradient_steps, "gradient_steps", minimum=0)
         self.lr = check_positive_float(lr, "lr")
         self.learn_initial = bool(learn_initial)
+        self.num_restarts = check_positive_int(num_restarts, "num_restarts")
+        self.restart_iterations = check_positive_int(restart_iterations, "restart_iterations")
+        if anneal_noise is not None:
+            ok = (isinstance(anneal_noise, (tuple, list)) and len(anneal_noise) == 2
+                  and isinstance(anneal_noise[0], (int, float)) and anneal_noise[0] >= 1
+                  and isinstance(anneal_noise[1], int) and not isinstance(anneal_noise[1], bool) and anneal_noise[1] >= 1)
+            if not ok:
+                raise ConfigurationError(
+                    f"anneal_noise must be None or (factor >= 1, iterations >= 1); found {anneal_noise!r}. "
+                    "Use e.g. (3.0, 20).")
+            anneal_noise = (float(anneal_noise[0]), int(anneal_noise[1]))
+        self.anneal_noise = anneal_noise
         self.progress = bool(progress)
         self.particle_schedule = self._check_schedule(particle_schedule)
         if saem is not None and not callable(saem):
@@ -219,7 +248,59 @@ class MonteCarloEM(InferenceMethod):
         le = float(post.log_evidence.detach().sum())
         return post, paths.detach().to(model.dtype), le, N, P
 
+    def _candidate(self, model, base: int, r: int):
+        """Candidate ``r`` of the restarts: the given model (``r=0``) or its recurrent weights redrawn."""
+        cand = model.copy()
+        if r == 0:
+            return cand
+        g = torch.Generator().manual_seed((base * 1_000_003 + 7919 * r) % (2**63 - 1))
+        with torch.no_grad():
+            for name in ("W", "U"):
+                if not hasattr(cand, name) or not isinstance(getattr(cand, name, None), torch.Tensor):
+                    continue
+                old = getattr(cand, name).detach()
+                rms = float(old.pow(2).mean().sqrt()) or 1.0
+                setattr(cand, name, rms * torch.randn(old.shape, generator=g, dtype=torch.float64).to(old.dtype))
+            if isinstance(getattr(cand, "b", None), torch.Tensor):
+                old = cand.b.detach()
+                cand.b = old + 0.1 * torch.randn(old.shape, generator=g, dtype=torch.float64).to(old.dtype)
+        return cand
+
+    def _restarts(self, model, data, seed):
+        """Multi-start: short MCEM runs from ``num_restarts`` candidates; returns the best fitted one."""
+        t0 = time.perf_counter()
+        if seed is None:
+            base = int(torch.randint(0, 2**31 - 1, ()).item())
+        else:
+            base = int(seed)
+        short = copy.copy(self)
+        short.num_restarts, short.num_iterations, short.tol = 1, self.restart_iterations, 0.0
+        short.particle_schedule, short.saem, short.progress, short.anneal_noise = None, None, False, None
+        scores, fits = [], []
+        for r in range(self.num_restarts):
+            cand = self._candidate(model, base, r)
+            try:
+                fr = short._fit(cand, data, (base + 104_729 * (r + 1)) % (2**31 - 1))
+            except (DivergenceError, DegenerateWeightsError):
+                scores.append(-math.inf)
+                fits.append(None)
+                continue
+            le = fr.trace.log_evidence.values
+            scores.append(float(le[-2:].mean()))
+            fits.append(fr.model)
+        best = max(range(len(scores)), key=lambda i: scores[i])
+        if fits[best] is None:
+            raise DivergenceError(
+                f"{self.name}: every one of the {self.num_restarts} restart candidates diverged. Use more "
+                "particles or num_restarts=1.", iteration=0, last_good=None)
+        return fits[best], {"restart_log_evidence": scores, "restart_chosen": best,
+                            "restart_wall_time_s": time.perf_counter() - t0}
+
     def _fit(self, model, data, seed):
+        restart_info = {}
+        if self.num_restarts > 1:
+            chosen, restart_info = self._restarts(model, data, seed)
+            model.load_state_dict(chosen.state_dict())
         mode = self._resolve_mstep(model)
         t0 = time.perf_counter()
         rec = TraceRecorder()
@@ -283,6 +364,10 @@ class MonteCarloEM(InferenceMethod):
                                                         learn_initial=self.learn_initial))
                 else:
                     opt, obj = self._gradient_mstep(model, data, allp, wts, opt, n_obs)
+                if self.anneal_noise is not None and k < self.anneal_noise[1] and hasattr(model, "q"):
+                    infl = 1.0 + (self.anneal_noise[0] - 1.0) * (1.0 - k / self.anneal_noise[1])
+                    with torch.no_grad():
+                        model.q = model.q.detach() * infl
                 check_finite(model, iteration=k + 1, method=self.name, what={"objective": obj},
                              last_good=lambda post=post, good=good: last_good(good, post))
                 w_ = self.window
@@ -294,7 +379,7 @@ class MonteCarloEM(InferenceMethod):
         trace = rec.dataset(attrs={"method": self.name, "evidence_kind": "estimate", "mstep": mode})
         return FitResult(model=model, trace=trace, posterior=post, wall_time_s=time.perf_counter() - t0,
                          converged=converged, method=self.name, evidence_kind="estimate",
-                         diagnostics={"mstep": mode, "num_iterations": rec.n - 1})
+                         diagnostics={"mstep": mode, "num_iterations": rec.n - 1, **restart_info})
 
     def _gradient_mstep(self, model, data, paths, wts, opt, n_obs):
         from .complete_data import complete_data_log_likelihood

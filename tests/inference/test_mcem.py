@@ -168,3 +168,37 @@ def test_divergence_error_names_iteration_and_keeps_last_good(float64):
     assert good is not None and good.trace.sizes["iteration"] == 2
     assert all(bool(torch.isfinite(p).all()) for p in good.model.parameters())
     np.testing.assert_allclose(good.trace.C.values[-1], good.model.C.detach().numpy())
+
+
+def test_random_restarts_keep_the_best_candidate(float64):
+    y = _linear_data(T=40, B=1)
+    m = ElmanSSM(2, 1, activation="identity", seed=5)
+    method = MonteCarloEM(smoother=KalmanSmoother(), num_iterations=2, tol=0, num_restarts=3, restart_iterations=2)
+    r = pr.fit(m, y, method=method, seed=0)
+    scores = r.diagnostics["restart_log_evidence"]
+    assert len(scores) == 3 and np.ptp(scores) > 1e-3  # the candidates really differ
+    assert r.diagnostics["restart_chosen"] == int(np.argmax(scores))
+    assert scores[r.diagnostics["restart_chosen"]] == max(scores)
+    # the continued run starts from the chosen candidate's fit, not from the given model
+    assert not np.allclose(r.trace.W.values[0], m.W.detach().numpy())
+    plain = pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), num_iterations=2, tol=0), seed=0)
+    np.testing.assert_allclose(plain.trace.W.values[0], m.W.detach().numpy())
+    assert "restart_log_evidence" not in plain.diagnostics
+    # restarts are reproducible and leave the caller's model untouched
+    r2 = pr.fit(m, y, method=method, seed=0)
+    np.testing.assert_allclose(r2.diagnostics["restart_log_evidence"], scores)
+    with pytest.raises(ConfigurationError):
+        MonteCarloEM(num_restarts=0)
+
+
+def test_noise_annealing_inflates_process_noise_then_frees_it(float64):
+    y = _linear_data(T=40, B=1)
+    m = ElmanSSM(2, 1, activation="identity", seed=5)
+    plain = pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), num_iterations=1, tol=0), seed=0)
+    ann = pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), num_iterations=1, tol=0,
+                                           anneal_noise=(3.0, 4)), seed=0)
+    # first M-step: same paths, same update, then q inflated by the full factor
+    np.testing.assert_allclose(ann.model.q.detach().numpy(), 3.0 * plain.model.q.detach().numpy(), rtol=1e-10)
+    np.testing.assert_allclose(ann.model.W.detach().numpy(), plain.model.W.detach().numpy(), rtol=1e-10)
+    with pytest.raises(ConfigurationError):
+        MonteCarloEM(anneal_noise=(0.5, 10))
