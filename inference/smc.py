@@ -44,7 +44,7 @@ import torch
 from ppl_rnn.data import Data
 from ppl_rnn.errors import ConfigurationError, DegenerateWeightsError
 from ppl_rnn.method import InferenceMethod, check_positive_int
-from ppl_rnn.model import StateSpaceModel, input_at
+from ppl_rnn.model import StateSpaceModel, input_at, loc_scale_shortcut
 from ppl_rnn.results import Posterior
 from ppl_rnn.rng import seeded
 
@@ -243,7 +243,8 @@ def run_particle_filter(
     The model and data must share dtype and device. Gradients are not tracked.
 
     Fast paths (same law, fewer operations): with the bootstrap proposal and a transition that is exactly
-    ``Normal(loc, scale).to_event(1)``, particles are drawn as ``loc + scale * eps`` straight into the
+    ``Normal(loc, scale).to_event(1)`` (or given by the model's ``transition_loc_scale`` shortcut, see
+    :mod:`ppl_rnn.model`; likewise ``emission_loc_scale``), particles are drawn as ``loc + scale * eps`` straight into the
     output buffers; with an emission of that form (and ``observation_log_prob`` not overridden) the
     log-likelihood of the observed entries is computed from ``loc``/``scale`` directly; systematic
     resampling works from the normalised weights. Every other model/proposal/resampler takes the generic
@@ -257,6 +258,9 @@ def run_particle_filter(
     resample_w = systematic_from_weights if resample is systematic else None
     fast_prop = type(prop) is BootstrapProposal
     fast_obs = type(model).observation_log_prob is StateSpaceModel.observation_log_prob
+    # diagonal-Gaussian shortcuts: (loc, scale) without building distributions (same law)
+    tr_ls = loc_scale_shortcut(model, "transition") if fast_prop else None
+    em_ls = loc_scale_shortcut(model, "emission") if fast_obs else None
     y, mask, u = data.observations, data.mask, data.inputs
     B, T, _ = y.shape
     H = model.hidden_dim
@@ -265,6 +269,8 @@ def run_particle_filter(
         prop.setup(model, data, N)
     step_full = mask.all(-1).all(0).tolist()  # every entry of step t observed in every sequence
     step_any = mask.any(-1).any(0).tolist()
+    seq_none = ~mask.any(-1)  # (B,T): sequence b has nothing observed at step t (its increment is exactly 0)
+    step_some_none = seq_none.any(0).tolist()
     missing = ~mask
     log_n = math.log(N)
     log_tiny = math.ceil(math.log(torch.finfo(dt).tiny))
@@ -332,14 +338,18 @@ def run_particle_filter(
                     lw_prev = lw
             # propagate
             if fast_prop and t > 0:
-                d = model.transition(t, h_prev, u_t)
-                g = _diag_normal(d)
+                if tr_ls is not None:
+                    g = tr_ls(t, h_prev, u_t)
+                else:
+                    d = model.transition(t, h_prev, u_t)
+                    g = _diag_normal(d)
                 if g is None:
                     h = _draw(d)
                 else:
                     loc, scale = g
-                    eps = torch.randn(loc.shape, dtype=loc.dtype, device=loc.device)
-                    h = torch.addcmul(loc, eps, scale, out=slot) if loc.shape == slot.shape else loc + eps * scale
+                    shape = loc.shape if loc.shape == slot.shape else torch.broadcast_shapes(loc.shape, scale.shape)
+                    eps = torch.randn(shape, dtype=loc.dtype, device=loc.device)
+                    h = torch.addcmul(loc, eps, scale, out=slot) if shape == slot.shape else loc + eps * scale
                 log_q = None
             else:
                 h, log_q = prop.propose(model, t, h_prev, y_t, mask[:, t], u_t)
@@ -350,13 +360,17 @@ def run_particle_filter(
             if not step_any[t]:
                 a = lw_prev
             else:
-                e = _diag_normal(model.emission(t, h, u_t)) if fast_obs else None
+                if em_ls is not None:
+                    e = em_ls(t, h, u_t)
+                else:
+                    e = _diag_normal(model.emission(t, h, u_t)) if fast_obs else None
                 if e is None:
                     inc = model.observation_log_prob(t, h, y_t, None if step_full[t] else mask[:, t], u_t)
                     a = lw_prev + inc
                 else:  # -log N(y; loc, scale) = 0.5 z^2 + log scale + log(2 pi)/2, summed over observed entries
                     loc, scale = e
-                    z = (y_t - loc).div_(scale)
+                    z = y_t - loc
+                    z = z.div_(scale) if z.shape == slot.shape[:-1] + y_t.shape[-1:] else z / scale
                     nlp = torch.addcmul(scale.log().add_(_HALF_LOG_2PI), z, z, value=0.5)
                     if not step_full[t]:
                         nlp = nlp.masked_fill_(missing[:, t], 0.0)
@@ -372,6 +386,8 @@ def run_particle_filter(
             ex = (at - mx).clamp_min_(log_tiny).exp_()
             sx = ex.sum(1)
             l_t = torch.log(sx).add_(mx.squeeze(1))
+            if step_some_none[t]:  # log sum_n exp(lw_prev) = 0 exactly, not to rounding
+                l_t = l_t.masked_fill_(seq_none[:, t], 0.0)
             if not all(map(math.isfinite, l_t.tolist())):
                 raise _degenerate(a, l_t, t, data)
             lw = torch.sub(a, l_t, out=hist_lw[t]) if keep_history else a - l_t

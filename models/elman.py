@@ -104,7 +104,37 @@ class ElmanSSM(StateSpaceModel):
     def emission(self, t, h, u_t):
         return dist.Normal(h @ self.C.T + self.d, self.r).to_event(1)
 
+    # ---- diagonal-Gaussian shortcuts (the particle filter's fast path; same law as above) ----
+    def transition_loc_scale(self, t, h_prev, u_t):
+        r"""``(loc, scale)`` of :meth:`transition`: :math:`(\phi(W h_{t-1} + U u_t + b),\ q)`."""
+        return self.transition_mean(t, h_prev, u_t), self.q
+
+    def emission_loc_scale(self, t, h, u_t):
+        r"""``(loc, scale)`` of :meth:`emission`: :math:`(C h_t + d,\ r)`."""
+        return h @ self.C.T + self.d, self.r
+
     # ---- capabilities --------------------------------------------------------------------
+    def transition_jacobian(self, t, h_prev, u_t):
+        r"""Analytic :math:`\partial f_t/\partial h_{t-1} = \operatorname{diag}(\phi'(a_t))\,W` ``(..., H, H)``,
+        :math:`a_t = W h_{t-1} + U u_t + b` (:math:`\phi'=1-\tanh^2` or 1): the EKF's fast path (the EKF falls
+        back to autograd when this returns None, as it does for a subclass that overrides the transition)."""
+        cls = type(self)
+        if cls.transition is not ElmanSSM.transition or cls.transition_mean is not ElmanSSM.transition_mean:
+            return None
+        W = self.W
+        if self.activation == "identity":
+            return W.expand(h_prev.shape[:-1] + W.shape)
+        a = self.transition_mean(t, h_prev, u_t)
+        return (1.0 - a * a).unsqueeze(-1) * W
+
+    def emission_jacobian(self, t, h, u_t):
+        r"""Analytic :math:`\partial g_t/\partial h_t = C` ``(..., D, H)`` (None for a subclass that overrides
+        the emission: the EKF then differentiates it by autograd)."""
+        if type(self).emission is not ElmanSSM.emission:
+            return None
+        C = self.C
+        return C.expand(h.shape[:-1] + C.shape)
+
     def linear_gaussian(self) -> LinearGaussianParams:
         if self.activation != "identity":
             raise ModelCapabilityError(

@@ -25,6 +25,11 @@ Capabilities (optional methods that unlock fast paths; inference never imports m
 * Gaussian transition/emission (``Normal(...).to_event(1)`` or ``MultivariateNormal``): the EKF
   differentiates ``transition(...).mean`` by ``torch.func`` — no extra method needed.
 * ``closed_form_mstep(...)``: see :mod:`ppl_rnn.inference.mcem`.
+* ``transition_loc_scale(t, h_prev, u_t) -> (loc, scale)`` / ``emission_loc_scale(t, h, u_t)``: the
+  conditional is the diagonal Gaussian ``Normal(loc, scale).to_event(1)``, returned without building the
+  distribution (the particle filter's fast path at small particle numbers). Used only when defined by the
+  same class that defines ``transition`` / ``emission`` (see :func:`loc_scale_shortcut`), so a subclass that
+  overrides a conditional without its shortcut is never read through a stale one.
 """
 
 from __future__ import annotations
@@ -78,6 +83,25 @@ class Simulation:
     states: torch.Tensor
     observations: torch.Tensor
     inputs: torch.Tensor | None = None
+
+
+def _defining_class(cls: type, name: str) -> type | None:
+    for k in cls.__mro__:
+        if name in k.__dict__:
+            return k
+    return None
+
+
+def loc_scale_shortcut(model, role: str):
+    """``model.<role>_loc_scale`` (``role`` = ``"transition"`` or ``"emission"``) when it is safe to use in
+    place of ``model.<role>``: both are defined by the same class and neither is patched on the instance;
+    else None."""
+    name = f"{role}_loc_scale"
+    cls = type(model)
+    k = _defining_class(cls, name)
+    if k is None or k is not _defining_class(cls, role) or role in vars(model) or name in vars(model):
+        return None
+    return getattr(model, name)
 
 
 def input_at(inputs: torch.Tensor | None, t: int) -> torch.Tensor | None:

@@ -278,3 +278,37 @@ def test_configuration_errors(kw):
     args.update(kw)
     with pytest.raises(ConfigurationError):
         ParticleFilter(**args)
+
+
+def test_loc_scale_shortcut_same_law_and_guarded(float64):
+    """ElmanSSM's (loc, scale) shortcuts give the same filter as its distributions (same random stream); a
+    subclass that overrides a conditional without its shortcut is read through the distribution."""
+    from ppl_rnn.model import loc_scale_shortcut
+
+    model = ElmanSSM(3, 2, input_dim=1, seed=4, process_noise=0.2, obs_noise=0.3)
+    sim = model.simulate(30, 2, inputs=torch.randn(2, 30, 1), seed=5)
+    y = sim.observations.clone()
+    y[0, 4, 1] = float("nan")
+    y[1, 9] = float("nan")
+    data = prepare(model, y, sim.inputs)
+    assert loc_scale_shortcut(model, "transition") is not None and loc_scale_shortcut(model, "emission") is not None
+    with seeded(0):
+        fast = run_particle_filter(model, data, 200)
+    slow = model.copy()
+    slow.transition_loc_scale = None  # patched on the instance: the shortcut is not used
+    slow.emission_loc_scale = None
+    assert loc_scale_shortcut(slow, "transition") is None and loc_scale_shortcut(slow, "emission") is None
+    with seeded(0):
+        ref = run_particle_filter(slow, data, 200)
+    torch.testing.assert_close(fast.log_lik, ref.log_lik, atol=1e-10, rtol=0)
+    torch.testing.assert_close(fast.filt_mean, ref.filt_mean, atol=1e-10, rtol=0)
+
+    class Shifted(ElmanSSM):  # overrides the emission but not its shortcut
+        def emission(self, t, h, u_t):
+            return torch.distributions.Independent(torch.distributions.Normal(h @ self.C.T + self.d + 5.0, self.r), 1)
+
+    sh = Shifted(3, 2, input_dim=1, seed=4, process_noise=0.2, obs_noise=0.3)
+    assert loc_scale_shortcut(sh, "emission") is None and loc_scale_shortcut(sh, "transition") is not None
+    with seeded(0):
+        shifted = run_particle_filter(sh, data, 200)
+    assert (shifted.log_evidence < fast.log_evidence - 100).all()  # the +5 shift is seen, not the stale shortcut
