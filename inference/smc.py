@@ -236,11 +236,17 @@ def run_particle_filter(
     ess_threshold: float = 0.5,
     keep_history: bool = False,
     progress: bool = False,
+    on_step=None,
 ) -> ParticleFilterRecord:
-    """Run the particle filter (see module docstring) on validated ``data``; returns a
+    r"""Run the particle filter (see module docstring) on validated ``data``; returns a
     :class:`ParticleFilterRecord`. Uses the global torch RNG (wrap in :func:`ppl_rnn.rng.seeded`).
 
     The model and data must share dtype and device. Gradients are not tracked.
+
+    ``on_step(t, particles, log_weights)``, if given, is called after step ``t`` is weighted with
+    :math:`h^n_t` ``(N,B,H)`` and the normalised :math:`\ell^n_t` ``(N,B)`` (e.g. to draw from
+    :math:`p(h_t\mid y_{0:t})` at every step without keeping the history). Both are buffers the filter
+    reuses: copy what you keep.
 
     Fast paths (same law, fewer operations): with the bootstrap proposal and a transition that is exactly
     ``Normal(loc, scale).to_event(1)`` (or given by the model's ``transition_loc_scale`` shortcut, see
@@ -393,6 +399,8 @@ def run_particle_filter(
             lw = torch.sub(a, l_t, out=hist_lw[t]) if keep_history else a - l_t
             w = torch.div(torch.nn.functional.threshold_(ex, tiny, 0.0).T, sx, out=w_slots[k])
             sum_w2 = torch.linalg.vecdot(w, w, dim=0)  # 1 / ESS
+            if on_step is not None:
+                on_step(t, h, lw)
             lls.append(l_t)
             sw2s.append(sum_w2)
             flags.append(need_list)

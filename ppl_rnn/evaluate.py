@@ -6,9 +6,8 @@ reports
 
 * **held-out log-evidence** :math:`\log p(y_{T_1:T-1}\mid y_{0:T_1-1}) = \sum_{t\ge T_1}\log p(y_t\mid y_{0:t-1})`,
   the sum of the filter's per-step increments over the test steps. A high-particle bootstrap particle
-  filter (the algorithm of :mod:`ppl_rnn.inference.smc`, ESS-adaptive systematic resampling; written out
-  here because the evaluator also needs equally weighted draws at every test origin, which the library
-  filter only offers through its full :math:`T N H` history) estimates it for any model (an estimate of the increments, unbiased for
+  filter (:func:`ppl_rnn.inference.smc.run_particle_filter`, ESS-adaptive systematic resampling; equally
+  weighted draws at every test origin are taken through its ``on_step`` hook) estimates it for any model (an estimate of the increments, unbiased for
   :math:`p`, ``evidence_method="particle_filter"``); for linear-Gaussian models the exact Kalman filter gives
   it (``"kalman"``). Normalisations: ``heldout_logev_per_step`` divides by the number of test steps
   (sequences :math:`\times` steps, each step carrying ``obs_dim`` entries), ``heldout_logev_per_obs`` by the
@@ -41,7 +40,6 @@ Cost: the filter is :math:`O(T N H^2)`; the forecast pass is :math:`O(k_{max} S 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 
@@ -51,7 +49,7 @@ import torch
 import xarray as xr
 
 from .data import prepare
-from .errors import ConfigurationError, DataError, DegenerateWeightsError, ModelCapabilityError
+from .errors import ConfigurationError, DataError, ModelCapabilityError
 from .inference.resampling import systematic
 from .method import check_choice, check_positive_int
 from .model import input_at
@@ -89,61 +87,26 @@ def _is_linear_gaussian(model) -> bool:
         return False
 
 
-def _gather(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``h`` ``(N,B,H)``, ``idx`` ``(S,B)`` -> ``(S,B,H)``."""
-    return torch.gather(h, 0, idx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-
-
 @torch.no_grad()
 def _particle_filter(model, y, mask, u, num_particles, first_origin, num_samples, ess_threshold=0.5,
                      progress=False):
-    """Bootstrap filter over ``y`` ``(B,T,D)``. Returns per-step log-likelihood increments ``(B,T)`` (float64)
-    and ``num_samples`` equally weighted draws of :math:`p(h_o\\mid y_{0:o})` for ``o >= first_origin``:
-    ``(S, T - first_origin, B, H)``. ESS-adaptive systematic resampling."""
-    B, T, _ = y.shape
-    N = num_particles
-    log_lik = torch.zeros(B, T, dtype=torch.float64)
-    draws = []
-    logw = torch.zeros(N, B, dtype=torch.float64)
-    h = None
-    it = range(T)
-    if progress:
-        from tqdm.auto import tqdm
+    r"""The library's bootstrap filter (:func:`~ppl_rnn.inference.smc.run_particle_filter`, ESS-adaptive
+    systematic resampling) over ``y`` ``(B,T,D)``. Returns per-step log-likelihood increments ``(B,T)``
+    (float64) and ``num_samples`` equally weighted draws of :math:`p(h_o\mid y_{0:o})` for
+    ``o >= first_origin``: ``(S, T - first_origin, B, H)``, taken by systematic resampling at every step
+    through the filter's ``on_step`` hook (no particle history is kept)."""
+    from .data import Data
+    from .inference.smc import run_particle_filter, take
 
-        it = tqdm(it, desc="yardstick filter", leave=False)
-    for t in it:
-        u_t = input_at(u, t)
-        if t == 0:
-            h = model.initial_batched(u_t, (N, B)).sample()
-        else:
-            w = torch.softmax(logw, 0)
-            ess = 1.0 / (w**2).sum(0)  # (B,)
-            res = ess < ess_threshold * N
-            if bool(res.any()):
-                idx = systematic(logw, N)
-                keep = torch.arange(N).unsqueeze(1).expand(N, B)
-                idx = torch.where(res.unsqueeze(0), idx, keep)
-                h = _gather(h, idx)
-                logw = torch.where(res.unsqueeze(0), torch.zeros_like(logw), logw)
-            h = model.transition(t, h, u_t).sample()
-        lp = model.observation_log_prob(t, h, y[:, t], mask[:, t], u_t).double()  # (N,B)
-        lp = torch.nan_to_num(lp, nan=-math.inf)
-        prev = torch.logsumexp(logw, 0)
-        logw = logw + lp
-        cur = torch.logsumexp(logw, 0)
-        bad = ~torch.isfinite(cur)
-        if bool(bad.any()):
-            b = int(torch.nonzero(bad)[0])
-            raise DegenerateWeightsError(
-                f"every one of the {N} particles of sequence {b} has zero weight at time step {t}: the "
-                "observation is impossible under all propagated particles (observation noise too small, "
-                "or parameters far from the data). Increase num_particles, check the fitted noise scales, "
-                "or rescale the data.", sequence=b, time_step=t)
-        log_lik[:, t] = cur - prev
+    draws = []
+
+    def keep(t, h, lw):
         if t >= first_origin:
-            idx = systematic(logw, num_samples)
-            draws.append(_gather(h, idx))
-    return log_lik, torch.stack(draws, 1)
+            draws.append(take(h, systematic(lw, num_samples)))
+
+    rec = run_particle_filter(model, Data(y, mask, u), num_particles, ess_threshold=ess_threshold,
+                              progress=progress, on_step=keep)
+    return rec.log_lik.double(), torch.stack(draws, 1)
 
 
 @torch.no_grad()
