@@ -32,6 +32,7 @@ import time
 
 import pyro
 import torch
+from tqdm.auto import tqdm
 
 from ppl_rnn.errors import ModelCapabilityError
 from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive_int
@@ -113,11 +114,7 @@ class BPTT(InferenceMethod):
         rec = TraceRecorder()
         n_obs = max(data.num_observed, 1)
         good = model.copy()
-        it = range(self.num_steps + 1)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, desc="BPTT")
+        it = tqdm(range(self.num_steps + 1), disable=not self.progress, desc="BPTT")
 
         def last_good(snapshot):
             return FitResult(model=snapshot, trace=rec.dataset(), posterior=None,

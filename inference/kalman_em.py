@@ -40,6 +40,7 @@ from __future__ import annotations
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from ppl_rnn.errors import ModelCapabilityError
 from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive_int
@@ -270,11 +271,7 @@ class KalmanEM(InferenceMethod):
         converged = False
         last_ll = None
         good = model.copy()
-        it = range(self.num_iterations + 1)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, desc="KalmanEM")
+        it = tqdm(range(self.num_iterations + 1), disable=not self.progress, desc="KalmanEM")
 
         def last_good(snapshot=None):
             return FitResult(model=snapshot, trace=rec.dataset(), posterior=None,

@@ -52,6 +52,7 @@ from __future__ import annotations
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from ppl_rnn.errors import ModelCapabilityError
 from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive_int
@@ -177,11 +178,7 @@ class MeanFieldEM(InferenceMethod):
         converged = False
         prev = None
         good = model.copy()
-        it = range(self.num_iterations + 1)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, desc="MeanFieldEM")
+        it = tqdm(range(self.num_iterations + 1), disable=not self.progress, desc="MeanFieldEM")
 
         def last_good(snapshot):
             return FitResult(model=snapshot, trace=rec.dataset(), posterior=None,
