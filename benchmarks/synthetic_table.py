@@ -47,7 +47,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seed", type=int, default=0, help="noise seed of the data set")
     ap.add_argument("--init-seed", type=int, default=1, help="seed of the random initial network")
-    ap.add_argument("--init-weight-scale", type=float, default=0.9, help="weight_scale of the initial network")
+    ap.add_argument("--init", default="rotation", choices=("rotation", "gaussian"),
+                    help="weight_init of the initial network (default rotation: a random rotation near the identity)")
+    ap.add_argument("--init-weight-scale", type=float, default=None,
+                    help="weight_scale of the initial network (default 1.1 for rotation, 0.9 for gaussian)")
     ap.add_argument("--mcem-iters", type=int, default=60)
     ap.add_argument("--mf-iters", type=int, default=100)
     ap.add_argument("--bptt-steps", type=int, default=400)
@@ -73,7 +76,9 @@ def main(argv=None):
     tr, te = ds.split()
     train, test = tr.values, te.values
     T1 = train.shape[1]
-    init = ElmanSSM(4, 1, seed=a.init_seed, weight_scale=a.init_weight_scale)
+    if a.init_weight_scale is None:
+        a.init_weight_scale = 1.1 if a.init == "rotation" else 0.9
+    init = ElmanSSM(4, 1, seed=a.init_seed, weight_init=a.init, weight_scale=a.init_weight_scale)
     n = max(a.mcem_iters - 1, 1)
     methods = {
         "MonteCarloEM (particle smoother)": MonteCarloEM(
@@ -112,7 +117,7 @@ def main(argv=None):
            "CRPS 1-step | CRPS 10-step | RMSE 10-step | 90% coverage 10-step | method's own objective "
            "(training, nats/step, kind) | fit wall time (s) |")
     print(f"\nunkelbach-synthetic, noise seed {a.seed}: {T1} training + {test.shape[1]} test steps; initial network "
-          f"ElmanSSM(4, 1, seed={a.init_seed}, weight_scale={a.init_weight_scale}); scored by ppl_rnn.evaluate.evaluate "
+          f"ElmanSSM(4, 1, seed={a.init_seed}, weight_init={a.init!r}, weight_scale={a.init_weight_scale}); scored by ppl_rnn.evaluate.evaluate "
           f"({a.eval_particles} particles).\n")
     print(hdr)
     print("|" + "---|" * 9)

@@ -133,3 +133,22 @@ def test_float32_default_and_double():
 def test_bad_configurations(build, match):
     with pytest.raises(ConfigurationError, match=match):
         build()
+
+
+def test_elman_rotation_init_is_a_scaled_rotation_near_identity(float64):
+    """weight_init="rotation": W = gain * expm(s (A - A^T)) is gain times an orthogonal matrix with small
+    rotation angles (they grow with rotation_scale); seeded; bad options raise ConfigurationError."""
+    m = ElmanSSM(6, 2, seed=3, weight_init="rotation", weight_scale=1.1, rotation_scale=0.1)
+    W = m.W.detach()
+    torch.testing.assert_close(W @ W.T, 1.21 * torch.eye(6), atol=1e-10, rtol=0)
+    ang = torch.linalg.eigvals(W).angle().abs()
+    wide = torch.linalg.eigvals(ElmanSSM(6, 2, seed=3, weight_init="rotation", rotation_scale=0.5).W.detach())
+    assert ang.max() < 1.0 and ang.max() < wide.angle().abs().max()
+    torch.testing.assert_close(ElmanSSM(6, 2, seed=3, weight_init="rotation", weight_scale=1.1,
+                                        rotation_scale=0.1).W.detach(), W)
+    g = ElmanSSM(6, 2, seed=3).W.detach()  # the default draw is unchanged: Gaussian, scale 0.9/sqrt(H)
+    torch.testing.assert_close(g, 0.9 * torch.randn(6, 6, generator=torch.Generator().manual_seed(3)) / 6**0.5)
+    with pytest.raises(ConfigurationError, match="weight_init"):
+        ElmanSSM(2, 1, weight_init="orthogonal")
+    with pytest.raises(ConfigurationError, match="rotation_scale"):
+        ElmanSSM(2, 1, weight_init="rotation", rotation_scale=-1.0)
