@@ -41,6 +41,13 @@ model): ``log_evidence`` (estimate at :math:`\theta_k`), ``objective`` (:math:`\
 ``K`` iterations cost ``K`` M-steps and ``K+1`` E-steps (the last gives ``FitResult.posterior`` at the fitted
 parameters).
 
+**Initialisation matters more than restarts.** EM climbs to the local maximum of the basin it starts in. For
+a tanh network on oscillating data, Gaussian random weights tend to end in a "linear-regime" optimum (small
+hidden amplitudes, one mode wasted on fast or decaying dynamics); starting from
+``ElmanSSM(..., weight_init="rotation")`` (a random rotation near the identity times a gain slightly above 1:
+slow oscillatory modes) EM tunes the modes' frequencies instead (``benchmarks/synthetic_table.py`` has the
+measurements).
+
 **Random restarts** (``num_restarts=k > 1``). EM only climbs to a local maximum of :math:`\log p_\theta(y)`;
 for a recurrent network the surface has many (e.g. a network that has learnt one of two oscillations of the
 data). Multi-start EM: candidate 0 is the given model, candidates :math:`1..k-1` redraw its recurrent weights
