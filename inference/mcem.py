@@ -112,7 +112,10 @@ class MonteCarloEM(InferenceMethod):
     """Monte Carlo EM (module docstring has the maths).
 
     Args:
-        smoother: the E-step method (default ``ParticleSmoother(num_particles=500, num_paths=100)``).
+        smoother: the E-step method (default ``ParticleSmoother(num_particles=500, num_paths=100,
+            backward="mcmc")``: backward Metropolis-Hastings, O(paths) per step, so one iteration costs about
+            2.7x one particle-filter pass; ``backward="simulation"`` (FFBSi, O(particles x paths) per step,
+            independent paths) about 4x — ``benchmarks/bench_mcem.py``).
         num_iterations: maximum number of EM iterations (M-steps).
         particle_schedule: ``None`` (the smoother's sizes every iteration); ``(start, end)`` ints: number of
             particles growing geometrically from ``start`` to ``end`` over the iterations (paths: the
@@ -146,7 +149,7 @@ class MonteCarloEM(InferenceMethod):
         if smoother is None:
             from .particle_smoother import ParticleSmoother
 
-            smoother = ParticleSmoother(num_particles=500, num_paths=100)
+            smoother = ParticleSmoother(num_particles=500, num_paths=100, backward="mcmc")
         if not isinstance(smoother, InferenceMethod):
             raise ConfigurationError(
                 f"smoother must be an inference method object such as ParticleSmoother(...); found {smoother!r}.")

@@ -282,20 +282,31 @@ class ElmanSSM(StateSpaceModel):
             else:
                 act = torch.tanh
                 lam = torch.full((H,), 1e-3, dtype=dt)
-                F = (wm[:, None] * (Yt - act(X @ Th.T)) ** 2).sum(0)
+                a = act(X @ Th.T)  # (M,H) at the current weights
+                F = (Yt - a).square_().T @ wm
+                one = torch.ones((), dtype=dt)
+                wm_col = wm[:, None]
+                # the regressors' outer products, shared by every LM step (when they fit in ~128 MB of float32)
+                M_ = X.shape[0]
+                XX = ((X.unsqueeze(2) * X.unsqueeze(1)).reshape(M_, P_ * P_)
+                      if transition_steps and M_ * P_ * P_ <= 1 << 25 else None)
                 for _ in range(int(transition_steps)):
-                    a = act(X @ Th.T)  # (M,H)
-                    g = 1 - a * a
-                    res = Yt - a
-                    JtJ = torch.einsum("m,mj,mp,mq->jpq", wm, g * g, X, X)
-                    Jtr = torch.einsum("m,mj,mp->jp", wm, g * res, X)
+                    g = torch.addcmul(one, a, a, value=-1.0)  # tanh' = 1 - a^2, (M,H)
+                    G = g * wm_col  # w g
+                    if XX is not None:  # one GEMM: (H,M) @ (M,P*P)
+                        JtJ = (g.mul_(G).T @ XX).view(H, P_, P_)  # sum_m w g_j^2 x x^T
+                    else:
+                        JtJ = (X.T.unsqueeze(0) * g.mul_(G).T.unsqueeze(1)) @ X
+                    Jtr = G.mul_(Yt - a).T @ X  # (H,P): sum_m w g_j (h_j - a_j) x
                     diag = torch.diagonal(JtJ, dim1=-2, dim2=-1)
                     A = JtJ + (lam[:, None] * (diag + 1e-12))[..., None] * eyeP
                     step = torch.linalg.solve(A, Jtr.unsqueeze(-1)).squeeze(-1)
                     Th_new = Th + step
-                    F_new = (wm[:, None] * (Yt - act(X @ Th_new.T)) ** 2).sum(0)
+                    a_new = act(X @ Th_new.T)
+                    F_new = (Yt - a_new).square_().T @ wm  # (H,)
                     ok = torch.isfinite(F_new) & (F_new <= F)
                     Th = torch.where(ok[:, None], Th_new, Th)
+                    a = torch.where(ok, a_new, a)  # per hidden unit (column)
                     F = torch.where(ok, F_new, F)
                     lam = torch.where(ok, lam * 0.3, lam * 10.0).clamp(1e-9, 1e9)
             self.W = Th[:, :H]

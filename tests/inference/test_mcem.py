@@ -125,6 +125,7 @@ def test_trace_layout_schedule_and_saem(float64):
 def test_configuration_errors():
     default = MonteCarloEM()
     assert isinstance(default.smoother, ParticleSmoother) and default.smoother.num_paths == 100
+    assert default.smoother.backward == "mcmc"
     with pytest.raises(ConfigurationError):
         MonteCarloEM(particle_schedule=(0, 100))
     with pytest.raises(ConfigurationError):
