@@ -6,9 +6,21 @@ The model's conditionals must be Gaussian (``Normal(...).to_event(1)`` or ``Mult
     h_0\sim N(m_0,P_0),\qquad h_t\mid h_{t-1}\sim N\big(f_t(h_{t-1}),\,Q_t(h_{t-1})\big),\qquad
     y_t\mid h_t\sim N\big(g_t(h_t),\,R_t(h_t)\big).
 
-The EKF linearises the means at the current estimate (Jacobians by :func:`torch.func.jacrev`, batched
-over sequences: one vector-Jacobian product per output dimension) and then runs the exact Kalman recursions of :mod:`ppl_rnn.inference.kalman` on the
-linearised model:
+The EKF linearises the means at the current estimate and then runs the exact Kalman recursions of
+:mod:`ppl_rnn.inference.kalman` on the linearised model. Jacobians come from the model when it declares the
+optional capabilities
+
+* ``transition_jacobian(t, h_prev, u_t[, mean=None]) -> (..., H, H)`` (:math:`\partial f_t/\partial h_{t-1}`; the EKF
+  passes ``mean=f_t(h_{t-1})`` when the signature has that keyword, so e.g. a tanh network can reuse it) and
+* ``emission_jacobian(t, h, u_t) -> (..., D, H)`` (:math:`\partial g_t/\partial h_t`),
+
+(:class:`~ppl_rnn.models.ElmanSSM`: :math:`\operatorname{diag}(1-\tanh^2(a_t))W` and :math:`C`); a capability that is
+absent or returns None falls back to autograd (batched over sequences: one vector-Jacobian product per output
+dimension, :func:`torch.func.jacrev` for large outputs). Both give the same numbers (tested to 1e-10); the
+analytic path avoids a double-backward graph, which is what makes SVI with the EKF guide affordable. Scalar
+observations (``D=1``) take an update without a matrix factorisation (the same formulas with :math:`S_t` a
+scalar, falling back to the Cholesky path with its jitter when :math:`S_t\le 0`), so its autograd graph holds
+only element-wise ops and small products. The recursions:
 
 * predict (linearised at the filtered mean :math:`m_{t-1}`): :math:`F_t=\partial f_t/\partial h\,(m_{t-1})`,
   :math:`m^-_t=f_t(m_{t-1})`, :math:`P^-_t=F_tP_{t-1}F_t^\top+Q_t(m_{t-1})`
@@ -34,6 +46,8 @@ per-sequence model.
 
 from __future__ import annotations
 
+import inspect
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -42,7 +56,7 @@ from torch.distributions import Independent, LowRankMultivariateNormal, Multivar
 
 from ppl_rnn.errors import ModelCapabilityError
 from ppl_rnn.method import InferenceMethod
-from ppl_rnn.model import input_at
+from ppl_rnn.model import input_at, loc_scale_shortcut
 from ppl_rnn.results import Posterior
 
 from .kalman import (
@@ -54,6 +68,8 @@ from .kalman import (
     kalman_update,
     rts_smoother,
 )
+
+_LOG2PI = math.log(2 * math.pi)
 
 
 class NumericalJitterWarning(RuntimeWarning):
@@ -83,7 +99,8 @@ def gaussian_moments(d, *, role: str = "distribution", model=None, method: str =
     )
 
 
-def linearize(fn, x: torch.Tensor, *, role: str = "conditional", model=None, method: str = "the EKF"):
+def linearize(fn, x: torch.Tensor, *, role: str = "conditional", model=None, method: str = "the EKF",
+              jacobian=None):
     r"""Linearise a Gaussian conditional ``fn(x)`` around ``x`` (``(..., H)``, any leading dims).
 
     Returns ``(mean, jacobian, cov)``: :math:`\mu(x)` ``(..., K)``, :math:`\partial\mu/\partial x`
@@ -91,7 +108,8 @@ def linearize(fn, x: torch.Tensor, *, role: str = "conditional", model=None, met
     products of the mean summed over the leading dims (exact when rows do not interact): one backward
     pass per output dimension for small ``K``, :func:`torch.func.jacrev` otherwise. Under grad mode the
     result is differentiable with respect to the model's parameters (``create_graph``); under
-    ``torch.no_grad()`` it is detached.
+    ``torch.no_grad()`` it is detached. ``jacobian``: optional analytic Jacobian ``x -> (..., K, H)`` (a model
+    capability, see the module docstring); used instead of autograd unless it returns None.
     """
     lead = tuple(range(x.dim() - 1))
 
@@ -103,6 +121,11 @@ def linearize(fn, x: torch.Tensor, *, role: str = "conditional", model=None, met
             cov = cov.expand(z.shape[:-1] + cov.shape[-2:])
         return mu, cov
 
+    if jacobian is not None:
+        J = jacobian(x)
+        if J is not None:
+            mu, cov = moments(x)
+            return mu, J.expand(mu.shape + x.shape[-1:]), cov
     graph = torch.is_grad_enabled()
     with torch.enable_grad():
         z = x if (graph and x.requires_grad) else x.detach().requires_grad_(True)
@@ -158,8 +181,53 @@ def ensure_pd(P: torch.Tensor, *, what: str = "covariance", t: int | None = None
     )
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``; :func:`torch.bmm` for two 3-d tensors of equal shape (one autograd node instead of four)."""
+    if a.dim() == 3 and a.shape == b.shape:
+        return torch.bmm(a, b)
+    return a @ b
+
+
+def _scalar_update(m_pred, P_pred, y, mask, C, offset, R):
+    r""":func:`kalman_update` for a scalar observation (``D=1``): the same maths (masking, Joseph form,
+    log-likelihood) with :math:`S` a scalar, so no factorisation and an autograd graph of cheap element-wise
+    ops. Returns None when :math:`S` is not positive and finite (the caller then takes the general path)."""
+    mf = mask.to(m_pred.dtype)  # (B,1)
+    resid = (y - _mv(C, m_pred) - offset) * mf
+    return _scalar_core(m_pred, P_pred, resid, mf, C, R[..., 0], full=False)
+
+
+def _scalar_core(m_pred, P_pred, resid, mf, C, r2, *, full: bool):
+    """Scalar-observation update given the (masked) residual ``(..., 1)``, observation noise variance ``r2``
+    ``(..., 1)`` and ``C`` ``(..., 1, H)``; ``full``: the entry is observed in every sequence (no masking ops)."""
+    if not full:
+        C = C * mf.unsqueeze(-1)  # the row of a missing entry zeroed
+        r2 = r2 * mf + (1.0 - mf)  # R on observed entries, 1 on missing ones (then K = 0 there)
+    v = (P_pred * C).sum(-1)  # P C^T (P symmetric), (..., H)
+    S = (C.squeeze(-2) * v).sum(-1, keepdim=True) + r2  # (..., 1)
+    Sd = S.detach()
+    if not bool(((Sd > 0) & torch.isfinite(Sd)).all()):
+        return None
+    K = v / S  # (..., H)
+    m = m_pred + K * resid
+    eye_h = torch.eye(P_pred.shape[-1], dtype=P_pred.dtype, device=P_pred.device)
+    Kc = K.unsqueeze(-1)
+    IKC = eye_h - Kc * C
+    P = _sym(_mm(_mm(IKC, P_pred), IKC.transpose(-1, -2)) + r2.unsqueeze(-1) * (Kc * Kc.transpose(-1, -2)))
+    if full:
+        ll = -0.5 * (resid * resid / S + torch.log(S) + _LOG2PI)
+    else:
+        ll = -0.5 * (resid * resid / S + torch.log(S) + _LOG2PI * mf)
+    return m, P, ll.squeeze(-1)
+
+
 def safe_update(m_pred, P_pred, y, mask, C, offset, R, *, t: int | None = None):
-    """:func:`kalman_update` with diagonal jitter on ``R`` (and a warning) if the innovation Cholesky fails."""
+    """:func:`kalman_update` with diagonal jitter on ``R`` (and a warning) if the innovation Cholesky fails
+    (scalar observations take the equivalent :func:`_scalar_update`)."""
+    if R.shape[-1] == 1:
+        out = _scalar_update(m_pred, P_pred, y, mask, C, offset, R)
+        if out is not None:
+            return out
     try:
         return kalman_update(m_pred, P_pred, y, mask, C, offset, R)
     except torch.linalg.LinAlgError:
@@ -184,6 +252,18 @@ def safe_update(m_pred, P_pred, y, mask, C, offset, R, *, t: int | None = None):
     )
 
 
+def _diag_cov(scale: torch.Tensor, memo: list) -> torch.Tensor:
+    """``diag(scale^2)``, reused while ``scale`` is the same tensor object (a parameter read once per run)."""
+    if memo[0] is not scale:
+        memo[0], memo[1] = scale, torch.diag_embed(scale * scale)
+    return memo[1]
+
+
+def _capability(model, name: str):
+    fn = getattr(model, name, None)
+    return fn if callable(fn) else None
+
+
 @dataclass(frozen=True)
 class ExtendedKalmanFilterResult(KalmanFilterResult):
     r"""EKF output: the fields of :class:`~ppl_rnn.inference.kalman.KalmanFilterResult` plus
@@ -201,26 +281,61 @@ def extended_kalman_filter(model, y: torch.Tensor, mask: torch.Tensor, inputs: t
 
     Differentiable with respect to the model's parameters; call under ``torch.no_grad()`` when not needed.
     """
-    B, T, _ = y.shape
+    B, T, D = y.shape
     H = model.hidden_dim
     u0 = input_at(inputs, 0)
     m, P = gaussian_moments(model.initial_batched(u0, (B,)), role="initial", model=model, method=method)
     m = m.expand(B, H)
     P = ensure_pd(P.expand(B, H, H), what="initial covariance")
     zeros = torch.zeros(B, H, H, dtype=m.dtype, device=m.device)
+    tj, ej = _capability(model, "transition_jacobian"), _capability(model, "emission_jacobian")
+    tj_mean = tj is not None and "mean" in inspect.signature(tj).parameters
+    # diagonal-Gaussian shortcuts (loc, scale) skip building the distributions (see ppl_rnn.model.loc_scale_shortcut)
+    tr_ls = loc_scale_shortcut(model, "transition") if tj is not None else None
+    em_ls = loc_scale_shortcut(model, "emission") if ej is not None else None
+    q_memo, r_memo = [None, None], [None, None]
+    ys, masks = y.unbind(1), mask.unbind(1)
+    mfs = mask.to(m.dtype).unbind(1)
+    fulls = mask.all(-1).all(0).tolist()
     pm, pP, fm, fP, ll, Fs = [], [], [], [], [], [zeros]
     for t in range(T):
         u_t = input_at(inputs, t)
         if t > 0:
-            m, F, Q = linearize(lambda z, t=t, u_t=u_t: model.transition(t, z, u_t), m, role="transition",
-                                model=model, method=method)
-            P = ensure_pd(F @ P @ F.transpose(-1, -2) + Q, what="predicted covariance", t=t)
+            F = None
+            if tj is not None:  # analytic Jacobian: the mean and noise from the distribution, no autograd pass
+                if tr_ls is not None:
+                    mu, q = tr_ls(t, m, u_t)
+                    Q = _diag_cov(q, q_memo)
+                else:
+                    mu, Q = gaussian_moments(model.transition(t, m, u_t), role="transition", model=model,
+                                             method=method)
+                F = tj(t, m, u_t, mean=mu) if tj_mean else tj(t, m, u_t)
+            if F is None:
+                mu, F, Q = linearize(lambda z, t=t, u_t=u_t: model.transition(t, z, u_t), m, role="transition",
+                                     model=model, method=method)
+            m = mu if mu.shape == m.shape else mu.expand(m.shape)
+            P = ensure_pd(_mm(_mm(F, P), F.transpose(-1, -2)) + Q, what="predicted covariance", t=t)
             Fs.append(F)
         pm.append(m)
         pP.append(P)
-        g, G, R = linearize(lambda z, t=t, u_t=u_t: model.emission(t, z, u_t), m, role="emission",
-                            model=model, method=method)
-        m, P, lt = safe_update(m, P, y[:, t], mask[:, t], G, g - _mv(G, m), R, t=t)
+        out = None
+        G = None
+        if ej is not None:
+            if em_ls is not None:
+                g, r = em_ls(t, m, u_t)
+                R = _diag_cov(r, r_memo)
+            else:
+                g, R = gaussian_moments(model.emission(t, m, u_t), role="emission", model=model, method=method)
+            G = ej(t, m, u_t)
+        if G is None:
+            g, G, R = linearize(lambda z, t=t, u_t=u_t: model.emission(t, z, u_t), m, role="emission",
+                                model=model, method=method)
+        if D == 1:
+            resid = ys[t] - g if fulls[t] else (ys[t] - g) * mfs[t]
+            out = _scalar_core(m, P, resid, mfs[t], G, R[..., 0], full=fulls[t])
+        if out is None:
+            out = safe_update(m, P, ys[t], masks[t], G, g - _mv(G, m), R, t=t)
+        m, P, lt = out
         fm.append(m)
         fP.append(P)
         ll.append(lt)

@@ -23,7 +23,10 @@ Capabilities (optional methods that unlock fast paths; inference never imports m
 
 * ``linear_gaussian() -> LinearGaussianParams``: the model is linear-Gaussian (exact Kalman, KalmanEM).
 * Gaussian transition/emission (``Normal(...).to_event(1)`` or ``MultivariateNormal``): the EKF
-  differentiates ``transition(...).mean`` by ``torch.func`` — no extra method needed.
+  differentiates ``transition(...).mean`` by autograd — no extra method needed.
+* ``transition_jacobian(t, h_prev, u_t, mean=None) -> (..., H, H)`` and ``emission_jacobian(t, h, u_t) -> (..., D, H)``:
+  analytic Jacobians of the transition and emission means, used by the EKF (and so EKS, EKF-EM, the EKF guide
+  and proposal) instead of autograd when present and not None; see :mod:`ppl_rnn.inference.ekf`.
 * ``closed_form_mstep(...)``: see :mod:`ppl_rnn.inference.mcem`.
 * ``transition_loc_scale(t, h_prev, u_t) -> (loc, scale)`` / ``emission_loc_scale(t, h, u_t)``: the
   conditional is the diagonal Gaussian ``Normal(loc, scale).to_event(1)``, returned without building the

@@ -70,11 +70,17 @@ class AmortizedGuide(StateGuide):
         e, _ = self.rnn(torch.cat(x, -1))  # (B, T, 2R)
         e = torch.tanh(self.rnn_to_comb(e))  # (B, T, C)
         h = self.h_init.expand(y.shape[0], -1)
+        # the per-step loop is the cost: read the weights once; one fused linear map for (loc, scale), with the
+        # combiner's 1/2 folded into it (c_t = (tanh(W_c h + b_c) + e_t) / 2 enters only through that map)
+        Whc, bhc = self.h_to_comb.weight, self.h_to_comb.bias
+        Wout = 0.5 * torch.cat([self.comb_to_loc.weight, self.comb_to_scale.weight], 0).T
+        bout = torch.cat([self.comb_to_loc.bias, self.comb_to_scale.bias], 0)
+        H = self.comb_to_loc.weight.shape[0]
         hs = []
-        for t in range(y.shape[1]):
-            c = 0.5 * (torch.tanh(self.h_to_comb(h)) + e[:, t])
-            loc = self.comb_to_loc(c)
-            scale = nn.functional.softplus(self.comb_to_scale(c)) + self.min_scale
-            h = pyro.sample(f"h_{t}", dist.Normal(loc, scale).to_event(1))
+        for t, e_t in enumerate(e.unbind(1)):
+            c2 = torch.tanh(nn.functional.linear(h, Whc, bhc)) + e_t  # 2 c_t
+            out = torch.matmul(c2, Wout) + bout
+            loc, pre = out[..., :H], out[..., H:]
+            h = pyro.sample(f"h_{t}", dist.Normal(loc, nn.functional.softplus(pre) + self.min_scale).to_event(1))
             hs.append(h)
         return hs

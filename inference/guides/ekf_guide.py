@@ -14,15 +14,19 @@ On a linear-Gaussian model (and :math:`\kappa=1`) :math:`q` is the exact posteri
 the log-evidence. The guide has no free parameters besides :math:`\kappa`: it follows the model, and with
 ``detach_model=False`` (default) the ELBO gradient flows through the EKF into the model's parameters.
 It needs Gaussian conditionals; otherwise it raises :class:`~ppl_rnn.errors.ModelCapabilityError`.
-Sites are sampled in the order ``h_{T-1}, …, h_0``.
+Sites are sampled in the order ``h_{T-1}, …, h_0``. The backward conditionals' gains, offsets and Cholesky
+factors do not depend on the draws, so they are computed for all steps at once; only
+:math:`h_t = c_t + J_th_{t+1} + \sqrt\kappa L_t\varepsilon_t` runs step by step, and each site is a light-weight
+:class:`GaussianStep` whose ``log_prob`` of its own draw needs no triangular solve.
 """
 
 from __future__ import annotations
 
+import math
+
 import pyro
-import pyro.distributions as dist
 import torch
-from pyro.distributions import constraints
+from pyro.distributions import TorchDistribution, constraints
 from pyro.nn import PyroParam
 
 from ppl_rnn.errors import ModelCapabilityError
@@ -71,32 +75,94 @@ class EKFGuide(StateGuide):
         else:
             f = extended_kalman_filter(model, y, mask, u, method="EKFGuide")
         kappa = self._kappa()
-        T, H = y.shape[1], f.filt_mean.shape[-1]
-        eye = torch.eye(H, dtype=f.filt_mean.dtype, device=f.filt_mean.device)
-
-        def chol(cov, t):
-            cov = _sym(cov) + 1e-12 * eye
-            # cholesky_ex: torch.linalg.cholesky is ~100x slower on tiny batches with >1 intra-op thread
-            L, info = torch.linalg.cholesky_ex(cov)
-            if bool((info > 0).any()):
-                L = torch.linalg.cholesky(ensure_pd(cov, what="EKF guide conditional covariance", t=t))
-            return L
-
+        T = y.shape[1]
         scale = kappa**0.5 if isinstance(kappa, float) else kappa.sqrt()
+        # the backward conditionals' parameters do not depend on the draws: compute them for all t at once,
+        # J_t = P_t F_{t+1}^T (P^-_{t+1})^{-1}, c_t = m_t - J_t m^-_{t+1}, L_t = chol(P_t - J_t P^-_{t+1} J_t^T)
+        Lf = scale * _chol(f.filt_cov[:, -1], "EKF guide final filtering covariance")
+        h = pyro.sample(f"h_{T - 1}", GaussianStep(f.filt_mean[:, -1], Lf))
         hs = [None] * T
-        h = pyro.sample(f"h_{T - 1}", dist.MultivariateNormal(f.filt_mean[:, -1],
-                                                             scale_tril=scale * chol(f.filt_cov[:, -1], T - 1)))
         hs[-1] = h
-        F = f.transition_jacobian
+        if T == 1:
+            return hs
+        Pf, Pp, F = f.filt_cov[:, :-1], f.pred_cov[:, 1:], f.transition_jacobian[:, 1:]
+        Lp = _chol(Pp, "EKF guide predicted covariance")
+        J = torch.cholesky_solve((Pf @ F.transpose(-1, -2)).transpose(-1, -2), Lp).transpose(-1, -2)
+        c = f.filt_mean[:, :-1] - _mv(J, f.pred_mean[:, 1:])
+        L = scale * _chol(Pf - J @ Pp @ J.transpose(-1, -2), "EKF guide conditional covariance")
+        hld = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+        Js, cs, Ls, hlds = J.unbind(1), c.unbind(1), L.unbind(1), hld.unbind(1)
         for t in range(T - 2, -1, -1):
-            Pf, Pp = f.filt_cov[:, t], f.pred_cov[:, t + 1]
-            Lp = chol(Pp, t + 1)
-            J = torch.cholesky_solve((Pf @ F[:, t + 1].transpose(-1, -2)).transpose(-1, -2), Lp).transpose(-1, -2)
-            loc = f.filt_mean[:, t] + _mv(J, h - f.pred_mean[:, t + 1])
-            cov = Pf - J @ Pp @ J.transpose(-1, -2)
-            h = pyro.sample(f"h_{t}", dist.MultivariateNormal(loc, scale_tril=scale * chol(cov, t)))
+            loc = cs[t] + (Js[t] @ h.unsqueeze(-1)).squeeze(-1)
+            h = pyro.sample(f"h_{t}", GaussianStep(loc, Ls[t], hlds[t]))
             hs[t] = h
         return hs
+
+
+class GaussianStep(TorchDistribution):
+    r""":math:`N(\text{loc}, LL^\top)` with a lower-triangular ``scale_tril`` :math:`L` (one guide site), light-weight.
+
+    Its reparameterised draw is :math:`x=\text{loc}+L\varepsilon`; ``log_prob`` of that very draw is evaluated as
+    :math:`-\tfrac12|\varepsilon|^2-\log|L|-\tfrac H2\log 2\pi`, which equals the generic
+    :math:`\log N(x;\text{loc},LL^\top)` identically in the parameters (:math:`L^{-1}(x-\text{loc})=\varepsilon`), so the
+    value and its gradient are those of ``MultivariateNormal``, without a triangular solve per site.
+    Other values take the solve. ``half_log_det``: optional precomputed :math:`\log|L|`.
+    """
+
+    arg_constraints = {}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, loc: torch.Tensor, scale_tril: torch.Tensor, half_log_det: torch.Tensor | None = None):
+        if half_log_det is None:
+            half_log_det = torch.log(torch.diagonal(scale_tril, dim1=-2, dim2=-1)).sum(-1)
+        self.loc, self.scale_tril, self.half_log_det = loc, scale_tril, half_log_det
+        self._draw = None
+        batch = torch.broadcast_shapes(loc.shape[:-1], scale_tril.shape[:-2], half_log_det.shape)
+        super().__init__(batch, loc.shape[-1:], validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        H = self.event_shape[0]
+        return GaussianStep(self.loc.expand(batch_shape + (H,)), self.scale_tril.expand(batch_shape + (H, H)),
+                            self.half_log_det.expand(batch_shape))
+
+    @property
+    def mean(self):
+        return self.loc.expand(self.batch_shape + self.event_shape)
+
+    @property
+    def variance(self):
+        return (self.scale_tril**2).sum(-1).expand(self.batch_shape + self.event_shape)
+
+    def rsample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        x = self.loc + (self.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+        self._draw = (x, eps)
+        return x
+
+    def log_prob(self, value):
+        if self._draw is not None and value is self._draw[0]:
+            eps = self._draw[1]
+        else:
+            diff = (value - self.loc).unsqueeze(-1)
+            L = self.scale_tril.expand(diff.shape[:-2] + self.scale_tril.shape[-2:])
+            eps = torch.linalg.solve_triangular(L, diff, upper=False).squeeze(-1)
+        H = self.event_shape[0]
+        return -0.5 * (eps * eps).sum(-1) - self.half_log_det - 0.5 * H * math.log(2 * math.pi)
+
+
+def _chol(cov: torch.Tensor, what: str) -> torch.Tensor:
+    """Cholesky factors of a batch of covariances (symmetrised, a 1e-12 floor on the diagonal; diagonal jitter
+    with a warning where a factorisation fails)."""
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    cov = _sym(cov) + 1e-12 * eye
+    # cholesky_ex: torch.linalg.cholesky is ~100x slower on tiny batches with >1 intra-op thread
+    L, info = torch.linalg.cholesky_ex(cov)
+    if bool((info > 0).any()):
+        L = torch.linalg.cholesky(ensure_pd(cov, what=what))
+    return L
 
 
 def check_gaussian(model, who: str) -> None:

@@ -34,14 +34,17 @@ def _missing(y, frac=0.3, seed=0):
     return y
 
 
-@pytest.mark.parametrize("kind", ["lg_inputs", "elman_identity"])
+@pytest.mark.parametrize("kind", ["lg_inputs", "elman_identity", "elman_identity_scalar_obs"])
 def test_ekf_eks_equal_kalman(float64, kind):
     if kind == "lg_inputs":
         model = _lg_with_inputs()
         u = torch.randn(2, 30, 2, generator=torch.Generator().manual_seed(1))
-    else:
+    elif kind == "elman_identity":
         model = ElmanSSM(3, 2, activation="identity", process_noise=0.3, obs_noise=0.4, seed=2)
         u = None
+    else:  # obs_dim 1: the EKF's scalar update (analytic Jacobians) against the Kalman filter's Cholesky update
+        model = ElmanSSM(3, 1, 2, activation="identity", process_noise=0.3, obs_noise=0.4, seed=2)
+        u = torch.randn(2, 30, 2, generator=torch.Generator().manual_seed(1))
     sim = model.simulate(30, num_sequences=2, inputs=u, seed=0)
     y = _missing(sim.observations)
     data = pr.prepare(model, y, u)
@@ -86,6 +89,61 @@ def test_ekf_jacobian_of_nonlinear_model(float64):
     f = extended_kalman_filter(model, data.observations, data.mask)
     f.log_evidence.sum().backward()
     assert model.W_unconstrained.grad.abs().sum() > 0
+
+
+class _AutogradElman(ElmanSSM):
+    """ElmanSSM without its analytic-Jacobian capability: the EKF differentiates its conditionals by autograd."""
+
+    transition_jacobian = None
+    emission_jacobian = None
+
+
+@pytest.mark.parametrize("obs_dim", [1, 2])
+def test_analytic_jacobians_equal_autograd_path(float64, obs_dim):
+    """The ElmanSSM capability (diag(1 - tanh^2) W, C) gives the same EKF, values and parameter gradients."""
+    kw = dict(weight_scale=1.5, process_noise=0.2, obs_noise=0.3, seed=4)
+    fast, slow = ElmanSSM(3, obs_dim, 2, **kw), _AutogradElman(3, obs_dim, 2, **kw)
+    slow.load_state_dict(fast.state_dict())
+    u = torch.randn(2, 25, 2, generator=torch.Generator().manual_seed(0))
+    y = _missing(fast.simulate(25, num_sequences=2, inputs=u, seed=1).observations, frac=0.2)
+    h = torch.randn(5, 3, dtype=torch.float64)
+    u5 = torch.randn(5, 2, dtype=torch.float64)
+    _, J, _ = linearize(lambda z: slow.transition(1, z, u5), h)
+    torch.testing.assert_close(fast.transition_jacobian(1, h, u5), J, atol=1e-10, rtol=0)
+    _, G, _ = linearize(lambda z: slow.emission(1, z, u5), h)
+    torch.testing.assert_close(fast.emission_jacobian(1, h, u5), G, atol=1e-10, rtol=0)
+    assert slow.transition_jacobian is None  # the subclass really takes the autograd path
+    out = []
+    for model in (fast, slow):
+        data = pr.prepare(model, y, u)
+        f = extended_kalman_filter(model, data.observations, data.mask, data.inputs)
+        loss = f.log_evidence.sum() + f.filt_cov.sum() + f.transition_jacobian.pow(2).sum()
+        grads = torch.autograd.grad(loss, [model.W_unconstrained, model.U_unconstrained, model.C_unconstrained,
+                                           model.q_unconstrained, model.r_unconstrained])
+        out.append((f, grads))
+    (fa, ga), (fs, gs) = out
+    for name in ("pred_mean", "pred_cov", "filt_mean", "filt_cov", "log_lik", "transition_jacobian"):
+        torch.testing.assert_close(getattr(fa, name), getattr(fs, name), atol=1e-10, rtol=0, msg=name)
+    for a, b in zip(ga, gs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+class _OverriddenTransition(ElmanSSM):
+    def transition(self, t, h_prev, u_t):
+        return dist.Normal(torch.sin(h_prev @ self.W.T), self.q).to_event(1)
+
+
+def test_analytic_jacobian_not_used_for_a_subclass_that_overrides_the_transition(float64):
+    model = _OverriddenTransition(2, 1, seed=0)
+    h = torch.randn(3, 2, dtype=torch.float64)
+    assert model.transition_jacobian(1, h, None) is None and model.emission_jacobian(1, h, None) is not None
+    y = model.simulate(10, seed=0).observations
+    data = pr.prepare(model, y)
+    with torch.no_grad():
+        f = extended_kalman_filter(model, data.observations, data.mask)
+    m = f.filt_mean[:, 3]
+    ref = torch.cos(m @ model.W.T).unsqueeze(-1) * model.W
+    torch.testing.assert_close(f.transition_jacobian[:, 4], ref, atol=1e-12, rtol=0)
 
 
 class _PoissonEmission(ElmanSSM):
