@@ -33,24 +33,12 @@ import time
 import torch
 from ppl_rnn.inference import EKFEM, SVI, ParticleFilter
 from ppl_rnn.inference.guides import AmortizedGuide, EKFGuide, MarkovGaussianGuide, MeanFieldGuide
-from ppl_rnn.models import ElmanSSM
+from synthetic_table import add_common_args, initial_network, score  # same folder: the shared pieces
 
 import ppl_rnn as pr
 from ppl_rnn.datasets import load
-from ppl_rnn.evaluate import evaluate
 
 KEYS = ("ekf_em", "svi_meanfield", "svi_markov", "svi_amortized", "svi_ekf")
-
-
-def score(model, train, test, args):
-    ev = evaluate(model, train, test, horizons=(1, 10), num_particles=args.eval_particles, num_samples=200,
-                  seed=0)
-    return {
-        "heldout": float(ev.heldout_logev_per_step),
-        "rmse1": float(ev.rmse.sel(horizon=1)), "crps1": float(ev.crps.sel(horizon=1)),
-        "rmse10": float(ev.rmse.sel(horizon=10)), "crps10": float(ev.crps.sel(horizon=10)),
-        "cov90_10": float(ev.coverage_90.sel(horizon=10)),
-    }
 
 
 def methods(a) -> dict:
@@ -76,12 +64,7 @@ def methods(a) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seed", type=int, default=0, help="noise seed of the data set")
-    ap.add_argument("--init-seed", type=int, default=1, help="seed of the random initial network")
-    ap.add_argument("--init", default="rotation", choices=("rotation", "gaussian"),
-                    help="weight_init of the initial network (as benchmarks/synthetic_table.py; default rotation)")
-    ap.add_argument("--init-weight-scale", type=float, default=None,
-                    help="weight_scale of the initial network (default 1.1 for rotation, 0.9 for gaussian)")
+    add_common_args(ap)
     ap.add_argument("--ekfem-iters", type=int, default=20)
     ap.add_argument("--ekfem-samples", type=int, default=10)
     ap.add_argument("--ekfem-mstep", type=int, default=20)
@@ -98,18 +81,12 @@ def main(argv=None):
     ap.add_argument("--lr-decay", type=float, default=0.1, help="SVI: total learning-rate decay over the run")
     ap.add_argument("--particles", type=int, default=1, help="SVI: ELBO draws per step")
     ap.add_argument("--elbo-particles", type=int, default=64, help="SVI: draws for the reported final ELBO")
-    ap.add_argument("--eval-particles", type=int, default=10000)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-truth", action="store_true", help="skip the true-model row")
-    ap.add_argument("--json", default=None, help="also write the numbers here")
-    ap.add_argument("--progress", action="store_true")
     ap.add_argument("--only", default=None, help=f"comma-separated subset of methods: {','.join(KEYS)}")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="print the table from rows written by earlier --json runs (in this order) and exit")
     a = ap.parse_args(argv)
-    if a.init_weight_scale is None:
-        a.init_weight_scale = 1.1 if a.init == "rotation" else 0.9
+    init = initial_network(a)
     if a.merge:
         rows = []
         for path in a.merge:
@@ -130,7 +107,6 @@ def main(argv=None):
     if a.quick:
         train, test = train[:, :100], test[:, :40]
     T1 = train.shape[1]
-    init = ElmanSSM(4, 1, seed=a.init_seed, weight_init=a.init, weight_scale=a.init_weight_scale)
     ms = methods(a)
     keys = KEYS if a.only is None else tuple(a.only.split(","))
     bad = [k for k in keys if k not in ms]

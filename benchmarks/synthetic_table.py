@@ -52,22 +52,34 @@ def score(model, train, test, args):
     }
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The options every table script shares (data seed, initial network, yardstick, threads, output)."""
     ap.add_argument("--seed", type=int, default=0, help="noise seed of the data set")
     ap.add_argument("--init-seed", type=int, default=1, help="seed of the random initial network")
     ap.add_argument("--init", default="rotation", choices=("rotation", "gaussian"),
                     help="weight_init of the initial network (default rotation: a random rotation near the identity)")
     ap.add_argument("--init-weight-scale", type=float, default=None,
                     help="weight_scale of the initial network (default 1.1 for rotation, 0.9 for gaussian)")
-    ap.add_argument("--mcem-iters", type=int, default=60)
-    ap.add_argument("--mf-iters", type=int, default=100)
-    ap.add_argument("--bptt-steps", type=int, default=400)
     ap.add_argument("--eval-particles", type=int, default=10000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None, help="also write the numbers here")
     ap.add_argument("--progress", action="store_true")
+
+
+def initial_network(a) -> ElmanSSM:
+    """The one random initial network every method of the tables starts from."""
+    if a.init_weight_scale is None:
+        a.init_weight_scale = 1.1 if a.init == "rotation" else 0.9
+    return ElmanSSM(4, 1, seed=a.init_seed, weight_init=a.init, weight_scale=a.init_weight_scale)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    add_common_args(ap)
+    ap.add_argument("--mcem-iters", type=int, default=60)
+    ap.add_argument("--mf-iters", type=int, default=100)
+    ap.add_argument("--bptt-steps", type=int, default=400)
     ap.add_argument("--only", default=None, help="comma-separated subset of methods: mcem,meanfield,meanfield2,bptt")
     ap.add_argument("--gradient-steps", type=int, default=10, help="Levenberg-Marquardt steps per MCEM M-step")
     ap.add_argument("--mcem-restarts", type=int, default=1, help="MCEM num_restarts (1: single start)")
@@ -85,9 +97,7 @@ def main(argv=None):
     tr, te = ds.split()
     train, test = tr.values, te.values
     T1 = train.shape[1]
-    if a.init_weight_scale is None:
-        a.init_weight_scale = 1.1 if a.init == "rotation" else 0.9
-    init = ElmanSSM(4, 1, seed=a.init_seed, weight_init=a.init, weight_scale=a.init_weight_scale)
+    init = initial_network(a)
     n = max(a.mcem_iters - 1, 1)
     methods = {
         "MonteCarloEM (particle smoother)": MonteCarloEM(
