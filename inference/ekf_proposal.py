@@ -14,7 +14,8 @@ For particle :math:`i` with ancestor :math:`h^i_{t-1}`, the prior is
 :math:`p(y_{t,o}\mid h_t)\,p(h_t\mid h^i_{t-1})/q(h_t\mid h^i_{t-1},y_t)`, so the evidence estimate stays
 unbiased whatever the linearisation error. For a linear-Gaussian emission this *is* the locally optimal
 proposal :math:`p(h_t\mid h_{t-1},y_t)`. Vectorised over particles and sequences (Jacobians by
-:func:`torch.func.jacrev` of the emission mean summed over particles and sequences).
+:func:`torch.func.jacrev` of the emission mean summed over particles and sequences, or the model's analytic
+``emission_jacobian`` capability where it has one).
 
 ``inflation`` (>= 1) widens the proposal covariance, a common safeguard when the linearisation is poor.
 """
@@ -60,8 +61,9 @@ class EKFProposal:
                                      method="the EKF proposal")
             mu = mu.expand(h_prev.shape)
             P = P.expand(h_prev.shape + h_prev.shape[-1:])
+        ej = getattr(model, "emission_jacobian", None)  # analytic capability; autograd when absent or None
         g, G, R = linearize(lambda z: model.emission(t, z, u_t), mu, role="emission", model=model,
-                            method="the EKF proposal")
+                            method="the EKF proposal", jacobian=(lambda z: ej(t, z, u_t)) if callable(ej) else None)
         m, Pq, _ = safe_update(mu, P, y_t, mask_t, G, g - _mv(G, mu), R, t=t)
         if self.inflation != 1.0:
             Pq = Pq * self.inflation

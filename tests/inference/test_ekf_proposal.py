@@ -57,3 +57,24 @@ def test_ekf_proposal_shapes_and_registry(float64):
     with pytest.raises(ModelCapabilityError, match="emission"):
         pr.infer(_PoissonEmission(2, 1), torch.ones(1, 4, 1), method=pr.inference.ParticleFilter(
             num_particles=10, proposal="ekf"), seed=0)
+
+
+def test_ekf_proposal_analytic_jacobian_equals_autograd(float64):
+    """ElmanSSM's analytic emission Jacobian gives the same proposal (same random stream) as autograd, which a
+    subclass that overrides the emission falls back to."""
+    from ppl_rnn.inference import ParticleFilter
+
+    class Sub(ElmanSSM):
+        def emission(self, t, h, u_t):
+            return super().emission(t, h, u_t)
+
+    kw = dict(seed=2, obs_noise=0.05, process_noise=0.2)
+    m, s = ElmanSSM(3, 2, **kw), Sub(3, 2, **kw)
+    assert m.emission_jacobian(0, torch.zeros(1, 3), None) is not None
+    assert s.emission_jacobian(0, torch.zeros(1, 3), None) is None
+    y = m.simulate(40, 2, seed=1).observations
+    y[0, 5, 1] = float("nan")
+    a = pr.infer(m, y, method=ParticleFilter(64, proposal="ekf"), seed=3)
+    b = pr.infer(s, y, method=ParticleFilter(64, proposal="ekf"), seed=3)
+    torch.testing.assert_close(a.log_evidence, b.log_evidence, atol=1e-8, rtol=0)
+    torch.testing.assert_close(a.mean, b.mean, atol=1e-8, rtol=0)
