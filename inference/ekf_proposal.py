@@ -28,7 +28,7 @@ from pyro.distributions import MultivariateNormal
 from ppl_rnn.errors import ConfigurationError
 from ppl_rnn.method import check_positive_float
 
-from .ekf import ensure_pd, gaussian_moments, linearize, safe_update
+from .ekf import _capability, ensure_pd, gaussian_moments, linearize, safe_update
 from .kalman import _mv
 from .proposals import register_proposal
 
@@ -61,9 +61,9 @@ class EKFProposal:
                                      method="the EKF proposal")
             mu = mu.expand(h_prev.shape)
             P = P.expand(h_prev.shape + h_prev.shape[-1:])
-        ej = getattr(model, "emission_jacobian", None)  # analytic capability; autograd when absent or None
+        ej = _capability(model, "emission_jacobian")  # analytic capability; autograd when absent or None
         g, G, R = linearize(lambda z: model.emission(t, z, u_t), mu, role="emission", model=model,
-                            method="the EKF proposal", jacobian=(lambda z: ej(t, z, u_t)) if callable(ej) else None)
+                            method="the EKF proposal", jacobian=None if ej is None else (lambda z: ej(t, z, u_t)))
         m, Pq, _ = safe_update(mu, P, y_t, mask_t, G, g - _mv(G, mu), R, t=t)
         if self.inflation != 1.0:
             Pq = Pq * self.inflation

@@ -45,7 +45,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributions import Independent, MultivariateNormal, Normal
+from torch.distributions import MultivariateNormal
 
 from ppl_rnn.data import Data
 from ppl_rnn.errors import DegenerateWeightsError
@@ -55,7 +55,15 @@ from ppl_rnn.results import Posterior
 from ppl_rnn.rng import seeded
 
 from .resampling import multinomial
-from .smc import ParticleFilter, ParticleFilterRecord, _fast_context, take, weighted_draws
+from .smc import (
+    ParticleFilter,
+    ParticleFilterRecord,
+    _diag_normal,
+    _fast_context,
+    exp_clamp_bounds,
+    take,
+    weighted_draws,
+)
 
 BACKWARD_MODES = ("simulation", "mcmc", "marginal")
 #: bound on the elements of the (N, chunk, B, H) intermediate of a backward step
@@ -65,14 +73,6 @@ _CHUNK_ELEMENTS = 1 << 24
 def _check_history(record: ParticleFilterRecord):
     if record.particles is None:
         raise ValueError("the particle filter record has no history; run run_particle_filter(..., keep_history=True).")
-
-
-def _diag_gaussian(d):
-    """``(loc, scale)`` if ``d`` is ``Normal(loc, scale).to_event(1)``, else None."""
-    base = getattr(d, "base_dist", None)
-    if isinstance(d, Independent) and d.reinterpreted_batch_ndims == 1 and isinstance(base, Normal):
-        return base.loc, base.scale
-    return None
 
 
 def _pair_log_f(model, t: int, h_prev: torch.Tensor, h_next: torch.Tensor, u_t, loc_scale=None) -> torch.Tensor:
@@ -92,7 +92,7 @@ def _pair_log_f(model, t: int, h_prev: torch.Tensor, h_next: torch.Tensor, u_t, 
         diag = loc_scale(t, h_prev, u_t)
     else:
         tr = model.transition(t, h_prev, u_t)
-        diag = _diag_gaussian(tr)
+        diag = _diag_normal(tr)
     if diag is not None:
         loc, scale = diag
         scale = scale.expand(N, B, H)
@@ -128,10 +128,8 @@ def _sample_rows(logits: torch.Tensor, row_max: torch.Tensor | None = None) -> t
     n = logits.shape[-1]
     flat = logits.reshape(-1, n)
     mx = flat.amax(-1, keepdim=True) if row_max is None else row_max.reshape(-1, 1)
-    info = torch.finfo(flat.dtype)
-    log_tiny = math.ceil(math.log(info.tiny))
-    w = (flat - mx).clamp_min_(log_tiny).exp_()
-    w = torch.nn.functional.threshold_(w, 1.001 * math.exp(log_tiny), 0.0)
+    log_tiny, tiny = exp_clamp_bounds(flat.dtype)
+    w = torch.nn.functional.threshold_((flat - mx).clamp_min_(log_tiny).exp_(), tiny, 0.0)
     c = torch.cumsum(w, -1)
     u = torch.rand((flat.shape[0], 1), dtype=c.dtype, device=c.device).mul_(c[:, -1:])
     idx = torch.searchsorted(c, u, right=True).clamp_(max=n - 1)

@@ -207,6 +207,14 @@ def _diag_normal(d):
     return None
 
 
+def exp_clamp_bounds(dtype: torch.dtype) -> tuple[int, float]:
+    """``(log_tiny, tiny)`` for exponentiating log-weights in ``dtype``: exponents are clamped at ``log_tiny``
+    (torch's ``exp`` is 10-30x slower below it, the denormal range) and results at or below ``tiny`` (a little
+    above ``exp(log_tiny)``, within rounding) are set to 0."""
+    log_tiny = math.ceil(math.log(torch.finfo(dtype).tiny))
+    return log_tiny, 1.001 * math.exp(log_tiny)
+
+
 def _flush_moments(w, h, mean, var, t0):
     """Weighted means and variances of ``K`` pending steps into ``mean``/``var`` ``(B,T,H)`` at ``t0..t0+K-1``:
     ``w (K,N,B)`` normalised weights, ``h (K,N,B,H)`` particles (two-pass: centred second moment)."""
@@ -279,8 +287,8 @@ def run_particle_filter(
     step_some_none = seq_none.any(0).tolist()
     missing = ~mask
     log_n = math.log(N)
-    log_tiny = math.ceil(math.log(torch.finfo(dt).tiny))
-    tiny = 1.001 * math.exp(log_tiny)  # a little above exp(log_tiny) in dt (within rounding)
+    log_tiny, tiny = exp_clamp_bounds(dt)
+    obs_shape = torch.Size((N, B, y.shape[-1]))  # emission log-density terms, one per particle and entry
     thr = float(ess_threshold) * N
     inv_thr = 1.0 / thr if thr > 0 else math.inf  # resample where sum_n w_n^2 > 1 / thr
     arange_nb = torch.arange(N, device=dev).unsqueeze(1).expand(N, B)
@@ -376,7 +384,7 @@ def run_particle_filter(
                 else:  # -log N(y; loc, scale) = 0.5 z^2 + log scale + log(2 pi)/2, summed over observed entries
                     loc, scale = e
                     z = y_t - loc
-                    z = z.div_(scale) if z.shape == slot.shape[:-1] + y_t.shape[-1:] else z / scale
+                    z = z.div_(scale) if z.shape == obs_shape else z / scale
                     nlp = torch.addcmul(scale.log().add_(_HALF_LOG_2PI), z, z, value=0.5)
                     if not step_full[t]:
                         nlp = nlp.masked_fill_(missing[:, t], 0.0)
