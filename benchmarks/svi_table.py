@@ -3,7 +3,7 @@
 Same data, initial network and yardstick as ``benchmarks/synthetic_table.py``: every method starts from
 ``ElmanSSM(4, 1, seed=init_seed, weight_init="rotation", weight_scale=1.1)`` (float64; ``--init gaussian`` for the
 classical Gaussian draw with weight_scale 0.9) and the fitted model is scored by
-:func:`ppl_rnn.evaluate.evaluate` (held-out log-evidence per step from a 10000-particle filter over train+test at
+:func:`ppl_rnn.workbench.evaluate.evaluate` (held-out log-evidence per step from a 10000-particle filter over train+test at
 the fitted parameters; rolling-origin 1- and 10-step forecast CRPS / RMSE / coverage on the 500 test steps).
 Methods: EKF-EM (:class:`~ppl_rnn.inference.EKFEM`) and SVI (model and guide trained jointly by ``pr.fit``) with
 each of the four guides. A method's own objective is shown beside it with its evidence kind: for SVI the final
@@ -36,7 +36,7 @@ from ppl_rnn.inference.guides import AmortizedGuide, EKFGuide, MarkovGaussianGui
 from synthetic_table import add_common_args, initial_network, score  # same folder: the shared pieces
 
 import ppl_rnn as pr
-from ppl_rnn.datasets import load
+from ppl_rnn.workbench.datasets import load
 
 KEYS = ("ekf_em", "svi_meanfield", "svi_markov", "svi_amortized", "svi_ekf")
 
@@ -145,7 +145,7 @@ def _print_table(rows, a, T1, T2):
     steps = "" if T1 is None else f": {T1} training + {T2} test steps"
     print(f"\nunkelbach-synthetic, noise seed {a.seed}{steps}; initial network "
           f"ElmanSSM(4, 1, seed={a.init_seed}, weight_init={a.init!r}, weight_scale={a.init_weight_scale}); scored by "
-          "ppl_rnn.evaluate.evaluate "
+          "ppl_rnn.workbench.evaluate.evaluate "
           f"({a.eval_particles} particles).\n")
     print(hdr)
     print("|" + "---|" * 9)

@@ -1,6 +1,6 @@
 """The training-method table on ``unkelbach-synthetic`` (issue 4): MCEM vs mean-field EM vs BPTT vs the truth.
 
-Every fitted model is scored by the one yardstick, :func:`ppl_rnn.evaluate.evaluate`: held-out log-evidence
+Every fitted model is scored by the one yardstick, :func:`ppl_rnn.workbench.evaluate.evaluate`: held-out log-evidence
 per step from a 10000-particle filter over train+test at the fitted parameters, and rolling-origin 1- and
 10-step forecast RMSE / CRPS on the 500 test steps. Every method starts from the same random initial network
 ``ElmanSSM(4, 1, seed=init_seed, weight_init="rotation", weight_scale=1.1)`` (``--init gaussian`` for the
@@ -37,8 +37,8 @@ from ppl_rnn.inference import BPTT, MeanFieldEM, MonteCarloEM, ParticleFilter, P
 from ppl_rnn.models import ElmanSSM
 
 import ppl_rnn as pr
-from ppl_rnn.datasets import load
-from ppl_rnn.evaluate import evaluate
+from ppl_rnn.workbench.datasets import load
+from ppl_rnn.workbench.evaluate import evaluate
 
 
 def score(model, train, test, args):
@@ -136,7 +136,7 @@ def main(argv=None):
            "CRPS 1-step | CRPS 10-step | RMSE 10-step | 90% coverage 10-step | method's own objective "
            "(training, nats/step, kind) | fit wall time (s) |")
     print(f"\nunkelbach-synthetic, noise seed {a.seed}: {T1} training + {test.shape[1]} test steps; initial network "
-          f"ElmanSSM(4, 1, seed={a.init_seed}, weight_init={a.init!r}, weight_scale={a.init_weight_scale}); scored by ppl_rnn.evaluate.evaluate "
+          f"ElmanSSM(4, 1, seed={a.init_seed}, weight_init={a.init!r}, weight_scale={a.init_weight_scale}); scored by ppl_rnn.workbench.evaluate.evaluate "
           f"({a.eval_particles} particles).\n")
     print(hdr)
     print("|" + "---|" * 9)

@@ -9,6 +9,7 @@ from .mcem import MonteCarloEM
 from .meanfield_em import MeanFieldEM
 from .particle_smoother import ParticleSmoother, ffbsm, pairwise_expectations
 from .proposals import BootstrapProposal, register_proposal
+from .reference import FixedModel, LinearAR, Persistence
 from .smc import ParticleFilter, run_particle_filter
 from .svi import SVI
 
@@ -17,4 +18,4 @@ __all__ = ["KalmanFilter", "KalmanSmoother", "kalman_filter", "rts_smoother",
            "BootstrapProposal", "register_proposal",
            "ExtendedKalmanFilter", "ExtendedKalmanSmoother", "EKFEM", "EKFProposal", "extended_kalman_filter",
            "SVI", "guides",
-           "MonteCarloEM", "KalmanEM", "MeanFieldEM", "BPTT"]
+           "MonteCarloEM", "KalmanEM", "MeanFieldEM", "BPTT", "Persistence", "LinearAR", "FixedModel"]

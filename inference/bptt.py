@@ -34,17 +34,13 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from ppl_rnn.errors import ModelCapabilityError
+from ppl_rnn.capabilities import require
 from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive_int
 from ppl_rnn.model import input_at
 from ppl_rnn.results import FitResult
 from ppl_rnn.rng import seeded
 
-from .em_common import TraceRecorder, check_finite, set_param
-
-#: (parameter, kind) of the noise parameters a model may expose; kind "scale" (vector) or "tril" (Cholesky)
-_NOISE = {"q": "scale", "s0": "scale", "Q_tril": "tril", "P0_tril": "tril"}
-_REQUIRED = ({"q", "s0"}, {"Q_tril", "P0_tril"})
+from .em_common import TraceRecorder, check_finite
 
 
 def deterministic_log_likelihood(model, data, truncation: int | None = None) -> torch.Tensor:
@@ -62,21 +58,19 @@ def deterministic_log_likelihood(model, data, truncation: int | None = None) -> 
     return ll
 
 
-def set_noise_floor(model, floor: float) -> list[str]:
-    """Set the process noise and initial spread of ``model`` to ``floor`` in place; returns their names."""
-    names = set(getattr(model, "_pyro_params", {}))
-    if not any(req <= names for req in _REQUIRED):
-        raise ModelCapabilityError(
-            f"BPTT sets the process noise to ~0 and needs to know where it is: ElmanSSM (q, s0) or "
-            f"LinearGaussianSSM (Q_tril, P0_tril); {type(model).__name__} exposes neither. Use MonteCarloEM or SVI.")
-    done = []
-    for n, kind in _NOISE.items():
-        if n in names:
-            cur = getattr(model, n).detach()
-            val = torch.full_like(cur, floor) if kind == "scale" else floor * torch.eye(cur.shape[-1], dtype=cur.dtype)
-            set_param(model, n, val)
-            done.append(n)
-    return done
+def set_noise_floor(model, floor: float) -> dict[str, torch.Tensor]:
+    """Set the process noise and initial spread of ``model`` to ``floor`` in place (through its
+    ``noise_scales`` / ``set_noise_scales`` capabilities); returns the new scales by role."""
+    scales = require(model, "noise_scales", needed_by="BPTT (it sets the process noise to ~0)",
+                     alternative="use MonteCarloEM or SVI")()
+    require(model, "set_noise_scales", needed_by="BPTT (it sets the process noise to ~0)",
+            alternative="use MonteCarloEM or SVI")
+    new = {}
+    for role in ("process", "initial"):
+        cur = scales[role].detach()
+        new[role] = torch.full_like(cur, floor) if cur.dim() < 2 else floor * torch.eye(cur.shape[-1], dtype=cur.dtype)
+    model.set_noise_scales(**new)
+    return new
 
 
 class BPTT(InferenceMethod):
@@ -104,12 +98,10 @@ class BPTT(InferenceMethod):
         self.progress = bool(progress)
 
     def _fit(self, model, data, seed):
-        noise = set_noise_floor(model, self.noise_floor)
-        frozen = {f"{n}_unconstrained" for n in noise}
-        params = [p for n, p in model.named_parameters() if n not in frozen]
-        for n, p in model.named_parameters():
-            if n in frozen:
-                p.requires_grad_(False)
+        # the noise-free rollout does not depend on the process noise or the initial spread: their gradients
+        # are exactly zero, so Adam leaves them at the floor
+        set_noise_floor(model, self.noise_floor)
+        params = list(model.parameters())
         t0 = time.perf_counter()
         rec = TraceRecorder()
         n_obs = max(data.num_observed, 1)
@@ -142,13 +134,11 @@ class BPTT(InferenceMethod):
                                  last_good=lambda good_state=good_state: last_good(good_state))
                 good = model.copy()
                 opt.step()
-        for p in model.parameters():
-            p.requires_grad_(True)
         trace = rec.dataset(attrs={"method": self.name, "evidence_kind": "approximation",
                                    "objective": "deterministic (zero process noise) log-likelihood"})
         return FitResult(model=model, trace=trace, posterior=None, wall_time_s=time.perf_counter() - t0,
                          converged=True, method=self.name, evidence_kind="approximation",
-                         diagnostics={"noise_floor": self.noise_floor, "noise_parameters": noise})
+                         diagnostics={"noise_floor": self.noise_floor})
 
 
 __all__ = ["BPTT", "deterministic_log_likelihood", "set_noise_floor"]

@@ -46,7 +46,6 @@ per-sequence model.
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -54,9 +53,10 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import Independent, LowRankMultivariateNormal, MultivariateNormal, Normal
 
+from ppl_rnn.capabilities import capability
 from ppl_rnn.errors import ModelCapabilityError
 from ppl_rnn.method import InferenceMethod
-from ppl_rnn.model import input_at, loc_scale_shortcut
+from ppl_rnn.model import input_at
 from ppl_rnn.results import Posterior
 
 from .kalman import (
@@ -259,11 +259,6 @@ def _diag_cov(scale: torch.Tensor, memo: list) -> torch.Tensor:
     return memo[1]
 
 
-def _capability(model, name: str):
-    fn = getattr(model, name, None)
-    return fn if callable(fn) else None
-
-
 @dataclass(frozen=True)
 class ExtendedKalmanFilterResult(KalmanFilterResult):
     r"""EKF output: the fields of :class:`~ppl_rnn.inference.kalman.KalmanFilterResult` plus
@@ -288,11 +283,11 @@ def extended_kalman_filter(model, y: torch.Tensor, mask: torch.Tensor, inputs: t
     m = m.expand(B, H)
     P = ensure_pd(P.expand(B, H, H), what="initial covariance")
     zeros = torch.zeros(B, H, H, dtype=m.dtype, device=m.device)
-    tj, ej = _capability(model, "transition_jacobian"), _capability(model, "emission_jacobian")
-    tj_mean = tj is not None and "mean" in inspect.signature(tj).parameters
-    # diagonal-Gaussian shortcuts (loc, scale) skip building the distributions (see ppl_rnn.model.loc_scale_shortcut)
-    tr_ls = loc_scale_shortcut(model, "transition") if tj is not None else None
-    em_ls = loc_scale_shortcut(model, "emission") if ej is not None else None
+    tj, ej = capability(model, "transition_jacobian"), capability(model, "emission_jacobian")
+    tj_mean = tj is not None
+    # diagonal-Gaussian shortcuts (loc, scale) skip building the distributions (ppl_rnn.capabilities)
+    tr_ls = capability(model, "transition_loc_scale") if tj is not None else None
+    em_ls = capability(model, "emission_loc_scale") if ej is not None else None
     q_memo, r_memo = [None, None], [None, None]
     ys, masks = y.unbind(1), mask.unbind(1)
     mfs = mask.to(m.dtype).unbind(1)

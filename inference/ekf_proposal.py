@@ -25,10 +25,11 @@ from __future__ import annotations
 import torch
 from pyro.distributions import MultivariateNormal
 
+from ppl_rnn.capabilities import capability
 from ppl_rnn.errors import ConfigurationError
 from ppl_rnn.method import check_positive_float
 
-from .ekf import _capability, ensure_pd, gaussian_moments, linearize, safe_update
+from .ekf import ensure_pd, gaussian_moments, linearize, safe_update
 from .kalman import _mv
 from .proposals import register_proposal
 
@@ -61,7 +62,7 @@ class EKFProposal:
                                      method="the EKF proposal")
             mu = mu.expand(h_prev.shape)
             P = P.expand(h_prev.shape + h_prev.shape[-1:])
-        ej = _capability(model, "emission_jacobian")  # analytic capability; autograd when absent or None
+        ej = capability(model, "emission_jacobian")  # analytic capability; autograd when absent or None
         g, G, R = linearize(lambda z: model.emission(t, z, u_t), mu, role="emission", model=model,
                             method="the EKF proposal", jacobian=None if ej is None else (lambda z: ej(t, z, u_t)))
         m, Pq, _ = safe_update(mu, P, y_t, mask_t, G, g - _mv(G, mu), R, t=t)

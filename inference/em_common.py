@@ -6,8 +6,6 @@ r"""Shared pieces of the EM-style trainers (MonteCarloEM, KalmanEM, MeanFieldEM,
   ``(H, H)`` becomes the data variable ``W`` with dims ``("iteration", "W_dim_0", "W_dim_1")``).
 * :func:`check_finite` turns non-finite parameters or objectives into a :class:`ppl_rnn.DivergenceError` that
   names the iteration and carries the last good :class:`ppl_rnn.FitResult`.
-* :func:`set_param` writes a constrained value into a ``PyroParam`` *in place* (the ``nn.Parameter`` object
-  is kept, so optimiser state stays attached to it).
 """
 
 from __future__ import annotations
@@ -19,19 +17,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import xarray as xr
-from torch.distributions import transform_to
 
 from ppl_rnn.errors import DivergenceError
 from ppl_rnn.results import FitResult, params_snapshot
-
-
-def set_param(model, name: str, value: torch.Tensor) -> None:
-    """Set the constrained value of the ``PyroParam`` ``name`` of ``model`` in place (no grad)."""
-    constraint = model._pyro_params[name][0]
-    unc = getattr(model, f"{name}_unconstrained")
-    with torch.no_grad():
-        new = transform_to(constraint).inv(value.detach().to(unc.dtype))
-        unc.copy_(new.reshape(unc.shape))
 
 
 def params_finite(model) -> list[str]:

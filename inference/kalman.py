@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ppl_rnn.capabilities import require
 from ppl_rnn.method import InferenceMethod
 from ppl_rnn.model import LinearGaussianParams
 from ppl_rnn.results import Posterior
@@ -95,6 +96,7 @@ def _offsets(p: LinearGaussianParams, inputs, B, T, dtype):
     e = p.d.expand(B, T, -1)
     if inputs is not None and p.B is not None:
         c = c + inputs[:, :T] @ p.B.T
+    if inputs is not None and p.D is not None:
         e = e + inputs[:, :T] @ p.D.T
     return c.to(dtype), e.to(dtype)
 
@@ -198,6 +200,9 @@ def _gaussian_final_sampler(f: KalmanFilterResult):
     return sample
 
 
+_ALT = "use ParticleFilter / ParticleSmoother or ExtendedKalmanSmoother for a nonlinear model"
+
+
 class KalmanFilter(InferenceMethod):
     """Exact Kalman filter (filtering marginals and exact log-evidence) for linear-Gaussian models."""
 
@@ -205,7 +210,7 @@ class KalmanFilter(InferenceMethod):
 
     def _infer(self, model, data, seed):
         with torch.no_grad():
-            p = model.linear_gaussian()
+            p = require(model, "linear_gaussian", needed_by=type(self).__name__, alternative=_ALT)()
             f = kalman_filter(p, data.observations, data.mask, data.inputs)
         return Posterior(
             kind="filtering", mean=f.filt_mean, var=torch.diagonal(f.filt_cov, dim1=-2, dim2=-1),
@@ -224,7 +229,7 @@ class KalmanSmoother(InferenceMethod):
 
     def _infer(self, model, data, seed):
         with torch.no_grad():
-            p = model.linear_gaussian()
+            p = require(model, "linear_gaussian", needed_by=type(self).__name__, alternative=_ALT)()
             f = kalman_filter(p, data.observations, data.mask, data.inputs)
             s = rts_smoother(p.A, f)
         A = p.A.detach()

@@ -42,12 +42,13 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from ppl_rnn.errors import ModelCapabilityError
+from ppl_rnn.capabilities import require
 from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive_int
+from ppl_rnn.model import LinearGaussianParams
 from ppl_rnn.results import FitResult
 from ppl_rnn.rng import seeded
 
-from .em_common import TraceRecorder, check_finite, set_param
+from .em_common import TraceRecorder, check_finite
 from .kalman import KalmanSmoother, kalman_filter, rts_smoother
 
 
@@ -72,24 +73,6 @@ def _solve_sym(S, rhs_t):
     ridge = 1e-10 * torch.diagonal(S, dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze(-1).clamp_min(1e-30)
     S = S + ridge * torch.eye(n, dtype=S.dtype)
     return torch.linalg.solve(S, rhs_t.transpose(-1, -2)).transpose(-1, -2)
-
-
-def _structure(model) -> str:
-    names = set(model._pyro_params) if hasattr(model, "_pyro_params") else set()
-    if {"W", "b", "C", "d", "q", "r", "m0", "s0"} <= names and hasattr(model, "activation"):
-        if model.activation != "identity":
-            raise ModelCapabilityError(
-                f"KalmanEM needs a linear-Gaussian model; found {type(model).__name__}(activation="
-                f"{model.activation!r}). Use MonteCarloEM (or EKFEM) for nonlinear models, or "
-                "activation='identity'."
-            )
-        return "elman"
-    if {"A", "b", "C", "d", "Q_tril", "R_tril", "m0", "P0_tril"} <= names:
-        return "lg"
-    raise ModelCapabilityError(
-        f"KalmanEM has a closed-form M-step for ElmanSSM(activation='identity') and LinearGaussianSSM; found "
-        f"{type(model).__name__}. Use MonteCarloEM (generic gradient M-step) for other models."
-    )
 
 
 def transition_mstep(m, P, X, inputs):
@@ -180,63 +163,36 @@ def emission_mstep_full(m, P, y, mask, inputs, p):
     return C, D, theta[:, -1], R
 
 
-def _chol(S):
-    S = 0.5 * (S + S.T)
-    eye = torch.eye(S.shape[-1], dtype=S.dtype)
-    jitter = 0.0
-    for _ in range(6):
-        try:
-            return torch.linalg.cholesky(S + jitter * eye)
-        except RuntimeError:
-            jitter = max(jitter * 10, 1e-12 * float(torch.diagonal(S).abs().mean()) + 1e-15)
-    return torch.linalg.cholesky(S + jitter * eye)
-
-
 @torch.no_grad()
-def kalman_em_step(model, data, kind: str, *, learn_initial: bool = True):
-    """One exact EM iteration on ``model`` in place. Returns the exact log-evidence *before* the update and
-    the smoother output (at the old parameters)."""
+def kalman_em_step(model, data, *, learn_initial: bool = True):
+    """One exact EM iteration on ``model`` in place, through its ``linear_gaussian`` / ``set_linear_gaussian``
+    capabilities. Returns the exact log-evidence *before* the update and the smoother output (at the old
+    parameters)."""
     p = model.linear_gaussian()
-    y, mask, u = data.observations, data.mask, data.inputs
+    y, mask = data.observations, data.mask
+    u = data.inputs if model.input_dim else None
     f = kalman_filter(p, y, mask, u)
     s = rts_smoother(p.A, f)
     m, P, X = s.mean, s.cov, s.cross_cov
     T = y.shape[1]
-    if kind == "elman":
-        C, d, r2 = emission_mstep_diag(m, P, y, mask, p.C, p.d, model.r)
-        if T > 1:
-            A, Bm, b, Q = transition_mstep(m, P, X, u if model.input_dim else None)
-            set_param(model, "W", A)
-            set_param(model, "b", b)
-            if Bm is not None:
-                set_param(model, "U", Bm)
-            set_param(model, "q", torch.diagonal(Q).clamp_min(1e-12).sqrt())
-        set_param(model, "C", C)
-        set_param(model, "d", d)
-        set_param(model, "r", r2.sqrt())
-        if learn_initial:
-            m0, P0 = initial_mstep(m, P)
-            set_param(model, "m0", m0)
-            set_param(model, "s0", torch.diagonal(P0).clamp_min(1e-12).sqrt())
+    A, Bm, b, Q = p.A, p.B, p.b, p.Q
+    if T > 1:
+        A, Bm, b, Q = transition_mstep(m, P, X, u if p.B is not None else None)
+    if p.diagonal_noise:
+        C, d, r2 = emission_mstep_diag(m, P, y, mask, p.C, p.d, torch.diagonal(p.R).sqrt())
+        Dm, R = p.D, torch.diag(r2)
+        Q = torch.diag(torch.diagonal(Q).clamp_min(1e-12))
     else:
-        C, Dm, d, R = emission_mstep_full(m, P, y, mask, u if model.input_dim else None, p)
-        if T > 1:
-            A, Bm, b, Q = transition_mstep(m, P, X, u if model.input_dim else None)
-            set_param(model, "A", A)
-            set_param(model, "b", b)
-            if Bm is not None:
-                set_param(model, "B", Bm)
-            set_param(model, "Q_tril", _chol(Q))
-        set_param(model, "C", C)
-        set_param(model, "d", d)
-        if Dm is not None:
-            set_param(model, "D", Dm)
-        set_param(model, "R_tril", _chol(R))
-        if learn_initial:
-            m0, P0 = initial_mstep(m, P)
-            set_param(model, "m0", m0)
-            set_param(model, "P0_tril", _chol(P0))
+        C, Dm, d, R = emission_mstep_full(m, P, y, mask, u if p.D is not None else None, p)
+    m0, P0 = initial_mstep(m, P) if learn_initial else (p.m0, p.P0)
+    if p.diagonal_noise:
+        P0 = torch.diag(torch.diagonal(P0).clamp_min(1e-12))
+    model.set_linear_gaussian(LinearGaussianParams(A=A, b=b, Q=Q, C=C, d=d, R=R, m0=m0, P0=P0, B=Bm, D=Dm,
+                                                   diagonal_noise=p.diagonal_noise))
     return f.log_evidence.sum(), s
+
+
+_ALT = "use MonteCarloEM (or EKFEM) for a nonlinear model"
 
 
 class KalmanEM(InferenceMethod):
@@ -264,7 +220,8 @@ class KalmanEM(InferenceMethod):
         self.progress = bool(progress)
 
     def _fit(self, model, data, seed):
-        kind = _structure(model)
+        require(model, "linear_gaussian", needed_by="KalmanEM", alternative=_ALT)
+        require(model, "set_linear_gaussian", needed_by="KalmanEM", alternative=_ALT)
         t0 = time.perf_counter()
         rec = TraceRecorder()
         n_obs = max(data.num_observed, 1)
@@ -289,7 +246,7 @@ class KalmanEM(InferenceMethod):
                                  last_good=lambda good=good: last_good(good))
                     rec.record(model, log_evidence=ll, objective=ll)
                     break
-                ll, _ = kalman_em_step(model, data, kind, learn_initial=self.learn_initial)
+                ll, _ = kalman_em_step(model, data, learn_initial=self.learn_initial)
                 rec.record(snap, log_evidence=ll, objective=ll)
                 good = snap
                 check_finite(model, iteration=k + 1, method=self.name, what={"log_evidence": ll},
@@ -297,7 +254,7 @@ class KalmanEM(InferenceMethod):
                 if last_ll is not None and self.tol > 0 and float(ll - last_ll) / n_obs < self.tol:
                     converged = True
                 last_ll = ll
-        post = KalmanSmoother()._infer(model, data, None)
+        post = KalmanSmoother().infer_prepared(model, data, None)
         trace = rec.dataset(attrs={"method": self.name, "evidence_kind": "exact"})
         return FitResult(model=model, trace=trace, posterior=post, wall_time_s=time.perf_counter() - t0,
                          converged=converged, method=self.name, evidence_kind="exact",

@@ -68,7 +68,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ppl_rnn.errors import ConfigurationError, DegenerateWeightsError, DivergenceError, ModelCapabilityError
+from ppl_rnn.capabilities import capability, require
+from ppl_rnn.errors import ConfigurationError, DegenerateWeightsError, DivergenceError
 from ppl_rnn.method import InferenceMethod, check_choice, check_positive_float, check_positive_int
 from ppl_rnn.results import FitResult
 from ppl_rnn.rng import seeded
@@ -236,12 +237,10 @@ class MonteCarloEM(InferenceMethod):
         return g
 
     def _resolve_mstep(self, model) -> str:
-        has = callable(getattr(model, "closed_form_mstep", None))
-        if self.mstep == "closed_form" and not has:
-            raise ModelCapabilityError(
-                f"mstep='closed_form' needs a model with the closed_form_mstep capability (Gaussian noise with "
-                f"closed-form updates, e.g. ElmanSSM); {type(model).__name__} has none. Use mstep='gradient' "
-                "(or 'auto') for this model.")
+        has = capability(model, "closed_form_mstep") is not None
+        if self.mstep == "closed_form":
+            require(model, "closed_form_mstep", needed_by="MonteCarloEM(mstep='closed_form')",
+                    alternative="use mstep='gradient' (or 'auto') for this model")
         if self.mstep == "auto":
             return "closed_form" if has else "gradient"
         return self.mstep
@@ -251,7 +250,7 @@ class MonteCarloEM(InferenceMethod):
         N, P = self._sizes(k)
         sm = _resized(self.smoother, N, P)
         with torch.no_grad():
-            post = sm._infer(model, data, None)
+            post = sm.infer_prepared(model, data, None)
             paths = post.diagnostics.get("paths") if isinstance(post.diagnostics, Mapping) else None
             if paths is None:
                 paths = post.sample(P)
@@ -264,16 +263,8 @@ class MonteCarloEM(InferenceMethod):
         if r == 0:
             return cand
         g = torch.Generator().manual_seed((base * 1_000_003 + 7919 * r) % (2**63 - 1))
-        with torch.no_grad():
-            for name in ("W", "U"):
-                if not hasattr(cand, name) or not isinstance(getattr(cand, name, None), torch.Tensor):
-                    continue
-                old = getattr(cand, name).detach()
-                rms = float(old.pow(2).mean().sqrt()) or 1.0
-                setattr(cand, name, rms * torch.randn(old.shape, generator=g, dtype=torch.float64).to(old.dtype))
-            if isinstance(getattr(cand, "b", None), torch.Tensor):
-                old = cand.b.detach()
-                cand.b = old + 0.1 * torch.randn(old.shape, generator=g, dtype=torch.float64).to(old.dtype)
+        require(cand, "perturb", needed_by="MonteCarloEM(num_restarts > 1)",
+                alternative="use num_restarts=1")(1.0, g)
         return cand
 
     def _restarts(self, model, data, seed):
@@ -290,7 +281,7 @@ class MonteCarloEM(InferenceMethod):
         for r in range(self.num_restarts):
             cand = self._candidate(model, base, r)
             try:
-                fr = short._fit(cand, data, (base + 104_729 * (r + 1)) % (2**31 - 1))
+                fr = short.fit_prepared(cand, data, (base + 104_729 * (r + 1)) % (2**31 - 1))
             except (DivergenceError, DegenerateWeightsError):
                 scores.append(-math.inf)
                 fits.append(None)
@@ -312,6 +303,9 @@ class MonteCarloEM(InferenceMethod):
             chosen, restart_info = self._restarts(model, data, seed)
             model.load_state_dict(chosen.state_dict())
         mode = self._resolve_mstep(model)
+        if self.anneal_noise is not None:
+            for name in ("noise_scales", "set_noise_scales"):
+                require(model, name, needed_by="MonteCarloEM(anneal_noise=...)", alternative="use anneal_noise=None")
         t0 = time.perf_counter()
         rec = TraceRecorder()
         n_obs = max(data.num_observed, 1)
@@ -374,10 +368,9 @@ class MonteCarloEM(InferenceMethod):
                                                         learn_initial=self.learn_initial))
                 else:
                     opt, obj = self._gradient_mstep(model, data, allp, wts, opt, n_obs)
-                if self.anneal_noise is not None and k < self.anneal_noise[1] and hasattr(model, "q"):
+                if self.anneal_noise is not None and k < self.anneal_noise[1]:
                     infl = 1.0 + (self.anneal_noise[0] - 1.0) * (1.0 - k / self.anneal_noise[1])
-                    with torch.no_grad():
-                        model.q = model.q.detach() * infl
+                    model.set_noise_scales(process=model.noise_scales()["process"].detach() * infl)
                 check_finite(model, iteration=k + 1, method=self.name, what={"objective": obj},
                              last_good=lambda post=post, good=good: last_good(good, post))
                 w_ = self.window

@@ -49,17 +49,19 @@ when these matter; mean-field EM is fast (no sampling) and a good initialiser.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 from tqdm.auto import tqdm
 
+from ppl_rnn.capabilities import require
 from ppl_rnn.errors import ModelCapabilityError
 from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive_int
 from ppl_rnn.results import FitResult, Posterior
 from ppl_rnn.rng import seeded
 
-from .em_common import TraceRecorder, check_finite, set_param
+from .em_common import TraceRecorder, check_finite
 from .kalman import kalman_update
 from .kalman_em import emission_mstep_diag
 
@@ -67,32 +69,35 @@ _ACT = {"tanh": (torch.tanh, torch.atanh), "identity": (lambda x: x, lambda x: x
 
 
 def _check_model(model):
-    names = set(getattr(model, "_pyro_params", {}))
-    if not ({"W", "b", "C", "d", "q", "r", "m0", "s0"} <= names) or getattr(model, "activation", None) not in _ACT:
-        raise ModelCapabilityError(
-            f"MeanFieldEM is defined for the stochastic Elman network (ElmanSSM with activation 'tanh' or "
-            f"'identity'); found {type(model).__name__}. Use MonteCarloEM (generic M-step) for other models.")
+    for name in ("elman_form", "set_elman_form"):
+        require(model, name, needed_by="MeanFieldEM (defined for the stochastic Elman network)",
+                alternative="use MonteCarloEM (generic M-step) for other models")
+    act = model.elman_form().activation
+    if act not in _ACT:
+        raise ModelCapabilityError(f"MeanFieldEM supports the activations {sorted(_ACT)}; the model's "
+                                   f"elman_form() has {act!r}. Use MonteCarloEM.")
 
 
 @torch.no_grad()
 def meanfield_estep(model, data):
     r"""The mean-field recursion. Returns ``(z (B,T,H), Sigma (B,T,H,H), log_lik (B,T))``."""
-    g = _ACT[model.activation][0]
+    f = model.elman_form()
+    g = _ACT[f.activation][0]
     y, mask, u = data.observations, data.mask, data.inputs
     B, T, _ = y.shape
     H = model.hidden_dim
-    C, d, R = model.C, model.d, torch.diag(model.r**2)
-    Q = torch.diag(model.q**2).expand(B, H, H)
+    C, d, R = f.C, f.d, torch.diag(f.r**2)
+    Q = torch.diag(f.q**2).expand(B, H, H)
     zs, Ss, lls = [], [], []
     z = None
     for t in range(T):
         if t == 0:
-            h_pred = model.m0.expand(B, H)
-            P_pred = torch.diag(model.s0**2).expand(B, H, H)
+            h_pred = f.m0.expand(B, H)
+            P_pred = torch.diag(f.s0**2).expand(B, H, H)
         else:
-            a = z @ model.W.T + model.b
-            if u is not None:
-                a = a + u[:, t] @ model.U.T
+            a = z @ f.W.T + f.b
+            if f.U is not None:
+                a = a + u[:, t] @ f.U.T
             h_pred, P_pred = g(a), Q
         z, S, ll = kalman_update(h_pred, P_pred, y[:, t], mask[:, t], C, d, R)
         zs.append(z)
@@ -104,28 +109,28 @@ def meanfield_estep(model, data):
 @torch.no_grad()
 def meanfield_mstep(model, data, z, S, *, clip: float = 1e-6, learn_initial: bool = True):
     """Per-neuron weighted linear regressions (module docstring); updates ``model`` in place."""
-    g, ginv = _ACT[model.activation]
+    f = model.elman_form()
+    g, ginv = _ACT[f.activation]
     y, mask, u = data.observations, data.mask, data.inputs
     B, T, H = z.shape
     dt = z.dtype
-    C, dd, r2 = emission_mstep_diag(z, S, y, mask, model.C, model.d, model.r)
-    set_param(model, "C", C)
-    set_param(model, "d", dd)
-    set_param(model, "r", r2.sqrt())
+    C, dd, r2 = emission_mstep_diag(z, S, y, mask, f.C, f.d, f.r)
+    new = {"C": C, "d": dd, "r": r2.sqrt()}
     Sd = torch.diagonal(S, dim1=-2, dim2=-1)
     if learn_initial:
         m0 = z[:, 0].mean(0)
-        set_param(model, "m0", m0)
-        set_param(model, "s0", (((z[:, 0] - m0) ** 2 + Sd[:, 0]).mean(0)).clamp_min(1e-12).sqrt())
+        new.update(m0=m0, s0=(((z[:, 0] - m0) ** 2 + Sd[:, 0]).mean(0)).clamp_min(1e-12).sqrt())
     if T < 2:
+        model.set_elman_form(dataclasses.replace(f, **new))
         return
+    n_in = 0 if f.U is None else f.U.shape[1]
     parts = [z[:, :-1]]
-    if model.input_dim:
+    if n_in:
         parts.append(u[:, 1:T])
     parts.append(torch.ones(B, T - 1, 1, dtype=dt))
-    X = torch.cat(parts, -1).reshape(-1, parts[0].shape[-1] + model.input_dim + 1)
+    X = torch.cat(parts, -1).reshape(-1, parts[0].shape[-1] + n_in + 1)
     V = z[:, 1:].reshape(-1, H)
-    if model.activation == "tanh":
+    if f.activation == "tanh":
         V = V.clamp(-1 + clip, 1 - clip)
         G2 = (1 - V * V) ** 2  # (M, H) weights c(n)^2
     else:
@@ -136,13 +141,13 @@ def meanfield_mstep(model, data, z, S, *, clip: float = 1e-6, learn_initial: boo
     rhs = torch.einsum("mj,mp->jp", G2 * target, X)
     ridge = 1e-8 * torch.diagonal(A, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
     Th = torch.linalg.solve(A + ridge[:, None, None] * torch.eye(P_, dtype=dt), rhs.unsqueeze(-1)).squeeze(-1)
-    set_param(model, "W", Th[:, :H])
-    if model.input_dim:
-        set_param(model, "U", Th[:, H:H + model.input_dim])
-    set_param(model, "b", Th[:, -1])
+    new.update(W=Th[:, :H], b=Th[:, -1])
+    if n_in:
+        new["U"] = Th[:, H:H + n_in]
     resid = z[:, 1:].reshape(-1, H) - g(X @ Th.T)
     q2 = (resid**2).mean(0) + Sd[:, 1:].reshape(-1, H).mean(0)
-    set_param(model, "q", q2.clamp_min(1e-12).sqrt())
+    new["q"] = q2.clamp_min(1e-12).sqrt()
+    model.set_elman_form(dataclasses.replace(f, **new))
 
 
 class MeanFieldEM(InferenceMethod):

@@ -47,10 +47,11 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributions import MultivariateNormal
 
+from ppl_rnn.capabilities import capability
 from ppl_rnn.data import Data
 from ppl_rnn.errors import DegenerateWeightsError
 from ppl_rnn.method import InferenceMethod, check_choice, check_positive_int
-from ppl_rnn.model import input_at, loc_scale_shortcut
+from ppl_rnn.model import input_at
 from ppl_rnn.results import Posterior
 from ppl_rnn.rng import seeded
 
@@ -160,7 +161,7 @@ def backward_simulation(model, data: Data, record: ParticleFilterRecord, num_pat
     with _fast_context(model):
         h = weighted_draws(X[-1], LW[-1], P)
         out[:, :, -1] = h
-        ls = loc_scale_shortcut(model, "transition")
+        ls = capability(model, "transition_loc_scale")
         for t in range(T - 2, -1, -1):
             logf = _pair_log_f(model, t + 1, X[t], h, input_at(data.inputs, t + 1), ls)  # (B,P,N)
             a = logf.add_(LW[t].T.unsqueeze(1))
@@ -184,7 +185,7 @@ def backward_mcmc(model, data: Data, record: ParticleFilterRecord, num_paths: in
     X, LW, A = record.particles, record.log_weights, record.ancestors
     T, N, B, H = X.shape
     out = X.new_empty((P, B, T, H))
-    ls = loc_scale_shortcut(model, "transition")
+    ls = capability(model, "transition_loc_scale")
 
     def log_f(t, h_prev, h_next, u):  # log p(h_next | h_prev) up to a constant shared by every pair
         if ls is None:

@@ -41,10 +41,11 @@ from dataclasses import dataclass
 import pyro
 import torch
 
+from ppl_rnn.capabilities import capability
 from ppl_rnn.data import Data
 from ppl_rnn.errors import ConfigurationError, DegenerateWeightsError
 from ppl_rnn.method import InferenceMethod, check_positive_int
-from ppl_rnn.model import StateSpaceModel, input_at, loc_scale_shortcut
+from ppl_rnn.model import StateSpaceModel, input_at
 from ppl_rnn.results import Posterior
 from ppl_rnn.rng import seeded
 
@@ -273,8 +274,8 @@ def run_particle_filter(
     fast_prop = type(prop) is BootstrapProposal
     fast_obs = type(model).observation_log_prob is StateSpaceModel.observation_log_prob
     # diagonal-Gaussian shortcuts: (loc, scale) without building distributions (same law)
-    tr_ls = loc_scale_shortcut(model, "transition") if fast_prop else None
-    em_ls = loc_scale_shortcut(model, "emission") if fast_obs else None
+    tr_ls = capability(model, "transition_loc_scale") if fast_prop else None
+    em_ls = capability(model, "emission_loc_scale") if fast_obs else None
     y, mask, u = data.observations, data.mask, data.inputs
     B, T, _ = y.shape
     H = model.hidden_dim

@@ -22,7 +22,7 @@ from pyro.distributions import constraints
 from pyro.nn import PyroParam
 
 from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
-from ppl_rnn.model import LinearGaussianParams, StateSpaceModel
+from ppl_rnn.model import ElmanForm, LinearGaussianParams, StateSpaceModel, set_param
 from ppl_rnn.rng import check_seed
 
 _ACTIVATIONS = {"tanh": torch.tanh, "identity": lambda x: x}
@@ -138,15 +138,23 @@ class ElmanSSM(StateSpaceModel):
         r"""``(loc, scale)`` of :meth:`emission`: :math:`(C h_t + d,\ r)`."""
         return h @ self.C.T + self.d, self.r
 
-    # ---- capabilities --------------------------------------------------------------------
+    # ---- capabilities (declared in ppl_rnn.capabilities) ------------------------------------
+    conditional_parts = {"transition": ("transition_mean",)}
+
+    def capability_applies(self, name: str) -> bool:
+        """``linear_gaussian`` / ``set_linear_gaussian`` hold only with ``activation="identity"``."""
+        if name in ("linear_gaussian", "set_linear_gaussian"):
+            return self.activation == "identity"
+        return True
+
+    def __repr__(self) -> str:
+        return (f"ElmanSSM(hidden_dim={self.hidden_dim}, obs_dim={self.obs_dim}, input_dim={self.input_dim}, "
+                f"activation={self.activation!r})")
+
     def transition_jacobian(self, t, h_prev, u_t, mean=None):
         r"""Analytic :math:`\partial f_t/\partial h_{t-1} = \operatorname{diag}(\phi'(a_t))\,W` ``(..., H, H)``,
-        :math:`a_t = W h_{t-1} + U u_t + b` (:math:`\phi'=1-\tanh^2` or 1): the EKF's fast path (the EKF falls
-        back to autograd when this returns None, as it does for a subclass that overrides the transition).
+        :math:`a_t = W h_{t-1} + U u_t + b` (:math:`\phi'=1-\tanh^2` or 1): the EKF's fast path.
         ``mean``: optional, :math:`f_t(h_{t-1})` if the caller has it already (saves recomputing it)."""
-        cls = type(self)
-        if cls.transition is not ElmanSSM.transition or cls.transition_mean is not ElmanSSM.transition_mean:
-            return None
         W = self.W
         if self.activation == "identity":
             return W.expand(h_prev.shape[:-1] + W.shape)
@@ -154,26 +162,121 @@ class ElmanSSM(StateSpaceModel):
         return (1.0 - a * a).unsqueeze(-1) * W
 
     def emission_jacobian(self, t, h, u_t):
-        r"""Analytic :math:`\partial g_t/\partial h_t = C` ``(..., D, H)`` (None for a subclass that overrides
-        the emission: the EKF then differentiates it by autograd)."""
-        if type(self).emission is not ElmanSSM.emission:
-            return None
+        r"""Analytic :math:`\partial g_t/\partial h_t = C` ``(..., D, H)``."""
         C = self.C
         return C.expand(h.shape[:-1] + C.shape)
 
-    def linear_gaussian(self) -> LinearGaussianParams:
+    def linear_gaussian_emission(self, t, u_t):
+        r""":math:`y_t = C h_t + d + v_t,\ v_t\sim N(0, \operatorname{diag} r^2)`: ``(C, d, diag r^2)``."""
+        return self.C, self.d, torch.diag(self.r**2)
+
+    def _check_linear(self) -> None:
         if self.activation != "identity":
             raise ModelCapabilityError(
-                f"ElmanSSM(activation={self.activation!r}) is nonlinear, so exact Kalman inference does not apply. "
-                "Use ParticleSmoother or ExtendedKalmanSmoother, or build it with activation='identity'."
-            )
-        O = self.obs_dim
+                f"ElmanSSM(activation={self.activation!r}) is nonlinear, so it has no linear-Gaussian form. Use "
+                "ParticleSmoother or ExtendedKalmanSmoother, build it with activation='identity', or use "
+                "linear_special_case() / embed_linear() for a linear warm start.")
+
+    def linear_gaussian(self) -> LinearGaussianParams:
+        self._check_linear()
         return LinearGaussianParams(
             A=self.W, b=self.b, Q=torch.diag(self.q**2), C=self.C, d=self.d, R=torch.diag(self.r**2),
-            m0=self.m0, P0=torch.diag(self.s0**2),
-            B=self.U if self.input_dim else None,
-            D=torch.zeros(O, self.input_dim, dtype=self.C.dtype) if self.input_dim else None,
+            m0=self.m0, P0=torch.diag(self.s0**2), B=self.U if self.input_dim else None, D=None,
+            diagonal_noise=True,
         )
+
+    @torch.no_grad()
+    def set_linear_gaussian(self, params: LinearGaussianParams) -> None:
+        """Set from a linear-Gaussian fit, keeping the diagonals of ``Q``, ``R``, ``P0`` (the model's family)
+        and ignoring an input term ``D`` of the emission (the Elman emission has none)."""
+        self._check_linear()
+        self._set_from(params, gain=1.0)
+
+    def linear_special_case(self) -> ElmanSSM:
+        """A new ``ElmanSSM(activation="identity")`` of the same sizes (its parameters: this model's)."""
+        lin = ElmanSSM(self.hidden_dim, self.obs_dim, self.input_dim, activation="identity")
+        lin.load_state_dict(self.state_dict())
+        return lin
+
+    @torch.no_grad()
+    def embed_linear(self, params: LinearGaussianParams, *, gain: float = 0.1) -> None:
+        r"""Embed a linear-Gaussian model in the activation's linear regime: with states :math:`h' = g h`
+        (:math:`g` = ``gain``), :math:`W = A`, :math:`b' = g b`, :math:`U' = g B`, :math:`q' = g\sqrt{\operatorname{diag} Q}`,
+        :math:`C' = C/g`, :math:`m_0' = g m_0`, :math:`s_0' = g \sqrt{\operatorname{diag} P_0}`; since
+        :math:`\tanh(x)\approx x` for small :math:`x`, the network then behaves like the linear model."""
+        self._set_from(params, gain=float(gain))
+
+    def _set_from(self, p: LinearGaussianParams, *, gain: float) -> None:
+        dt = self.C.dtype
+
+        def c(x):
+            return x.detach().to(dt)
+
+        set_param(self, "W", c(p.A))
+        set_param(self, "b", gain * c(p.b))
+        if self.input_dim and p.B is not None:
+            set_param(self, "U", gain * c(p.B))
+        set_param(self, "q", gain * torch.diagonal(c(p.Q)).clamp_min(1e-24).sqrt())
+        set_param(self, "C", c(p.C) / gain)
+        set_param(self, "d", c(p.d))
+        set_param(self, "r", torch.diagonal(c(p.R)).clamp_min(1e-24).sqrt())
+        set_param(self, "m0", gain * c(p.m0))
+        set_param(self, "s0", gain * torch.diagonal(c(p.P0)).clamp_min(1e-24).sqrt())
+
+    def elman_form(self) -> ElmanForm:
+        return ElmanForm(W=self.W, b=self.b, C=self.C, d=self.d, q=self.q, r=self.r, m0=self.m0, s0=self.s0,
+                         activation=self.activation, U=self.U if self.input_dim else None)
+
+    @torch.no_grad()
+    def set_elman_form(self, form: ElmanForm) -> None:
+        if form.activation != self.activation:
+            raise ConfigurationError(f"form.activation is {form.activation!r}; this model's is {self.activation!r}.")
+        for name in ("W", "b", "C", "d", "q", "r", "m0", "s0") + (("U",) if self.input_dim else ()):
+            set_param(self, name, getattr(form, name).detach().to(self.C.dtype))
+
+    def noise_scales(self) -> dict[str, torch.Tensor]:
+        """Standard deviations: ``initial`` = s0, ``process`` = q, ``obs`` = r (vectors)."""
+        return {"initial": self.s0, "process": self.q, "obs": self.r}
+
+    @torch.no_grad()
+    def set_noise_scales(self, **scales: torch.Tensor) -> None:
+        names = {"initial": "s0", "process": "q", "obs": "r"}
+        for role, v in scales.items():
+            if role not in names:
+                raise ConfigurationError(f"noise role must be one of {sorted(names)}; found {role!r}.")
+            cur = getattr(self, names[role])
+            set_param(self, names[role], torch.as_tensor(v, dtype=cur.dtype).expand(cur.shape))
+
+    def _weight_names(self) -> tuple[str, ...]:
+        return ("W",) + (("U",) if self.input_dim else ()) + ("b", "C", "d", "m0")
+
+    def weights(self) -> torch.Tensor:
+        """``(W, U, b, C, d, m0)`` flattened (detached copy)."""
+        return torch.cat([getattr(self, n).detach().reshape(-1) for n in self._weight_names()])
+
+    @torch.no_grad()
+    def set_weights(self, vector: torch.Tensor) -> None:
+        v = torch.as_tensor(vector, dtype=self.C.dtype).reshape(-1)
+        n_total = sum(getattr(self, n).numel() for n in self._weight_names())
+        if v.numel() != n_total:
+            raise ConfigurationError(f"vector has {v.numel()} entries; this model's weights() has {n_total}.")
+        i = 0
+        for n in self._weight_names():
+            cur = getattr(self, n)
+            set_param(self, n, v[i:i + cur.numel()].reshape(cur.shape))
+            i += cur.numel()
+
+    @torch.no_grad()
+    def perturb(self, scale: float, generator: torch.Generator) -> None:
+        """Redraw ``W`` (and ``U``) at their current RMS times ``scale`` around zero plus the old value times
+        ``1 - scale``, and move ``b`` by ``N(0, (0.1 scale)^2)``: a restart candidate near this network."""
+        for n in ("W",) + (("U",) if self.input_dim else ()):
+            old = getattr(self, n).detach()
+            rms = float(old.pow(2).mean().sqrt()) or 1.0
+            noise = torch.randn(old.shape, generator=generator, dtype=torch.float64).to(old.dtype)
+            set_param(self, n, (1.0 - scale) * old + scale * rms * noise)
+        old = self.b.detach()
+        set_param(self, "b", old + 0.1 * scale * torch.randn(old.shape, generator=generator, dtype=torch.float64).to(old.dtype))
 
     # ---- closed-form (generalised) M-step: the MCEM fast path ------------------------------
     def closed_form_mstep(

@@ -18,7 +18,8 @@ from pyro.distributions import constraints
 from pyro.nn import PyroParam
 
 from ppl_rnn.errors import ConfigurationError
-from ppl_rnn.model import LinearGaussianParams, StateSpaceModel
+from ppl_rnn.gaussian import psd_cholesky
+from ppl_rnn.model import LinearGaussianParams, StateSpaceModel, set_param
 from ppl_rnn.rng import check_seed
 
 
@@ -101,9 +102,69 @@ class LinearGaussianSSM(StateSpaceModel):
             loc = loc + u_t @ self.D.T
         return dist.MultivariateNormal(loc, scale_tril=self.R_tril)
 
+    # ---- capabilities (declared in ppl_rnn.capabilities) ------------------------------------
     def linear_gaussian(self) -> LinearGaussianParams:
         Lq, Lr, Lp = self.Q_tril, self.R_tril, self.P0_tril
         return LinearGaussianParams(
             A=self.A, b=self.b, Q=Lq @ Lq.T, C=self.C, d=self.d, R=Lr @ Lr.T, m0=self.m0, P0=Lp @ Lp.T,
             B=self.B if self.input_dim else None, D=self.D if self.input_dim else None,
         )
+
+    @torch.no_grad()
+    def set_linear_gaussian(self, params: LinearGaussianParams) -> None:
+        """Set every parameter from ``params`` (covariances through their Cholesky factors, with a tiny
+        jitter if one is only semi-definite)."""
+        dt = self.A.dtype
+        for name in ("A", "b", "C", "d", "m0") + (("B", "D") if self.input_dim else ()):
+            v = getattr(params, name)
+            if v is not None:
+                set_param(self, name, v.detach().to(dt))
+        for name, cov in (("Q_tril", params.Q), ("R_tril", params.R), ("P0_tril", params.P0)):
+            set_param(self, name, psd_cholesky(cov.detach().to(dt)))
+
+    def linear_special_case(self) -> LinearGaussianSSM:
+        return self.copy()
+
+    def linear_gaussian_emission(self, t, u_t):
+        r""":math:`y_t = C h_t + D u_t + d + v_t,\ v_t\sim N(0,R)`: ``(C, D u_t + d, R)``."""
+        off = self.d if u_t is None else u_t @ self.D.T + self.d
+        return self.C, off, self.R_tril @ self.R_tril.T
+
+    def transition_jacobian(self, t, h_prev, u_t, mean=None):
+        return self.A.expand(h_prev.shape[:-1] + self.A.shape)
+
+    def emission_jacobian(self, t, h, u_t):
+        return self.C.expand(h.shape[:-1] + self.C.shape)
+
+    def noise_scales(self) -> dict[str, torch.Tensor]:
+        """Lower-triangular scale matrices: ``initial`` = P0_tril, ``process`` = Q_tril, ``obs`` = R_tril."""
+        return {"initial": self.P0_tril, "process": self.Q_tril, "obs": self.R_tril}
+
+    @torch.no_grad()
+    def set_noise_scales(self, **scales: torch.Tensor) -> None:
+        names = {"initial": "P0_tril", "process": "Q_tril", "obs": "R_tril"}
+        for role, v in scales.items():
+            if role not in names:
+                raise ConfigurationError(f"noise role must be one of {sorted(names)}; found {role!r}.")
+            cur = getattr(self, names[role])
+            v = torch.as_tensor(v, dtype=cur.dtype)
+            set_param(self, names[role], torch.diag_embed(v.expand(cur.shape[:1])) if v.dim() < 2 else v)
+
+    def _weight_names(self) -> tuple[str, ...]:
+        return ("A", "b", "C", "d", "m0") + (("B", "D") if self.input_dim else ())
+
+    def weights(self) -> torch.Tensor:
+        """``(A, b, C, d, m0[, B, D])`` flattened (detached copy)."""
+        return torch.cat([getattr(self, n).detach().reshape(-1) for n in self._weight_names()])
+
+    @torch.no_grad()
+    def set_weights(self, vector: torch.Tensor) -> None:
+        v = torch.as_tensor(vector, dtype=self.A.dtype).reshape(-1)
+        n_total = sum(getattr(self, n).numel() for n in self._weight_names())
+        if v.numel() != n_total:
+            raise ConfigurationError(f"vector has {v.numel()} entries; this model's weights() has {n_total}.")
+        i = 0
+        for n in self._weight_names():
+            cur = getattr(self, n)
+            set_param(self, n, v[i:i + cur.numel()].reshape(cur.shape))
+            i += cur.numel()

@@ -3,43 +3,43 @@ interchangeable inference: particle smoothing + Monte Carlo EM, mean-field EM, S
 
     import ppl_rnn as pr
     post = pr.infer(model, y, method=pr.inference.KalmanSmoother())
+
+Three floors: the contract (this package's top-level modules: model, capabilities, data, masking, results,
+errors, rng, scope, method, verbs) <- ``ppl_rnn.models`` and ``ppl_rnn.inference`` <- ``ppl_rnn.workbench``
+(evaluate, compare, forecast, report, ArviZ export, datasets, CLI, demo; plots load matplotlib on use).
+Importing the package changes no global setting: the library's Pyro settings apply inside its own calls.
 """
 
-import pyro
-
-# Parameters live on the modules, never in Pyro's global param store (DESIGN.md).
-pyro.settings.set(module_local_params=True)
-
-from . import (  # noqa: E402  (floor 2 after the contract; datasets and plots are floor 3)
-    datasets,
-    errors,  # noqa: E402
+from . import (  # floor 1: the contract  # noqa: E402,I001  floor 2
+    capabilities,
+    errors,
     inference,
     models,
-    plots,
+    workbench,  # noqa: E402  floor 3
 )
-
-# (floor 3, after inference/models: compare, to_inference_data, evaluate — the workbench)
-from .arviz_export import to_inference_data  # noqa: E402
-from .compare import compare  # noqa: E402
-from .data import Data, prepare  # noqa: E402
-from .errors import (  # noqa: E402
+from .data import Data, prepare
+from .errors import (
     ConfigurationError,
     DataError,
     DegenerateWeightsError,
     DivergenceError,
     ModelCapabilityError,
 )
-from .evaluate import evaluate  # noqa: E402
-from .method import InferenceMethod  # noqa: E402
-from .model import LinearGaussianParams, Simulation, StateSpaceModel  # noqa: E402
-from .results import FitResult, Forecast, Posterior  # noqa: E402
-from .verbs import fit, forecast, infer  # noqa: E402
+from .method import InferenceMethod
+from .model import ElmanForm, LinearGaussianParams, Simulation, StateSpaceModel
+from .results import FitResult, Forecast, Posterior
+from .verbs import fit, infer
+from .workbench import datasets  # noqa: E402
+from .workbench.arviz_export import to_inference_data  # noqa: E402
+from .workbench.compare import compare  # noqa: E402
+from .workbench.evaluate import evaluate  # noqa: E402
+from .workbench.forecasting import forecast  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "StateSpaceModel", "LinearGaussianParams", "Simulation", "Posterior", "FitResult", "Forecast",
+    "StateSpaceModel", "LinearGaussianParams", "ElmanForm", "Simulation", "Posterior", "FitResult", "Forecast",
     "InferenceMethod", "Data", "prepare", "infer", "fit", "forecast", "inference", "models", "errors",
-    "ConfigurationError", "DataError", "DegenerateWeightsError", "DivergenceError", "ModelCapabilityError",
-    "compare", "to_inference_data", "evaluate", "datasets", "plots",
+    "capabilities", "ConfigurationError", "DataError", "DegenerateWeightsError", "DivergenceError",
+    "ModelCapabilityError", "compare", "to_inference_data", "evaluate", "datasets", "workbench",
 ]

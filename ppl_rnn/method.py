@@ -1,7 +1,8 @@
 """Base class of inference methods. Methods are objects (keyword-only options validated in ``__init__``);
 verbs (:func:`ppl_rnn.infer`, :func:`ppl_rnn.fit`) are functions that validate data and dispatch here.
 
-A method implements ``_infer(model, data, seed) -> Posterior`` and/or ``_fit(model, data, seed) -> FitResult``.
+A method implements ``_infer(model, data, seed) -> Posterior`` and/or ``_fit(model, data, seed) -> FitResult``;
+callers use the public ``infer_prepared`` / ``fit_prepared``.
 ``data`` is a validated :class:`ppl_rnn.data.Data`. ``_fit`` receives a copy of the user's model and may
 modify it in place.
 """
@@ -17,6 +18,16 @@ class InferenceMethod:
     name: str = "method"
     #: whether ``_infer`` gives smoothing (True) or filtering (False) marginals
     smooths: bool = False
+
+    def infer_prepared(self, model, data, seed):
+        """Posterior given already validated :class:`ppl_rnn.data.Data` (what ``pr.infer`` calls; other
+        methods and the workbench call it too). Subclasses implement ``_infer``."""
+        return self._infer(model, data, seed)
+
+    def fit_prepared(self, model, data, seed):
+        """Train ``model`` **in place** on validated data (``pr.fit`` passes a copy). Subclasses implement
+        ``_fit``."""
+        return self._fit(model, data, seed)
 
     def _infer(self, model, data, seed):
         raise NotImplementedError(

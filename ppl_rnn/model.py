@@ -19,20 +19,10 @@ log-density is
 
 where :math:`y_{t,o}` are the observed (non-NaN) entries; see :mod:`ppl_rnn.masking`.
 
-Capabilities (optional methods that unlock fast paths; inference never imports model classes):
-
-* ``linear_gaussian() -> LinearGaussianParams``: the model is linear-Gaussian (exact Kalman, KalmanEM).
-* Gaussian transition/emission (``Normal(...).to_event(1)`` or ``MultivariateNormal``): the EKF
-  differentiates ``transition(...).mean`` by autograd — no extra method needed.
-* ``transition_jacobian(t, h_prev, u_t, mean=None) -> (..., H, H)`` and ``emission_jacobian(t, h, u_t) -> (..., D, H)``:
-  analytic Jacobians of the transition and emission means, used by the EKF (and so EKS, EKF-EM, the EKF guide
-  and proposal) instead of autograd when present and not None; see :mod:`ppl_rnn.inference.ekf`.
-* ``closed_form_mstep(...)``: see :mod:`ppl_rnn.inference.mcem`.
-* ``transition_loc_scale(t, h_prev, u_t) -> (loc, scale)`` / ``emission_loc_scale(t, h, u_t)``: the
-  conditional is the diagonal Gaussian ``Normal(loc, scale).to_event(1)``, returned without building the
-  distribution (the particle filter's fast path at small particle numbers). Used only when defined by the
-  same class that defines ``transition`` / ``emission`` (see :func:`loc_scale_shortcut`), so a subclass that
-  overrides a conditional without its shortcut is never read through a stale one.
+Capabilities (what a method may exploit beyond the three conditionals: the linear-Gaussian form, diagonal-
+Gaussian ``(loc, scale)`` shortcuts, a linear-Gaussian emission, analytic Jacobians, a closed-form M-step, noise
+scales, a flat weight vector, a linear warm start) are declared in :mod:`ppl_rnn.capabilities` and found only
+through :func:`ppl_rnn.capabilities.capability`, which applies the defining-class rule to all of them.
 """
 
 from __future__ import annotations
@@ -44,11 +34,13 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
+from torch.distributions import transform_to
 
 from .data import model_dtype, validate_inputs, validate_observations
-from .errors import ConfigurationError, DataError, ModelCapabilityError
+from .errors import ConfigurationError, DataError
 from .masking import PartiallyObserved, masked_log_prob
 from .rng import seeded
+from .scope import library_scope, local_param_ready
 
 
 @dataclass(frozen=True)
@@ -59,7 +51,9 @@ class LinearGaussianParams:
         h_0 \sim N(m_0, P_0),\quad h_t = A h_{t-1} + B u_t + b + e_t,\ e_t\sim N(0,Q),\quad
         y_t = C h_t + D u_t + d + v_t,\ v_t\sim N(0,R).
 
-    ``B``/``D`` are ``None`` for a model without inputs.
+    ``B``/``D`` are ``None`` for a model without inputs (``D`` alone is None when the emission has no input
+    term). ``diagonal_noise``: the model's family has diagonal ``Q``, ``R``, ``P0`` (an M-step then fits the
+    diagonals, each output over the steps where it is observed).
     """
 
     A: torch.Tensor
@@ -72,6 +66,30 @@ class LinearGaussianParams:
     P0: torch.Tensor
     B: torch.Tensor | None = None
     D: torch.Tensor | None = None
+    diagonal_noise: bool = False
+
+
+@dataclass(frozen=True)
+class ElmanForm:
+    r"""The stochastic Elman form (capability ``elman_form``):
+
+    .. math:: h_0\sim N(m_0,\operatorname{diag}s_0^2),\quad
+              h_t = \phi(W h_{t-1} + U u_t + b) + N(0, \operatorname{diag} q^2),\quad
+              y_t = C h_t + d + N(0, \operatorname{diag} r^2)
+
+    ``activation`` names :math:`\phi` (``"tanh"`` or ``"identity"``); ``U`` is None without inputs.
+    """
+
+    W: torch.Tensor
+    b: torch.Tensor
+    C: torch.Tensor
+    d: torch.Tensor
+    q: torch.Tensor
+    r: torch.Tensor
+    m0: torch.Tensor
+    s0: torch.Tensor
+    activation: str
+    U: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -88,23 +106,15 @@ class Simulation:
     inputs: torch.Tensor | None = None
 
 
-def _defining_class(cls: type, name: str) -> type | None:
-    for k in cls.__mro__:
-        if name in k.__dict__:
-            return k
-    return None
-
-
-def loc_scale_shortcut(model, role: str):
-    """``model.<role>_loc_scale`` (``role`` = ``"transition"`` or ``"emission"``) when it is safe to use in
-    place of ``model.<role>``: both are defined by the same class and neither is patched on the instance;
-    else None."""
-    name = f"{role}_loc_scale"
-    cls = type(model)
-    k = _defining_class(cls, name)
-    if k is None or k is not _defining_class(cls, role) or role in vars(model) or name in vars(model):
-        return None
-    return getattr(model, name)
+def set_param(module, name: str, value: torch.Tensor) -> None:
+    """Set the constrained value of ``module``'s own ``PyroParam`` ``name`` in place (no grad; the
+    ``nn.Parameter`` object is kept, so optimiser state stays attached). For models' own capability code:
+    inference never calls it with a name it did not get from the model."""
+    constraint = module._pyro_params[name][0]
+    unc = getattr(module, f"{name}_unconstrained")
+    with torch.no_grad():
+        new = transform_to(constraint).inv(value.detach().to(unc.dtype))
+        unc.copy_(new.reshape(unc.shape))
 
 
 def input_at(inputs: torch.Tensor | None, t: int) -> torch.Tensor | None:
@@ -120,6 +130,9 @@ class StateSpaceModel(PyroModule):
     hidden_dim: int
     obs_dim: int
     input_dim: int = 0
+    #: helper methods each conditional is built from (overriding one counts as overriding the conditional
+    #: for the defining-class rule of :mod:`ppl_rnn.capabilities`), e.g. ``{"transition": ("transition_mean",)}``
+    conditional_parts: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, hidden_dim: int, obs_dim: int, input_dim: int = 0, name: str = ""):
         super().__init__(name)
@@ -129,6 +142,13 @@ class StateSpaceModel(PyroModule):
         self.hidden_dim = hidden_dim
         self.obs_dim = obs_dim
         self.input_dim = input_dim
+
+    def __call__(self, *args, **kwargs):
+        """Run the Pyro program with this model's parameters kept on the module (Pyro's
+        ``module_local_params`` inside :func:`ppl_rnn.scope.library_scope`), whatever the global setting."""
+        with library_scope():
+            local_param_ready(self)
+            return super().__call__(*args, **kwargs)
 
     # ---- the three conditionals ------------------------------------------------------------
     def initial(self, u0: torch.Tensor | None) -> dist.Distribution:  # pragma: no cover - abstract
@@ -147,12 +167,10 @@ class StateSpaceModel(PyroModule):
         r""":math:`\log p(y_{t,o}\mid h_t)` over the observed entries (0 for a fully missing step)."""
         return masked_log_prob(self.emission(t, h, u_t), y_t, mask_t)
 
-    def linear_gaussian(self) -> LinearGaussianParams:
-        """The linear-Gaussian form, for models that have one (Kalman). Others raise."""
-        raise ModelCapabilityError(
-            f"{type(self).__name__} is not linear-Gaussian, so exact Kalman inference does not apply. Use "
-            "ParticleSmoother or ExtendedKalmanSmoother, or a LinearGaussianSSM / ElmanSSM(activation='identity')."
-        )
+    def capability_applies(self, name: str) -> bool:
+        """Whether the declared capability ``name`` holds for this instance (default True). Override to switch
+        one off per instance (e.g. a linear form that exists only for one activation)."""
+        return True
 
     @property
     def dtype(self) -> torch.dtype:

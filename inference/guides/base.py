@@ -20,6 +20,7 @@ from pyro.nn import PyroModule
 
 from ppl_rnn.data import validate_inputs, validate_observations
 from ppl_rnn.errors import ConfigurationError, DataError
+from ppl_rnn.scope import library_scope, local_param_ready
 
 
 class StateGuide(PyroModule):
@@ -39,6 +40,12 @@ class StateGuide(PyroModule):
         self._shape: tuple[int, int] | None = None
         if model is not None:
             self.bind(model)
+
+    def __call__(self, *args, **kwargs):
+        """Run the guide with its parameters kept on the module (as :meth:`ppl_rnn.StateSpaceModel.__call__`)."""
+        with library_scope():
+            local_param_ready(self)
+            return super().__call__(*args, **kwargs)
 
     # ---- sizes -----------------------------------------------------------------------------
     @property

@@ -5,10 +5,10 @@ import warnings
 import numpy as np
 import pytest
 import xarray as xr
+from ppl_rnn.inference.reference import LinearAR, Persistence
 from ppl_rnn.models import ElmanSSM
 
 import ppl_rnn as pr
-from ppl_rnn.reference_models import LinearAR, Persistence
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 az = pytest.importorskip("arviz")

@@ -6,7 +6,7 @@ import sys
 import pytest
 import xarray as xr
 
-from ppl_rnn.cli import main
+from ppl_rnn.workbench.cli import main
 
 
 def test_help_teaches(capsys):
@@ -84,7 +84,7 @@ def test_fit_and_forecast_commands(tmp_path, capsys):
 
 
 def test_entry_point_is_installed():
-    r = subprocess.run([sys.executable, "-m", "ppl_rnn.cli", "simulate", "--steps", "0"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "ppl_rnn.workbench.cli", "simulate", "--steps", "0"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
 

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from ppl_rnn.inference.reference import LinearAR, Persistence
 from ppl_rnn.models import ElmanSSM
 
 import ppl_rnn as pr
-from ppl_rnn.compare import load_cell_model, load_cell_trace
 from ppl_rnn.errors import ConfigurationError
-from ppl_rnn.reference_models import LinearAR, Persistence
 from ppl_rnn.results import FitResult
+from ppl_rnn.workbench.compare import load_cell_model, load_cell_trace
 
 
 class CountingFit(pr.InferenceMethod):
@@ -134,7 +134,7 @@ class InterruptOnSeed1(pr.InferenceMethod):
     def _fit(self, model, data, seed):
         if seed == 1:
             raise KeyboardInterrupt
-        return Persistence()._fit(model, data, seed)
+        return Persistence().fit_prepared(model, data, seed)
 
 
 def test_ctrl_c_keeps_finished_cells(problem, tmp_path):

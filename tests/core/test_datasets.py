@@ -8,8 +8,8 @@ import pytest
 import torch
 from ppl_rnn.models import ElmanSSM
 
-from ppl_rnn.datasets import DATASETS, Dataset, MissingExtraError, load
 from ppl_rnn.errors import ConfigurationError
+from ppl_rnn.workbench.datasets import DATASETS, Dataset, MissingExtraError, load
 
 
 def _check_record(d: Dataset, shape, input_dim=0):

@@ -1,4 +1,4 @@
-"""The yardstick (ppl_rnn.evaluate) against exact Kalman answers."""
+"""The yardstick (ppl_rnn.workbench.evaluate) against exact Kalman answers."""
 
 import math
 
@@ -10,7 +10,7 @@ from ppl_rnn.models import ElmanSSM
 
 import ppl_rnn as pr
 from ppl_rnn.errors import ConfigurationError, DataError
-from ppl_rnn.evaluate import crps_samples, evaluate, onestep_predictive
+from ppl_rnn.workbench.evaluate import crps_samples, evaluate, onestep_predictive
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import xarray as xr
 from ppl_rnn.models import ElmanSSM
 
 import ppl_rnn as pr
-from ppl_rnn import plots
+from ppl_rnn.workbench import plots
 
 matplotlib.use("Agg")
 

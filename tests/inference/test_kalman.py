@@ -41,7 +41,7 @@ def _lg_model(H=2, D=2, I=0, seed=0):
 
 def _params(model):
     p = model.linear_gaussian()
-    return {k: (None if v is None else v.detach()) for k, v in vars(p).items()}
+    return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in vars(p).items()}
 
 
 def _brute(p, y, mask, u=None, upto=None):
@@ -53,7 +53,8 @@ def _brute(p, y, mask, u=None, upto=None):
     e = p["d"].expand(T, D).clone()
     if u is not None:
         c = c + u @ p["B"].T
-        e = e + u @ p["D"].T
+        if p["D"] is not None:
+            e = e + u @ p["D"].T
     # h = mu_h + G eps, eps ~ N(0, blockdiag(P0, Q, ..., Q))
     mu = torch.zeros(T, H, dtype=y.dtype)
     mu[0] = p["m0"]

@@ -44,7 +44,7 @@ def test_closed_form_step_matches_exact_em_step(float64):
     m = ElmanSSM(2, 1, activation="identity", process_noise=0.3, obs_noise=0.3, seed=5)
     data = prepare(m, y)
     exact = m.copy()
-    kalman_em_step(exact, data, "elman")
+    kalman_em_step(exact, data)
     mc = m.copy()
     with torch.no_grad():
         paths = pr.infer(m, y, method=KalmanSmoother()).sample(4000, seed=0)

@@ -283,7 +283,10 @@ def test_configuration_errors(kw):
 def test_loc_scale_shortcut_same_law_and_guarded(float64):
     """ElmanSSM's (loc, scale) shortcuts give the same filter as its distributions (same random stream); a
     subclass that overrides a conditional without its shortcut is read through the distribution."""
-    from ppl_rnn.model import loc_scale_shortcut
+    from ppl_rnn.capabilities import capability
+
+    def loc_scale_shortcut(m, role):
+        return capability(m, f"{role}_loc_scale")
 
     model = ElmanSSM(3, 2, input_dim=1, seed=4, process_noise=0.2, obs_noise=0.3)
     sim = model.simulate(30, 2, inputs=torch.randn(2, 30, 1), seed=5)

@@ -42,7 +42,7 @@ def test_elman_linear_gaussian_form(float64):
     torch.testing.assert_close(p.R, torch.diag(torch.tensor([0.16, 0.25])))
     torch.testing.assert_close(p.P0, 4.0 * torch.eye(3))
     torch.testing.assert_close(p.B, m.U)
-    assert torch.equal(p.D, torch.zeros(2, 1))
+    assert p.D is None and p.diagonal_noise  # the Elman emission has no input term
     with pytest.raises(ModelCapabilityError, match="nonlinear"):
         ElmanSSM(3, 2).linear_gaussian()
 

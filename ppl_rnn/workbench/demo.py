@@ -1,7 +1,7 @@
 """``ppl-rnn demo`` (``make demo``): the project's main comparison.
 
 Two problems, one model class (a stochastic Elman network, :class:`ppl_rnn.models.ElmanSSM`, tanh), the
-same random initial weights for every method, and the one yardstick of :mod:`ppl_rnn.evaluate`:
+same random initial weights for every method, and the one yardstick of :mod:`ppl_rnn.workbench.evaluate`:
 
 1. ``unkelbach-synthetic``: 1000 training and 500 test steps from a fixed 4-unit stochastic Elman network
    with process noise (the setting of Unkelbach, Yi & Schmidhuber 2009). The generating network itself is
@@ -66,9 +66,11 @@ def _problem_settings(quick: bool) -> dict:
 
 def _figures(ds, out: Path, train, test, reference, dt=None, unit="step", true_model=None, states=None, echo=print):
     """Comparison, traces, the winner's forecasts, its filter's ESS, and (synthetic) smoothed vs true states."""
+    from ppl_rnn.verbs import infer
+    from ppl_rnn.workbench.forecasting import forecast
+
     from . import plots
     from .compare import load_cell_model, load_cell_trace
-    from .verbs import forecast, infer
 
     figs = []
     plots.plot_comparison(ds, reference=reference, path=out / "comparison.png")
@@ -107,7 +109,7 @@ def _figures(ds, out: Path, train, test, reference, dt=None, unit="step", true_m
                         "part (rolling origin)", path=out / "onestep.png")
     figs.append(("One-step-ahead predictive median and intervals over the held-out part (each step forecast from "
                  "the filter at the previous step).", "onestep.png"))
-    from .inference import ParticleFilter
+    from ppl_rnn.inference import ParticleFilter
 
     post = infer(model, test, method=ParticleFilter(num_particles=int(ds.attrs.get("num_particles", 2000))), seed=0)
     plots.plot_ess(post, dt=dt, time_unit=unit, title=f"{win}: particle-filter ESS on the held-out part "
@@ -115,7 +117,7 @@ def _figures(ds, out: Path, train, test, reference, dt=None, unit="step", true_m
     figs.append(("Effective sample size of the yardstick's bootstrap filter on the winner's model: dips mark "
                  "observations the model did not expect.", "ess.png"))
     if true_model is not None and states is not None:
-        from .inference import ParticleSmoother
+        from ppl_rnn.inference import ParticleSmoother
 
         T = min(150, train.shape[1])
         sm = infer(true_model, train[:, :T], method=ParticleSmoother(num_particles=500, num_paths=100, backward="mcmc"),
@@ -164,9 +166,10 @@ def _run_problem(name, tr, te, model, methods, st, out, reference, workers, echo
 
 def run_demo(out, *, quick: bool = False, workers: int = 1, respiration: bool = True, echo=print) -> dict:
     """Run the demo into directory ``out``; returns ``{problem: compare Dataset}``."""
+    from ppl_rnn.inference.reference import FixedModel
+    from ppl_rnn.models import ElmanSSM
+
     from . import datasets
-    from .models import ElmanSSM
-    from .reference_models import FixedModel
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 r"""``pr.compare``: fit a fresh copy of one model with every method and seed, score each fit with the one
-yardstick (:func:`ppl_rnn.evaluate.evaluate`), and collect the grid in an ``xarray.Dataset``.
+yardstick (:func:`ppl_rnn.workbench.evaluate.evaluate`), and collect the grid in an ``xarray.Dataset``.
 
 Grid: ``methods`` :math:`\times` ``seeds``; each **cell** is ``fit`` (on ``train``) then ``evaluate``
 (on ``test``, conditioning on ``train``). Output dims ``(method, seed, horizon)``:
@@ -51,11 +51,12 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .data import prepare
-from .errors import ConfigurationError
+from ppl_rnn.data import prepare
+from ppl_rnn.errors import ConfigurationError
+from ppl_rnn.method import InferenceMethod, check_positive_int
+from ppl_rnn.rng import check_seed
+
 from .evaluate import _check_horizons, evaluate, metric_names
-from .method import InferenceMethod, check_positive_int
-from .rng import check_seed
 
 __all__ = ["compare", "load_cell_trace", "load_cell_model", "cell_name"]
 
@@ -89,7 +90,7 @@ def run_cell(model, train, test, name: str, method, seed: int, horizons, eval_kw
 
     Returns ``(cell Dataset, fit trace Dataset | None, fitted model | None)``.
     """
-    from .verbs import fit as _fit
+    from ppl_rnn.verbs import fit as _fit
 
     t0 = time.perf_counter()
     fit = None
@@ -225,7 +226,7 @@ def _assemble(cells: dict, names, seeds, hs, num_samples, B, T1, T2, D, y_test) 
         attrs={"evidence_method": ", ".join(sorted({str(e) for e in evm if e})),
                "num_train_steps": T1, "num_test_steps": T2,
                "yardstick": "held-out log-evidence by a high-particle filter (or exact Kalman) at the fitted "
-                            "parameters; rolling-origin k-step forecasts (ppl_rnn.evaluate)"},
+                            "parameters; rolling-origin k-step forecasts (ppl_rnn.workbench.evaluate)"},
     )
     ds["heldout_logev_per_step"].attrs["long_name"] = "held-out log-evidence per test step (nats, higher is better)"
     ds["crps"].attrs["long_name"] = "CRPS (lower is better)"
@@ -246,7 +247,7 @@ def compare(model, train, test, *, methods: Mapping[str, InferenceMethod], seeds
         methods: ``{label: method}``, e.g. ``{"MCEM": MonteCarloEM(...), "AR(5)": LinearAR(order=5)}``.
         seeds: seeds per method (the spread over seeds is the run-to-run variability).
         horizons: forecast leads in steps.
-        num_particles, num_samples: passed to :func:`ppl_rnn.evaluate.evaluate`.
+        num_particles, num_samples: passed to :func:`ppl_rnn.workbench.evaluate.evaluate`.
         executor: ``None`` (in-process, sequential) or ``"dask"`` (``distributed``).
         address: scheduler address for ``executor="dask"``; default starts a ``LocalCluster`` of ``n_workers``
             single-threaded workers (threads in this process, or separate processes with ``processes=True``).

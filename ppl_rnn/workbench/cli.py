@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ConfigurationError, PplRnnError
+from ppl_rnn.errors import ConfigurationError, PplRnnError
 
 __all__ = ["main", "METHOD_TYPES", "make_method", "build_parser"]
 
@@ -47,7 +47,7 @@ def _svi(guide):
 
 def _ref(name):
     def make(**kw):
-        from . import reference_models
+        from ppl_rnn.inference import reference as reference_models
 
         return getattr(reference_models, name)(**kw)
 
@@ -335,7 +335,7 @@ def load_data(name_or_path: str, *, seed: int = 0, max_steps: int | None = None,
 
 
 def make_model(args_or_dict, obs_dim: int = 1):
-    from .models import ElmanSSM
+    from ppl_rnn.models import ElmanSSM
 
     g = args_or_dict if isinstance(args_or_dict, dict) else vars(args_or_dict)
     return ElmanSSM(int(g.get("hidden", 4)), obs_dim, activation=g.get("activation", "tanh"),
@@ -358,8 +358,9 @@ def cmd_simulate(args) -> None:
     import numpy as np
     import xarray as xr
 
+    from ppl_rnn.models import ElmanSSM
+
     from . import plots
-    from .models import ElmanSSM
     from .report import write_report
 
     out = _out_dir(args, "simulate")
@@ -396,9 +397,10 @@ def cmd_simulate(args) -> None:
 def _fit_and_score(args, out):
     import torch
 
+    from ppl_rnn.verbs import fit
+
     from . import plots
     from .evaluate import evaluate
-    from .verbs import fit
 
     tr, te, rec = load_data(args.data, seed=args.data_seed, max_steps=args.max_steps, train_steps=args.train_steps)
     model = make_model(args, tr.shape[-1])
@@ -460,10 +462,11 @@ def cmd_fit(args) -> None:
 
 
 def cmd_forecast(args) -> None:
+    from ppl_rnn.workbench.forecasting import forecast
+
     from . import plots
     from .arviz_export import to_inference_data
     from .report import write_report
-    from .verbs import forecast
 
     out = _out_dir(args, "forecast")
     tr, te, rec, f, ev = _fit_and_score(args, out)

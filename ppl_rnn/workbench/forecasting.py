@@ -11,28 +11,38 @@ from __future__ import annotations
 
 import torch
 
-from .data import Data, validate_inputs, validate_observations
-from .errors import DataError, ModelCapabilityError
-from .method import check_positive_int
-from .model import input_at
-from .results import Forecast
-from .rng import seeded
+from ppl_rnn.capabilities import capability
+from ppl_rnn.data import Data, validate_inputs, validate_observations
+from ppl_rnn.errors import DataError
+from ppl_rnn.method import check_positive_int
+from ppl_rnn.model import input_at
+from ppl_rnn.results import Forecast
+from ppl_rnn.rng import check_seed, seeded
+from ppl_rnn.scope import in_library_scope
+from ppl_rnn.verbs import check_model_and_method
 
 
 def default_filter(model):
     """Exact Kalman where the model is linear-Gaussian, else a 2000-particle bootstrap filter."""
     from ppl_rnn.inference import KalmanFilter, ParticleFilter
 
-    try:
-        model.linear_gaussian()
+    if capability(model, "linear_gaussian") is not None:
         return KalmanFilter()
-    except ModelCapabilityError:
-        return ParticleFilter(num_particles=2000)
+    return ParticleFilter(num_particles=2000)
 
 
+@in_library_scope
 @torch.no_grad()
 def forecast(model, observations, *, horizon: int, method=None, num_samples: int = 500, inputs=None,
              seed: int | None = None) -> Forecast:
+    r"""Predictive draws of the next ``horizon`` observations after ``observations`` (``pr.forecast``).
+
+    The filtering distribution :math:`p(h_{T-1}\mid y_{0:T-1})` comes from ``method`` (default:
+    :func:`default_filter`); the future is simulated forward with the model's own transition and emission.
+    ``inputs`` (if the model has them) must cover T + horizon steps.
+    """
+    check_model_and_method(model, method, optional=True)
+    check_seed(seed)
     horizon = check_positive_int(horizon, "horizon")
     num_samples = check_positive_int(num_samples, "num_samples")
     y, mask = validate_observations(observations, obs_dim=model.obs_dim, dtype=model.dtype)
@@ -49,7 +59,7 @@ def forecast(model, observations, *, horizon: int, method=None, num_samples: int
     data = Data(y, mask, None if u_all is None else u_all[:, :T].clone())
     method = default_filter(model) if method is None else method
     with seeded(seed):
-        post = method._infer(model, data, None)
+        post = method.infer_prepared(model, data, None)
         h = post.sample_final(num_samples).to(data.observations.dtype)  # (S,B,H)
         hs, ys = [], []
         for k in range(horizon):

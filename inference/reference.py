@@ -1,7 +1,7 @@
 r"""Reference rows for comparisons: persistence and a linear autoregressive model.
 
 Both are written as linear-Gaussian state-space models (companion form), so the **same yardstick**
-(:func:`ppl_rnn.evaluate.evaluate`, here with the exact Kalman filter) scores them like every fitted network.
+(:func:`ppl_rnn.workbench.evaluate.evaluate`, here with the exact Kalman filter) scores them like every fitted network.
 Each observed dimension :math:`d` gets its own AR(p) model fitted by least squares on the training data:
 
 .. math:: y_{t,d} = c_d + \sum_{i=1}^{p}\phi_{d,i}\,y_{t-i,d} + \varepsilon_{t,d},\qquad
@@ -23,77 +23,15 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pyro.distributions as dist
-import torch
 import xarray as xr
+from ppl_rnn.models.ar import ARStateSpace
 
-from .errors import DataError
-from .method import InferenceMethod, check_positive_int
-from .model import LinearGaussianParams, StateSpaceModel
-from .results import FitResult
+from ppl_rnn.errors import DataError
+from ppl_rnn.method import InferenceMethod, check_positive_int
+from ppl_rnn.model import StateSpaceModel
+from ppl_rnn.results import FitResult
 
-__all__ = ["ARStateSpace", "Persistence", "LinearAR", "FixedModel", "is_reference"]
-
-_TINY = 1e-3
-
-
-class ARStateSpace(StateSpaceModel):
-    """Independent AR(p) models per observed dimension in companion form (see module docstring).
-
-    ``phi`` ``(D, p)``, ``c`` ``(D,)``, ``sigma`` ``(D,)`` innovation scales, ``scale`` ``(D,)`` the series'
-    scale (sets the negligible noises), ``level`` ``(D,)`` the series' mean (the initial state's mean).
-    """
-
-    def __init__(self, phi, c, sigma, scale, level, dtype=None):
-        phi = torch.as_tensor(phi, dtype=dtype or torch.get_default_dtype())
-        D, p = phi.shape
-        super().__init__(hidden_dim=D * p, obs_dim=D)
-        dt = phi.dtype
-        self.order = p
-        self.register_buffer("phi", phi.clone())
-        self.register_buffer("c", torch.as_tensor(c, dtype=dt).clone())
-        self.register_buffer("sigma", torch.as_tensor(sigma, dtype=dt).clone())
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=dt).clone())
-        self.register_buffer("level", torch.as_tensor(level, dtype=dt).clone())
-        H = D * p
-        A = torch.zeros(H, H, dtype=dt)
-        b = torch.zeros(H, dtype=dt)
-        q = torch.empty(H, dtype=dt)
-        C = torch.zeros(D, H, dtype=dt)
-        for d in range(D):
-            o = d * p
-            A[o, o:o + p] = self.phi[d]
-            for i in range(1, p):
-                A[o + i, o + i - 1] = 1.0
-            b[o] = self.c[d]
-            q[o:o + p] = _TINY * self.scale[d]
-            q[o] = self.sigma[d]
-            C[d, o] = 1.0
-        self.register_buffer("A", A)
-        self.register_buffer("b", b)
-        self.register_buffer("q", q)
-        self.register_buffer("Cmat", C)
-        self.register_buffer("r", _TINY * self.scale)
-        self.register_buffer("m0", self.level.repeat_interleave(p))
-        self.register_buffer("s0", (2.0 * self.scale).repeat_interleave(p))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.A.dtype
-
-    def initial(self, u0):
-        return dist.Normal(self.m0, self.s0).to_event(1)
-
-    def transition(self, t, h_prev, u_t):
-        return dist.Normal(h_prev @ self.A.T + self.b, self.q).to_event(1)
-
-    def emission(self, t, h, u_t):
-        return dist.Normal(h @ self.Cmat.T, self.r).to_event(1)
-
-    def linear_gaussian(self) -> LinearGaussianParams:
-        return LinearGaussianParams(A=self.A, b=self.b, Q=torch.diag(self.q**2), C=self.Cmat,
-                                    d=torch.zeros(self.obs_dim, dtype=self.dtype), R=torch.diag(self.r**2),
-                                    m0=self.m0, P0=torch.diag(self.s0**2))
+__all__ = ["Persistence", "LinearAR", "FixedModel", "is_reference"]
 
 
 def _design(y: np.ndarray, m: np.ndarray, p: int):

@@ -36,9 +36,10 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .data import prepare, validate_observations
-from .errors import ConfigurationError, ModelCapabilityError
-from .results import FitResult, Forecast, Posterior
+from ppl_rnn.capabilities import capability
+from ppl_rnn.data import prepare, validate_observations
+from ppl_rnn.errors import ConfigurationError
+from ppl_rnn.results import FitResult, Forecast, Posterior
 
 __all__ = ["to_inference_data"]
 
@@ -173,17 +174,13 @@ def _trace_group(trace, method_name: str) -> tuple[str, xr.Dataset] | None:
 
 
 def _default_smoother(model, num_draws):
-    try:
-        model.linear_gaussian()
+    if capability(model, "linear_gaussian") is not None:
         from ppl_rnn.inference import KalmanSmoother
 
         return KalmanSmoother()
-    except ModelCapabilityError:
-        try:
-            from ppl_rnn.inference import ParticleSmoother
-        except ImportError:
-            return None
-        return ParticleSmoother(num_particles=max(4 * num_draws, 500), num_paths=num_draws)
+    from ppl_rnn.inference import ParticleSmoother
+
+    return ParticleSmoother(num_particles=max(4 * num_draws, 500), num_paths=num_draws)
 
 
 def _from_fit(fit: FitResult, *, observations, inputs, num_draws, seed, onestep, num_particles) -> dict:
@@ -191,7 +188,7 @@ def _from_fit(fit: FitResult, *, observations, inputs, num_draws, seed, onestep,
     if post is None and observations is not None:
         sm = _default_smoother(fit.model, num_draws)
         if sm is not None:
-            from .verbs import infer
+            from ppl_rnn.verbs import infer
 
             post = infer(fit.model, observations, method=sm, inputs=inputs, seed=seed)
     groups = {}

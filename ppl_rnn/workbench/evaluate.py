@@ -48,12 +48,13 @@ import pyro
 import torch
 import xarray as xr
 
-from .data import prepare
-from .errors import ConfigurationError, DataError, ModelCapabilityError
-from .inference.resampling import systematic
-from .method import check_choice, check_positive_int
-from .model import input_at
-from .rng import check_seed, seeded
+from ppl_rnn.capabilities import capability
+from ppl_rnn.data import prepare
+from ppl_rnn.errors import ConfigurationError, DataError
+from ppl_rnn.inference.resampling import systematic
+from ppl_rnn.method import check_choice, check_positive_int
+from ppl_rnn.model import input_at
+from ppl_rnn.rng import check_seed, seeded
 
 __all__ = ["evaluate", "onestep_predictive", "crps_samples", "metric_names"]
 
@@ -80,11 +81,7 @@ def crps_samples(samples: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _is_linear_gaussian(model) -> bool:
-    try:
-        model.linear_gaussian()
-        return True
-    except ModelCapabilityError:
-        return False
+    return capability(model, "linear_gaussian") is not None
 
 
 @torch.no_grad()
@@ -95,8 +92,8 @@ def _particle_filter(model, y, mask, u, num_particles, first_origin, num_samples
     (float64) and ``num_samples`` equally weighted draws of :math:`p(h_o\mid y_{0:o})` for
     ``o >= first_origin``: ``(S, T - first_origin, B, H)``, taken by systematic resampling at every step
     through the filter's ``on_step`` hook (no particle history is kept)."""
-    from .data import Data
-    from .inference.smc import run_particle_filter, take
+    from ppl_rnn.data import Data
+    from ppl_rnn.inference.smc import run_particle_filter, take
 
     draws = []
 
@@ -114,7 +111,7 @@ def _kalman(model, y, mask, u, first_origin, num_samples):
     """Exact Kalman increments ``(B,T)`` and draws ``(S, T - first_origin, B, H)`` of the filtering marginals."""
     from ppl_rnn.inference.kalman import kalman_filter
 
-    p = model.linear_gaussian()
+    p = capability(model, "linear_gaussian")()
     f = kalman_filter(p, y, mask, u)
     m = f.filt_mean[:, first_origin:].transpose(0, 1)  # (O,B,H)
     P = f.filt_cov[:, first_origin:].transpose(0, 1)
