@@ -22,7 +22,14 @@ from pyro.distributions import constraints
 from pyro.nn import PyroParam
 
 from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
-from ppl_rnn.model import ElmanForm, LinearGaussianParams, StateSpaceModel, set_param
+from ppl_rnn.model import (
+    ElmanForm,
+    LinearGaussianParams,
+    StateSpaceModel,
+    pack_params,
+    set_param,
+    unpack_params,
+)
 from ppl_rnn.rng import check_seed
 
 _ACTIVATIONS = {"tanh": torch.tanh, "identity": lambda x: x}
@@ -252,19 +259,10 @@ class ElmanSSM(StateSpaceModel):
 
     def weights(self) -> torch.Tensor:
         """``(W, U, b, C, d, m0)`` flattened (detached copy)."""
-        return torch.cat([getattr(self, n).detach().reshape(-1) for n in self._weight_names()])
+        return pack_params(self, self._weight_names())
 
-    @torch.no_grad()
     def set_weights(self, vector: torch.Tensor) -> None:
-        v = torch.as_tensor(vector, dtype=self.C.dtype).reshape(-1)
-        n_total = sum(getattr(self, n).numel() for n in self._weight_names())
-        if v.numel() != n_total:
-            raise ConfigurationError(f"vector has {v.numel()} entries; this model's weights() has {n_total}.")
-        i = 0
-        for n in self._weight_names():
-            cur = getattr(self, n)
-            set_param(self, n, v[i:i + cur.numel()].reshape(cur.shape))
-            i += cur.numel()
+        unpack_params(self, self._weight_names(), vector)
 
     @torch.no_grad()
     def perturb(self, scale: float, generator: torch.Generator) -> None:

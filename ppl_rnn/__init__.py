@@ -10,13 +10,8 @@ errors, rng, scope, method, verbs) <- ``ppl_rnn.models`` and ``ppl_rnn.inference
 Importing the package changes no global setting: the library's Pyro settings apply inside its own calls.
 """
 
-from . import (  # floor 1: the contract  # noqa: E402,I001  floor 2
-    capabilities,
-    errors,
-    inference,
-    models,
-    workbench,  # noqa: E402  floor 3
-)
+# floor 1: the contract; floor 2: models and inference; floor 3: the workbench
+from . import capabilities, errors, inference, models, workbench
 from .data import Data, prepare
 from .errors import (
     ConfigurationError,
@@ -29,11 +24,11 @@ from .method import InferenceMethod
 from .model import ElmanForm, LinearGaussianParams, Simulation, StateSpaceModel
 from .results import FitResult, Forecast, Posterior
 from .verbs import fit, infer
-from .workbench import datasets  # noqa: E402
-from .workbench.arviz_export import to_inference_data  # noqa: E402
-from .workbench.compare import compare  # noqa: E402
-from .workbench.evaluate import evaluate  # noqa: E402
-from .workbench.forecasting import forecast  # noqa: E402
+from .workbench import datasets
+from .workbench.arviz_export import to_inference_data
+from .workbench.compare import compare
+from .workbench.evaluate import evaluate
+from .workbench.forecasting import forecast
 
 __version__ = "0.2.0"
 

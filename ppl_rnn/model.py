@@ -117,6 +117,27 @@ def set_param(module, name: str, value: torch.Tensor) -> None:
         unc.copy_(new.reshape(unc.shape))
 
 
+def pack_params(module, names: tuple[str, ...]) -> torch.Tensor:
+    """The constrained values of ``module``'s parameters ``names`` as one flat detached vector (for a model's
+    ``weights`` capability)."""
+    return torch.cat([getattr(module, n).detach().reshape(-1) for n in names])
+
+
+@torch.no_grad()
+def unpack_params(module, names: tuple[str, ...], vector: torch.Tensor) -> None:
+    """Inverse of :func:`pack_params`: set the parameters ``names`` from a flat vector, in place."""
+    cur = [getattr(module, n) for n in names]
+    v = torch.as_tensor(vector, dtype=cur[0].dtype).reshape(-1)
+    total = sum(c.numel() for c in cur)
+    if v.numel() != total:
+        raise ConfigurationError(f"vector has {v.numel()} entries; this model's weights() has {total}. Pass a "
+                                 "vector like model.weights().")
+    i = 0
+    for n, c in zip(names, cur, strict=True):
+        set_param(module, n, v[i:i + c.numel()].reshape(c.shape))
+        i += c.numel()
+
+
 def input_at(inputs: torch.Tensor | None, t: int) -> torch.Tensor | None:
     """``u_t`` from ``(B, T, I)`` inputs (None stays None)."""
     return None if inputs is None else inputs[:, t]

@@ -193,3 +193,35 @@ def test_models_keep_parameters_local_under_a_global_pyro_setting(float64):
         tb = poutine.trace(b).get_trace(y)
     assert len(pyro.get_param_store()) == 0
     assert not torch.allclose(ta.nodes["W"]["value"], tb.nodes["W"]["value"])
+
+
+@pytest.mark.parametrize("model", [ElmanSSM(3, 2, 1, seed=0), LinearGaussianSSM(2, 2, 1)], ids=["elman", "lg"])
+def test_weights_round_trip_and_noise_scales(model):
+    v = model.weights()
+    m = model.copy()
+    m.set_weights(v + 1.0)
+    torch.testing.assert_close(m.weights(), v + 1.0)
+    assert not torch.equal(m.weights(), model.weights())
+    with pytest.raises(ConfigurationError, match="entries"):
+        m.set_weights(v[:-1])
+    scales = model.noise_scales()
+    assert set(scales) == {"initial", "process", "obs"}
+    m.set_noise_scales(process=2.0 * scales["process"])
+    torch.testing.assert_close(m.noise_scales()["process"], 2.0 * scales["process"])
+    torch.testing.assert_close(m.noise_scales()["obs"], scales["obs"])
+
+
+def test_embed_linear_behaves_like_the_linear_model_in_tanhs_linear_regime(float64):
+    """The embedded tanh network's exact-limit: with a small gain its particle-filter log-evidence matches the
+    linear model's exact Kalman log-evidence (the embedding of the linear warm start)."""
+    lin = ElmanSSM(2, 1, activation="identity", process_noise=0.2, obs_noise=0.3, weight_scale=0.5, seed=4)
+    assert float(torch.linalg.eigvals(lin.W.detach()).abs().max()) < 1  # stationary: the regime stays linear
+    y = lin.simulate(80, 2, seed=1).observations
+    exact = pr.infer(lin, y, method=pr.inference.KalmanFilter()).log_evidence
+    net = ElmanSSM(2, 1, seed=9)
+    net.embed_linear(lin.linear_gaussian(), gain=0.01)
+    est = pr.infer(net, y, method=ParticleFilter(4000), seed=0).log_evidence
+    assert (est - exact).abs().max() < 0.5, (est, exact)
+    assert capability(net, "linear_gaussian") is None
+    spec = net.linear_special_case()
+    assert capability(spec, "linear_gaussian") is not None and spec.hidden_dim == 2
