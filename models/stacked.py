@@ -1,0 +1,129 @@
+r"""Stacked (hierarchical) stochastic recurrent layers: the recurrent multilayer perceptron as a state-space model.
+
+Reference text ``001`` of ``/work/shared/references`` ("Recurrent multilayer perceptron", "Hierarchical RNN"): a
+series of cascaded subnetworks connected by feed-forward connections, each with feedback among itself. With
+layers :math:`l = 1..L` of sizes :math:`n_l` and noise in every layer:
+
+.. math::
+    h^1_t &= \phi(W_1 h^1_{t-1} + U u_t + b_1) + e^1_t\\
+    h^l_t &= \phi(W_l h^l_{t-1} + V_l h^{l-1}_{t-1} + b_l) + e^l_t,\qquad l = 2..L\\
+    y_t &= C h^L_t + d + v_t,\qquad e^l_t\sim N(0,\operatorname{diag}q_l^2),\ v_t\sim N(0,\operatorname{diag}r^2)
+
+State: the layers concatenated, :math:`h_t = (h^1_t, \dots, h^L_t)` (``hidden_dim`` :math:`=\sum_l n_l`); the
+readout sees the top layer only. **Each layer is driven by the layer below at the previous step**
+(:math:`h^{l-1}_{t-1}`): the transition is then a diagonal Gaussian whose mean depends on :math:`h_{t-1}` alone
+(block-bidiagonal recurrent matrix), so the ``(loc, scale)`` shortcuts, analytic Jacobians and the EKF apply; an
+input reaches layer :math:`l` after :math:`l-1` steps. (Driving layer :math:`l` by :math:`h^{l-1}_t` of the same
+step would make the transition a non-Gaussian composition of the layers' noises.)
+
+Stored as one block matrix ``A`` (``H x H``) times a fixed 0/1 ``structure`` buffer (blocks :math:`W_l` on the
+diagonal, :math:`V_l` below it), so :math:`h_t = \phi((A\odot S) h_{t-1} + [U; 0] u_t + b) + e_t` and the Jacobian
+is :math:`\operatorname{diag}(\phi')(A\odot S)`. With ``activation="identity"`` the model is linear-Gaussian and
+declares ``linear_gaussian`` (exact Kalman); it has no ``set_linear_gaussian`` / ``linear_special_case`` (a
+general linear fit does not project onto the cascade).
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.nn import PyroParam
+
+from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
+from ppl_rnn.model import LinearGaussianParams
+from ppl_rnn.rng import check_seed
+
+from ._rnn_common import GaussianRNNBase, check_real, redeclare
+
+_ACT = {"tanh": torch.tanh, "identity": lambda x: x}
+
+
+@redeclare("transition_loc_scale")
+class StackedSSM(GaussianRNNBase):
+    """Stacked stochastic recurrent layers (module docstring).
+
+    Args:
+        layer_sizes: sizes :math:`(n_1, \\dots, n_L)` (bottom first).
+        obs_dim, input_dim: sizes.
+        activation: ``"tanh"`` or ``"identity"``.
+        weight_scale: entries of each block start as ``N(0, weight_scale^2 / n)`` (``n``: the block's input size).
+        process_noise, obs_noise, init_scale: initial ``q``, ``r``, ``s0``.
+        seed: seed of the random initial weights.
+    """
+
+    recurrent_params = ("A",)
+
+    def __init__(self, layer_sizes, obs_dim: int = 1, input_dim: int = 0, *, activation: str = "tanh",
+                 weight_scale: float = 0.9, process_noise=0.1, obs_noise=0.1, init_scale=1.0, seed: int = 0):
+        sizes = tuple(layer_sizes) if isinstance(layer_sizes, (list, tuple)) else None
+        if not sizes or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
+            raise ConfigurationError(f"layer_sizes must be a non-empty sequence of ints >= 1; found {layer_sizes!r}.")
+        super().__init__(sum(sizes), obs_dim, input_dim)
+        if activation not in _ACT:
+            raise ConfigurationError(f"activation must be one of {sorted(_ACT)}; found {activation!r}.")
+        weight_scale = check_real(weight_scale, "weight_scale")
+        self.layer_sizes, self.activation = sizes, activation
+        H, I = self.hidden_dim, input_dim
+        g = torch.Generator().manual_seed(check_seed(seed) or 0)
+        dt = torch.get_default_dtype()
+        starts = [sum(sizes[:k]) for k in range(len(sizes))]
+        S = torch.zeros(H, H, dtype=dt)
+        A = torch.zeros(H, H, dtype=dt)
+        for k, (s, n) in enumerate(zip(starts, sizes, strict=True)):
+            S[s:s + n, s:s + n] = 1
+            A[s:s + n, s:s + n] = weight_scale * torch.randn(n, n, generator=g, dtype=dt) / n**0.5
+            if k:
+                p, m = starts[k - 1], sizes[k - 1]
+                S[s:s + n, p:p + m] = 1
+                A[s:s + n, p:p + m] = torch.randn(n, m, generator=g, dtype=dt) / m**0.5
+        self.register_buffer("structure", S)
+        self.A = PyroParam(A)
+        if I > 0:
+            self.U = PyroParam(torch.randn(sizes[0], I, generator=g, dtype=dt) / I**0.5)
+        self.b = PyroParam(torch.zeros(H, dtype=dt))
+        self._init_frame(g, readout=(starts[-1], H), process_noise=process_noise, obs_noise=obs_noise,
+                         init_scale=init_scale)
+
+    def recurrent_matrix(self) -> torch.Tensor:
+        """:math:`A\\odot S`: the block-bidiagonal recurrent matrix."""
+        return self.A * self.structure
+
+    def _input_matrix(self) -> torch.Tensor:
+        n1 = self.layer_sizes[0]
+        return torch.cat([self.U, self.U.new_zeros(self.hidden_dim - n1, self.input_dim)], 0)
+
+    def transition_mean(self, t, h_prev, u_t):
+        r""":math:`\phi((A\odot S) h_{t-1} + [U; 0] u_t + b)`."""
+        a = h_prev @ self.recurrent_matrix().T + self.b
+        if u_t is not None:
+            a = a + u_t @ self._input_matrix().T
+        return _ACT[self.activation](a)
+
+    def transition_jacobian(self, t, h_prev, u_t, mean=None):
+        r""":math:`\operatorname{diag}(\phi'(\cdot))(A\odot S)`."""
+        M = self.recurrent_matrix()
+        if self.activation == "identity":
+            return M.expand(h_prev.shape[:-1] + M.shape)
+        m = self.transition_mean(t, h_prev, u_t) if mean is None else mean
+        return (1 - m * m).unsqueeze(-1) * M
+
+    def capability_applies(self, name: str) -> bool:
+        if name == "linear_gaussian":
+            return self.activation == "identity"
+        return True
+
+    def linear_gaussian(self) -> LinearGaussianParams:
+        if self.activation != "identity":
+            raise ModelCapabilityError(
+                "StackedSSM(activation='tanh') is nonlinear, so it has no linear-Gaussian form. Use ParticleSmoother "
+                "or ExtendedKalmanSmoother, or build it with activation='identity'.")
+        return LinearGaussianParams(
+            A=self.recurrent_matrix(), b=self.b, Q=torch.diag(self.q**2), C=self._full_C(), d=self.d,
+            R=torch.diag(self.r**2), m0=self.m0, P0=torch.diag(self.s0**2),
+            B=self._input_matrix() if self.input_dim else None, D=None, diagonal_noise=True)
+
+    def __repr__(self) -> str:
+        return (f"StackedSSM(layer_sizes={self.layer_sizes}, obs_dim={self.obs_dim}, input_dim={self.input_dim}, "
+                f"activation={self.activation!r})")
+
+
+__all__ = ["StackedSSM"]
