@@ -414,9 +414,9 @@ def _fit_and_score(args, out):
     torch.save(f.model, out / "model.pt")
     if f.trace is not None:
         try:
-            from .compare import _clean_trace
+            from .compare import clean_trace
 
-            _clean_trace(f.trace).to_netcdf(out / "trace.nc", engine="h5netcdf")
+            clean_trace(f.trace).to_netcdf(out / "trace.nc", engine="h5netcdf")
             plots.plot_traces({args.method: f.trace}, kinds={args.method: f.evidence_kind}, path=out / "trace.png")
         except Exception:
             pass

@@ -7,6 +7,9 @@ Grid: ``methods`` :math:`\times` ``seeds``; each **cell** is ``fit`` (on ``train
 ============================  ==================================================================
 ``heldout_logev_per_step``     :math:`\log p(y_\text{test}\mid y_\text{train})` / test steps (the common yardstick)
 ``heldout_logev_per_obs``      the same per observed test entry
+``*_se``                       their Monte Carlo standard errors (0 for exact Kalman); see ``evaluate``
+``se_ok``                      0 where the yardstick reached ``max_particles`` with the SE above ``se_tol``
+``min_ess``, ``num_particles``  the yardstick filter's smallest ESS and particle count per run
 ``rmse``, ``crps``             k-step rolling-origin forecast RMSE and CRPS (horizon)
 ``coverage_50/90``             empirical coverage of the central 50% / 90% predictive intervals
 ``wall_time_s``                fitting time (the method's own ``FitResult.wall_time_s``)
@@ -27,7 +30,10 @@ Plus, per cell, the one-step pointwise log-likelihood draws ``onestep_log_lik`` 
 Persistence: with ``out=DIR`` every finished cell is written to ``DIR/cells/<method>__seed<seed>.nc``
 (with its fit trace ``.trace.nc`` and the fitted model ``.pt``) the moment it finishes; a rerun with the
 same configuration loads finished cells instead of refitting (failed cells are retried), so an interrupted
-run (Ctrl-C) loses at most the cells in flight. The assembled grid is saved to ``DIR/compare.nc``.
+run (Ctrl-C) loses at most the cells in flight. "The same configuration" is a fingerprint of the initial
+model (its class and every parameter and buffer value, plus its plain settings such as the activation), the
+method, the horizons, the yardstick options and the data: reusing a folder with another model refits.
+The assembled grid is saved to ``DIR/compare.nc``.
 
 Scale-out: ``executor="dask"`` runs cells as tasks on a ``distributed.LocalCluster`` (or on the scheduler at
 ``address=``, e.g. ``"tcp://host:8786"``, a real cluster); results come back to the caller, who writes the
@@ -56,11 +62,12 @@ from ppl_rnn.errors import ConfigurationError
 from ppl_rnn.method import InferenceMethod, check_positive_int
 from ppl_rnn.rng import check_seed
 
-from .evaluate import _check_horizons, evaluate, metric_names
+from .evaluate import check_horizons, check_yardstick_options, evaluate, metric_names
 
-__all__ = ["compare", "load_cell_trace", "load_cell_model", "cell_name"]
+__all__ = ["compare", "load_cell_trace", "load_cell_model", "cell_name", "model_fingerprint", "clean_trace"]
 
-SCALARS = ("heldout_logev_per_step", "heldout_logev_per_obs", "wall_time_s", "eval_time_s", "own_objective")
+SCALARS = ("heldout_logev_per_step", "heldout_logev_per_obs", "heldout_logev_per_step_se", "heldout_logev_per_obs_se",
+           "min_ess", "se_ok", "num_particles", "wall_time_s", "eval_time_s", "own_objective")
 
 
 def cell_name(method_name: str, seed: int) -> str:
@@ -69,8 +76,23 @@ def cell_name(method_name: str, seed: int) -> str:
     return f"{safe}__seed{seed}"
 
 
-def _fingerprint(method, horizons, eval_kw, shapes) -> str:
-    text = repr((repr(method), tuple(horizons), sorted(eval_kw.items()), shapes))
+def model_fingerprint(model) -> str:
+    """SHA-1 of a model's class (module and name), every parameter and buffer (names, shapes, dtypes and
+    values) and its plain settings (public int/float/str/bool/None attributes, e.g. the activation)."""
+    h = hashlib.sha1(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    for mod_name, mod in sorted(model.named_modules(), key=lambda kv: kv[0]):
+        plain = sorted((k, repr(v)) for k, v in vars(mod).items()
+                       if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str))))
+        h.update(repr((mod_name, plain)).encode())
+    return h.hexdigest()
+
+
+def _fingerprint(model_fp, method, horizons, eval_kw, shapes) -> str:
+    text = repr((model_fp, repr(method), tuple(horizons), sorted(eval_kw.items()), shapes))
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -100,6 +122,7 @@ def run_cell(model, train, test, name: str, method, seed: int, horizons, eval_kw
                       test_inputs=test_inputs, seed=seed, **eval_kw)
         ev["wall_time_s"] = ((), float(fit.wall_time_s))
         ev["own_objective"] = ((), _final_objective(fit))
+        ev["num_particles"] = ((), float(ev.attrs["num_particles"]))
         ev.attrs.update(own_evidence_kind=str(fit.evidence_kind), error="", converged=int(bool(fit.converged)))
     except KeyboardInterrupt:
         raise
@@ -121,7 +144,8 @@ def _to_netcdf(ds: xr.Dataset, path: Path) -> None:
     os.replace(tmp, path)  # atomic: an interrupted write never leaves a half cell
 
 
-def _clean_trace(trace) -> xr.Dataset | None:
+def clean_trace(trace) -> xr.Dataset | None:
+    """The numeric part of a fit trace (what netCDF can store), or None if ``trace`` is not a Dataset."""
     if not isinstance(trace, xr.Dataset):
         return None
     out = xr.Dataset(coords={k: v for k, v in trace.coords.items() if v.dtype.kind in "iufb"})
@@ -134,7 +158,7 @@ def _clean_trace(trace) -> xr.Dataset | None:
 
 def _save_cell(cells_dir: Path, ev: xr.Dataset, trace, fitted) -> None:
     stem = cells_dir / cell_name(ev.attrs["method"], ev.attrs["seed"])
-    tr = _clean_trace(trace)
+    tr = clean_trace(trace)
     if tr is not None:
         try:
             _to_netcdf(tr, stem.with_suffix(".trace.nc"))
@@ -236,7 +260,8 @@ def _assemble(cells: dict, names, seeds, hs, num_samples, B, T1, T2, D, y_test) 
 
 def compare(model, train, test, *, methods: Mapping[str, InferenceMethod], seeds: Sequence[int] = (0,),
             horizons: Sequence[int] | int = (1, 10), train_inputs=None, test_inputs=None,
-            num_particles: int = 10000, num_samples: int = 100, executor: str | None = None,
+            num_particles: int = 500, max_particles: int | None = 32000, num_replicates: int = 8,
+            se_tol: float | None = 0.01, num_samples: int = 100, executor: str | None = None,
             address: str | None = None, n_workers: int = 2, processes: bool = True, out=None,
             progress: bool = True) -> xr.Dataset:
     """Fit ``model`` with every method and seed on ``train``; score each fit on ``test`` with the one yardstick.
@@ -247,7 +272,9 @@ def compare(model, train, test, *, methods: Mapping[str, InferenceMethod], seeds
         methods: ``{label: method}``, e.g. ``{"MCEM": MonteCarloEM(...), "AR(5)": LinearAR(order=5)}``.
         seeds: seeds per method (the spread over seeds is the run-to-run variability).
         horizons: forecast leads in steps.
-        num_particles, num_samples: passed to :func:`ppl_rnn.workbench.evaluate.evaluate`.
+        num_particles, max_particles, num_replicates, se_tol, num_samples: the yardstick's options, passed to
+            :func:`ppl_rnn.workbench.evaluate.evaluate` (particles per run of the first round, their cap,
+            independent runs for the standard error, the target SE per test step, predictive draws).
         executor: ``None`` (in-process, sequential) or ``"dask"`` (``distributed``).
         address: scheduler address for ``executor="dask"``; default starts a ``LocalCluster`` of ``n_workers``
             single-threaded workers (threads in this process, or separate processes with ``processes=True``).
@@ -269,7 +296,7 @@ def compare(model, train, test, *, methods: Mapping[str, InferenceMethod], seeds
     seeds = [check_seed(s, "seeds entry") for s in seeds]
     if not seeds or any(s is None for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigurationError(f"seeds must be a non-empty list of distinct non-negative ints; found {seeds!r}.")
-    hs = _check_horizons(horizons)
+    hs = check_horizons(horizons)
     num_samples = check_positive_int(num_samples, "num_samples", minimum=2)
     if executor not in (None, "dask"):
         raise ConfigurationError(f"executor must be None (in-process) or 'dask'; found {executor!r}.")
@@ -279,10 +306,14 @@ def compare(model, train, test, *, methods: Mapping[str, InferenceMethod], seeds
     te = prepare(model, test, test_inputs)
     B, T1, D = tr.observations.shape
     T2 = te.num_steps
-    eval_kw = {"num_particles": check_positive_int(num_particles, "num_particles"), "num_samples": num_samples}
+    num_particles, max_particles, num_replicates, se_tol = check_yardstick_options(
+        num_particles, max_particles, num_replicates, se_tol)
+    eval_kw = {"num_particles": num_particles, "max_particles": max_particles, "num_replicates": num_replicates,
+               "se_tol": se_tol, "num_samples": num_samples}
     shapes = (tuple(tr.observations.shape), tuple(te.observations.shape), float(tr.observations.sum()),
               float(te.observations.sum()))
     names = list(methods)
+    model_fp = model_fingerprint(model)
     cells_dir = None
     if out is not None:
         out = Path(out)
@@ -292,7 +323,7 @@ def compare(model, train, test, *, methods: Mapping[str, InferenceMethod], seeds
     todo = []
     for name in names:
         for s in seeds:
-            fp = _fingerprint(methods[name], hs, eval_kw, shapes)
+            fp = _fingerprint(model_fp, methods[name], hs, eval_kw, shapes)
             done = _load_cell(cells_dir, name, s, fp) if cells_dir is not None else None
             if done is not None:
                 cells[(name, s)] = done
@@ -330,8 +361,9 @@ def compare(model, train, test, *, methods: Mapping[str, InferenceMethod], seeds
             bar.close()
     y_test = te.with_nan().double().numpy()
     ds = _assemble(cells, names, seeds, hs, num_samples, B, T1, T2, D, y_test)
-    ds.attrs["num_particles"] = eval_kw["num_particles"]
-    ds.attrs["num_samples"] = num_samples
+    ds.attrs.update(num_particles=num_particles, max_particles=max_particles, num_replicates=num_replicates,
+                    se_tol=float("nan") if se_tol is None else se_tol, num_samples=num_samples,
+                    model=type(model).__name__, model_fingerprint=model_fp)
     if out is not None:
         _to_netcdf(ds, out / "compare.nc")
     return ds

@@ -1,9 +1,16 @@
-"""Markdown reports and plain-text tables of a comparison (:func:`ppl_rnn.compare` Dataset).
+r"""Markdown reports and plain-text tables of a comparison (:func:`ppl_rnn.compare` Dataset).
 
 :func:`comparison_table` (markdown) and :func:`text_table` (terminal) show one row per method: the common
 yardstick first (held-out log-evidence per step, forecast RMSE/CRPS per horizon, interval coverage), then
 wall time and the method's own objective with its ``evidence_kind`` (never mixed with the yardstick).
 :func:`verdict` names the winner on the yardstick, with the margins that support it.
+
+Every log-evidence is printed as ``mean ± SE``: the mean over the seeds that finished and the Monte Carlo
+standard error of that mean, :math:`\sqrt{\sum_s \mathrm{SE}_s^2}/n` (each seed's yardstick SE from
+:func:`ppl_rnn.workbench.evaluate.evaluate`; 0 for exact Kalman). The spread over seeds (run-to-run
+variability of the *training*) is its own column. A row whose seeds did not all finish says so
+(``seeds ok`` = finished/total, and the mean is over the finished ones only); a cell whose yardstick SE
+stayed above its tolerance at the particle cap is marked ``†``.
 """
 
 from __future__ import annotations
@@ -41,17 +48,28 @@ def _why(name: str) -> str:
 
 
 def summarise(ds) -> list[dict]:
-    """One dict per method: means and standard deviations over seeds of every yardstick metric."""
+    """One dict per method: means over the seeds that finished (``n_ok`` of ``n_seeds``; ``n_failed``), the
+    Monte Carlo SE of the mean log-evidence (``heldout_logev_per_step_se``), standard deviations over seeds
+    (``*_sd``), and ``se_flagged`` (cells whose yardstick SE stayed above tolerance)."""
     rows = []
     hs = [int(h) for h in ds["horizon"].values]
     for i, m in enumerate(ds["method"].values):
         err = [str(e) for e in ds["error"].values[i] if str(e)]
-        r = {"method": str(m), "errors": err, "n_ok": int(ds["error"].values[i].size - len(err))}
+        n_seeds = int(ds["error"].values[i].size)
+        r = {"method": str(m), "errors": err, "n_ok": n_seeds - len(err), "n_failed": len(err), "n_seeds": n_seeds}
         for k in ("heldout_logev_per_step", "wall_time_s", "own_objective"):
             v = np.asarray(ds[k].values[i], dtype=float)
             v = v[np.isfinite(v)]
             r[k] = float(v.mean()) if v.size else float("nan")
             r[k + "_sd"] = float(v.std(ddof=1)) if v.size > 1 else float("nan")
+        ok = np.array([not str(e) for e in ds["error"].values[i]])
+        if "heldout_logev_per_step_se" in ds and ok.any():
+            se = np.asarray(ds["heldout_logev_per_step_se"].values[i], dtype=float)[ok]
+            r["heldout_logev_per_step_se"] = float(np.sqrt(np.sum(se ** 2)) / se.size)
+        else:
+            r["heldout_logev_per_step_se"] = float("nan")
+        flags = np.asarray(ds["se_ok"].values[i], dtype=float)[ok] if "se_ok" in ds else np.ones(0)
+        r["se_flagged"] = int(np.sum(flags == 0))
         for k in ("rmse", "crps", "coverage_50", "coverage_90"):
             for j, h in enumerate(hs):
                 v = np.asarray(ds[k].values[i, :, j], dtype=float)
@@ -71,10 +89,19 @@ def _f(x, nd=3, sd=None):
     return s
 
 
+def _logev(r) -> str:
+    """``mean ± SE`` of the held-out log-evidence per step, ``†`` if a cell's SE stayed above tolerance."""
+    se = r["heldout_logev_per_step_se"]
+    nd = 3 if not np.isfinite(se) or se == 0 or se >= 5e-4 else 4
+    return _f(r["heldout_logev_per_step"], nd, se) + (" †" if r["se_flagged"] else "")
+
+
 def _columns(ds, steps_label=None):
     hs = [int(h) for h in ds["horizon"].values]
     lab = (lambda h: steps_label(h)) if steps_label else (lambda h: f"{h}-step")
-    cols = [("held-out log-ev/step", lambda r: _f(r["heldout_logev_per_step"], 3, r["heldout_logev_per_step_sd"]))]
+    cols = [("held-out log-ev/step ± SE", _logev),
+            ("sd over seeds", lambda r: _f(r["heldout_logev_per_step_sd"])),
+            ("seeds ok", lambda r: f"{r['n_ok']}/{r['n_seeds']}")]
     for h in hs:
         cols.append((f"CRPS {lab(h)}", lambda r, h=h: _f(r[f"crps@{h}"])))
     for h in hs:
@@ -84,6 +111,17 @@ def _columns(ds, steps_label=None):
     cols.append(("fit time (s)", lambda r: _f(r["wall_time_s"], 1)))
     cols.append(("own objective (kind)", lambda r: f"{_f(r['own_objective'], 1)} ({r['own_evidence_kind'] or '—'})"))
     return cols
+
+
+def _footnotes(rows) -> str:
+    notes = []
+    if any(0 < r["n_failed"] < r["n_seeds"] for r in rows):
+        notes.append("seeds ok < total: the row's means are over the finished seeds only (failures listed below "
+                     "the table)")
+    if any(r["se_flagged"] for r in rows):
+        notes.append("† the yardstick's standard error stayed above its tolerance at the particle cap in "
+                     "at least one seed")
+    return "; ".join(notes)
 
 
 def comparison_table(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
@@ -98,7 +136,8 @@ def comparison_table(ds, *, reference: Sequence[str] = (), steps_label=None) -> 
             out.append(f"| {name} | failed: {r['errors'][0][:80]} |" + " |" * (len(cols) - 1))
             continue
         out.append(f"| {name} | " + " | ".join(fn(r) for _, fn in cols) + " |")
-    return "\n".join(out)
+    notes = _footnotes(rows)
+    return "\n".join(out) + (f"\n\n{notes}." if notes else "")
 
 
 def text_table(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
@@ -116,7 +155,9 @@ def text_table(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
             body.append([name] + [fn(r) for _, fn in cols])
     widths = [max(len(str(x[i])) for x in [header] + body) for i in range(len(header))]
     line = lambda xs: "  ".join(str(x).ljust(w) for x, w in zip(xs, widths, strict=True))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+    notes = _footnotes(rows)
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body]) + (
+        f"\n({notes})" if notes else "")
 
 
 def verdict(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
@@ -133,14 +174,20 @@ def verdict(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
     lab = steps_label(hl) if steps_label else f"{hl}-step"
     cands.sort(key=lambda r: -r["heldout_logev_per_step"])
     w = cands[0]
-    parts = [f"**Winner: {w['method']}**, with a held-out log-evidence of {w['heldout_logev_per_step']:.3f} "
-             f"nats per step"]
+    parts = [f"**Winner: {w['method']}**, with a held-out log-evidence of {_logev(w)} nats per step"]
+    if w["n_failed"]:
+        parts.append(f" (mean over the {w['n_ok']} of {w['n_seeds']} seeds that finished; {w['n_failed']} failed)")
     if len(cands) > 1:
         r2 = cands[1]
         gap = w["heldout_logev_per_step"] - r2["heldout_logev_per_step"]
         sd = max(w["heldout_logev_per_step_sd"] if np.isfinite(w["heldout_logev_per_step_sd"]) else 0,
                  r2["heldout_logev_per_step_sd"] if np.isfinite(r2["heldout_logev_per_step_sd"]) else 0)
-        clear = "a clear margin" if (sd == 0 or gap > 2 * sd) else "a margin within the spread over seeds"
+        se = float(np.hypot(*(x if np.isfinite(x) else 0.0 for x in (w["heldout_logev_per_step_se"],
+                                                                    r2["heldout_logev_per_step_se"]))))
+        if gap <= 2 * se:
+            clear = "a margin within the Monte Carlo error of the yardstick"
+        else:
+            clear = "a clear margin" if (sd == 0 or gap > 2 * sd) else "a margin within the spread over seeds"
         parts.append(f", {gap:.3f} nats/step ahead of {r2['method']} ({clear})")
     parts.append(". ")
     best_crps = min(cands + refs, key=lambda r: r[f"crps@{hl}"] if np.isfinite(r[f"crps@{hl}"]) else np.inf)
@@ -149,7 +196,7 @@ def verdict(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
     for r in refs:
         d = w["heldout_logev_per_step"] - r["heldout_logev_per_step"]
         rel = "above" if d > 0 else "below"
-        parts.append(f"Reference {r['method']}: {r['heldout_logev_per_step']:.3f} nats/step "
+        parts.append(f"Reference {r['method']}: {_logev(r)} nats/step "
                      f"({w['method']} is {abs(d):.3f} {rel}). ")
     better_refs = [r for r in refs if r["heldout_logev_per_step"] > w["heldout_logev_per_step"]
                    and "true" not in r["method"].lower()]

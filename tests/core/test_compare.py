@@ -145,3 +145,59 @@ def test_ctrl_c_keeps_finished_cells(problem, tmp_path):
                    progress=False)
     done = sorted(p.name for p in (tmp_path / "cells").glob("*.nc") if not p.name.endswith(".trace.nc"))
     assert done == ["p__seed0.nc", "p__seed1.nc", "x__seed0.nc"]
+
+
+def test_resume_fingerprint_includes_the_initial_model(problem, tmp_path):
+    # issue 11, bug 3: reusing an output folder with another initial model must refit, not reuse old cells
+    m, tr, te = problem
+    kw = dict(methods={"counting": CountingFit()}, seeds=[0], horizons=[1], num_samples=10, out=tmp_path,
+              progress=False)
+    CountingFit.calls = 0
+    first = pr.compare(m, tr, te, **kw)
+    other = ElmanSSM(2, 1, activation="identity", process_noise=0.3, obs_noise=0.3, seed=2)  # other weights
+    second = pr.compare(other, tr, te, **kw)
+    assert CountingFit.calls == 2
+    assert second.heldout_logev_per_step.item() != first.heldout_logev_per_step.item()
+    # same weights and noise, another setting (the activation): another model too
+    tanh = ElmanSSM(2, 1, activation="tanh", process_noise=0.3, obs_noise=0.3, seed=2)
+    pr.compare(tanh, tr, te, **kw)
+    assert CountingFit.calls == 3
+    pr.compare(ElmanSSM(2, 1, activation="tanh", process_noise=0.3, obs_noise=0.3, seed=2), tr, te, **kw)
+    assert CountingFit.calls == 3  # an equal model (a fresh object) resumes
+    assert second.attrs["model_fingerprint"] != first.attrs["model_fingerprint"]
+
+
+class FailsOnSeed1(pr.InferenceMethod):
+    name = "fails_on_seed1"
+
+    def _fit(self, model, data, seed):
+        if seed == 1:
+            raise RuntimeError("seed 1 diverged")
+        return Persistence().fit_prepared(model, data, seed)
+
+
+def test_report_says_how_many_seeds_failed_and_prints_se(problem):
+    # issue 11, bug 4: a row averaged over the surviving seeds must say how many failed
+    from ppl_rnn.workbench.report import comparison_table, summarise, text_table, verdict
+
+    m, tr, te = problem
+    ds = pr.compare(m, tr, te, methods={"flaky": FailsOnSeed1(), "persistence": Persistence()}, seeds=[0, 1, 2],
+                    horizons=[1], num_samples=10, progress=False)
+    rows = {r["method"]: r for r in summarise(ds)}
+    assert (rows["flaky"]["n_ok"], rows["flaky"]["n_failed"], rows["flaky"]["n_seeds"]) == (2, 1, 3)
+    md = comparison_table(ds)
+    flaky_line = next(line for line in md.splitlines() if line.startswith("| flaky"))
+    assert "| 2/3 |" in flaky_line and "finished seeds only" in md
+    assert "3/3" in next(line for line in md.splitlines() if line.startswith("| persistence"))
+    assert "2/3" in text_table(ds)
+    # every log-evidence carries its Monte Carlo SE (0 here: the persistence model is scored by exact Kalman)
+    assert "± 0.000" in flaky_line
+    assert "1 failed" in verdict(ds, reference=("persistence",)) or "seed 1 diverged" in verdict(ds)
+
+
+def test_compare_records_the_yardstick_se(problem):
+    m, tr, te = problem
+    ds = pr.compare(m, tr, te, methods={"counting": CountingFit()}, seeds=[0], horizons=[1], num_samples=10,
+                    progress=False)
+    assert float(ds.heldout_logev_per_step_se.squeeze()) == 0.0  # linear model: exact Kalman
+    assert int(ds.se_ok.squeeze()) == 1 and ds.attrs["se_tol"] == 0.01 and ds.attrs["num_replicates"] == 8
