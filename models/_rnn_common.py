@@ -28,7 +28,7 @@ from pyro.distributions import constraints
 from pyro.nn import PyroParam
 
 from ppl_rnn.errors import ConfigurationError
-from ppl_rnn.model import StateSpaceModel, set_param
+from ppl_rnn.model import StateSpaceModel, pack_params, set_param, unpack_params
 
 NOISE_ROLES = {"initial": "s0", "process": "q", "obs": "r"}
 
@@ -175,20 +175,11 @@ class GaussianRNNBase(StateSpaceModel):
 
     def weights(self) -> torch.Tensor:
         """Every trained parameter except the noise scales, flattened in declaration order (detached copy)."""
-        return torch.cat([getattr(self, n).detach().reshape(-1) for n in self._weight_names()])
+        return pack_params(self, self._weight_names())
 
     @torch.no_grad()
     def set_weights(self, vector: torch.Tensor) -> None:
-        names = self._weight_names()
-        v = torch.as_tensor(vector, dtype=self.dtype).reshape(-1)
-        n_total = sum(getattr(self, n).numel() for n in names)
-        if v.numel() != n_total:
-            raise ConfigurationError(f"vector has {v.numel()} entries; this model's weights() has {n_total}.")
-        i = 0
-        for n in names:
-            cur = getattr(self, n)
-            set_param(self, n, v[i:i + cur.numel()].reshape(cur.shape))
-            i += cur.numel()
+        unpack_params(self, self._weight_names(), vector)
 
     @torch.no_grad()
     def perturb(self, scale: float, generator: torch.Generator) -> None:
