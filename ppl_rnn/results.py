@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,6 +28,11 @@ class Posterior:
     cov: ``(B,T,H,H)`` :math:`\operatorname{Cov}[h_t\mid\cdot]` where the method has it, else None
     cross_cov: ``(B,T,H,H)`` :math:`\operatorname{Cov}[h_t, h_{t-1}\mid\cdot]` (index 0 unused) where available
     diagnostics: per-method extras (per-step ESS, resampling flags, filtered moments, ...)
+    model: a copy of the model it was computed with (set by :func:`ppl_rnn.infer`), or None
+    data: the validated :class:`~ppl_rnn.data.Data` it was computed from (set by the verbs), or None
+
+    ``model`` and ``data`` let :func:`ppl_rnn.to_inference_data` build ``observed_data`` and
+    ``log_likelihood`` from the result alone.
     """
 
     kind: str
@@ -41,6 +46,8 @@ class Posterior:
     diagnostics: Mapping[str, Any] = field(default_factory=dict)
     sampler: Callable[[int], torch.Tensor] | None = field(default=None, repr=False, compare=False)
     final_sampler: Callable[[int], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    model: Any = field(default=None, repr=False, compare=False)
+    data: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.kind not in POSTERIOR_KINDS:
@@ -95,6 +102,7 @@ class FitResult:
     method: name of the method
     evidence_kind: what ``trace.objective`` is (``"exact"``, ``"estimate"``, ``"lower_bound"``, ``"approximation"``)
     diagnostics: per-method extras
+    data: the validated :class:`~ppl_rnn.data.Data` it was trained on (set by :func:`ppl_rnn.fit`), or None
     """
 
     model: Any
@@ -105,6 +113,7 @@ class FitResult:
     method: str = ""
     evidence_kind: str = "estimate"
     diagnostics: Mapping[str, Any] = field(default_factory=dict)
+    data: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -115,12 +124,16 @@ class Forecast:
     state_samples: ``(S, B, horizon, H)`` the matching hidden states
     mean: ``(B, horizon, D)`` :math:`E[y_{T+k}\mid y_{0:T-1}]` (Monte Carlo)
     method: name of the filtering method used for :math:`p(h_{T-1}\mid y_{0:T-1})`
+    model: the model that forecast (set by :func:`ppl_rnn.forecast`), or None
+    data: the validated :class:`~ppl_rnn.data.Data` the forecast conditions on, or None
     """
 
     samples: torch.Tensor
     state_samples: torch.Tensor
     mean: torch.Tensor
     method: str = ""
+    model: Any = field(default=None, repr=False, compare=False)
+    data: Any = field(default=None, repr=False, compare=False)
 
     @property
     def horizon(self) -> int:
@@ -129,6 +142,24 @@ class Forecast:
     def quantile(self, q: float) -> torch.Tensor:
         """``(B, horizon, D)`` pointwise predictive quantile."""
         return torch.quantile(self.samples, q, dim=0)
+
+
+def remember(result, *, data, model=None):
+    """``result`` with ``data`` (and, for a Posterior, a copy of ``model``) filled in where the method left
+    them unset: what the verbs return, so a result carries what it was computed from. A FitResult's
+    posterior gets the data too (its ``model`` stays unset: it was computed at the last E-step's
+    parameters, not necessarily the fitted ones)."""
+    if isinstance(result, Posterior):
+        changes = {"data": data} if result.data is None else {}
+        if result.model is None and model is not None:
+            changes["model"] = model.copy() if hasattr(model, "copy") else model
+        return replace(result, **changes) if changes else result
+    if isinstance(result, FitResult):
+        changes = {"data": data} if result.data is None else {}
+        if isinstance(result.posterior, Posterior) and result.posterior.data is None:
+            changes["posterior"] = replace(result.posterior, data=data)
+        return replace(result, **changes) if changes else result
+    return result
 
 
 def params_snapshot(model) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ from .data import prepare
 from .errors import ConfigurationError
 from .method import InferenceMethod
 from .model import StateSpaceModel
-from .results import FitResult, Posterior
+from .results import FitResult, Posterior, remember
 from .rng import check_seed
 from .scope import in_library_scope
 
@@ -34,7 +34,7 @@ def infer(model: StateSpaceModel, observations, *, method: InferenceMethod, inpu
     check_model_and_method(model, method)
     check_seed(seed)
     data = prepare(model, observations, inputs)
-    return method.infer_prepared(model, data, seed)
+    return remember(method.infer_prepared(model, data, seed), data=data, model=model)
 
 
 @in_library_scope
@@ -44,7 +44,7 @@ def fit(model: StateSpaceModel, observations, *, method: InferenceMethod, inputs
     check_model_and_method(model, method)
     check_seed(seed)
     data = prepare(model, observations, inputs)
-    return method.fit_prepared(model.copy(), data, seed)
+    return remember(method.fit_prepared(model.copy(), data, seed), data=data)
 
 
 __all__ = ["infer", "fit", "check_model_and_method"]

@@ -161,13 +161,11 @@ def _posterior_groups(post: Posterior, *, model, observations, inputs, num_draws
 
 
 def _trace_group(trace, method_name: str) -> tuple[str, xr.Dataset] | None:
+    from .compare import clean_trace
+
     if not isinstance(trace, xr.Dataset) or "iteration" not in trace.dims:
         return None
-    keep = xr.Dataset(coords={k: v for k, v in trace.coords.items() if v.dtype.kind in "iufb"})
-    for k, v in trace.data_vars.items():
-        if v.dtype.kind in "iufb":
-            keep[k] = v
-    keep.attrs = {k: v for k, v in trace.attrs.items() if isinstance(v, (int, float, str))}
+    keep = clean_trace(trace)
     lname = method_name.lower()
     name = "em_trace" if ("em" in lname.replace("_", " ").split() or lname.endswith("em")) else "optimization"
     return name, keep
@@ -281,15 +279,18 @@ def to_inference_data(result, *, model=None, observations=None, inputs=None, num
             ``xarray.Dataset`` returned by :func:`ppl_rnn.compare` (gives ``{method: InferenceData}``, chains =
             seeds, equal (chain, draw) sizes), or a list of Posteriors / FitResults of the same shape (one
             chain each: e.g. one per seed, so ``az.rhat`` measures run-to-run agreement).
-        model: the model the result refers to (a FitResult carries its own); needed, with ``observations``,
-            for ``log_likelihood``, ``posterior_predictive`` and ``observed_data``.
-        observations, inputs: the data the result was computed from.
+        model: the model the result refers to; needed, with ``observations``, for ``log_likelihood`` and
+            ``posterior_predictive``. Default: the one the result remembers (results made by ``pr.infer``,
+            ``pr.fit`` and ``pr.forecast`` carry their model and data; a FitResult's is the fitted model).
+        observations, inputs: the data the result was computed from (default: the data it remembers), for
+            ``observed_data`` and the groups above.
         num_draws: posterior draws per chain.
         seed: seed of the draws.
         onestep: also compute ``log_likelihood.y_onestep`` (runs a filter with ``num_particles``, or Kalman).
         forecast_start: time index of a forecast's first step (default: the length of ``observations``, or 0).
     """
     az = _az()
+    model, observations, inputs = _remembered(result, model, observations, inputs)
     if isinstance(result, xr.Dataset):
         if "onestep_log_lik" not in result:
             raise ConfigurationError("this Dataset is not a pr.compare result (no 'onestep_log_lik'); pass the "
@@ -314,7 +315,23 @@ def to_inference_data(result, *, model=None, observations=None, inputs=None, num
     return idata
 
 
+def _remembered(result, model, observations, inputs):
+    """Fill ``model`` / ``observations`` / ``inputs`` the caller left None from what ``result`` remembers
+    (a result made by the verbs carries its data and model; see :func:`ppl_rnn.results.remember`)."""
+    if isinstance(result, (list, tuple)) or isinstance(result, xr.Dataset):
+        return model, observations, inputs
+    data = getattr(result, "data", None)
+    if observations is None and data is not None:
+        observations = data.with_nan()
+        if inputs is None:
+            inputs = data.inputs
+    if model is None and not isinstance(result, FitResult):
+        model = getattr(result, "model", None)
+    return model, observations, inputs
+
+
 def _groups_of(result, model, observations, inputs, num_draws, seed, onestep, num_particles, forecast_start):
+    model, observations, inputs = _remembered(result, model, observations, inputs)
     if isinstance(result, Posterior):
         groups = _posterior_groups(result, model=model, observations=observations, inputs=inputs,
                                    num_draws=num_draws, seed=seed, onestep=onestep, num_particles=num_particles)

@@ -70,4 +70,4 @@ def forecast(model, observations, *, horizon: int, method=None, num_samples: int
             hs.append(h)
     samples = torch.stack(ys, 2)
     return Forecast(samples=samples, state_samples=torch.stack(hs, 2), mean=samples.mean(0),
-                    method=getattr(method, "name", type(method).__name__))
+                    method=getattr(method, "name", type(method).__name__), model=model, data=data)
