@@ -348,7 +348,7 @@ class ExtendedKalmanFilter(InferenceMethod):
     """Extended Kalman filter: Gaussian filtering marginals and the EKF log-likelihood
     (``evidence_kind="approximation"``; exact on linear-Gaussian models). Needs Gaussian conditionals."""
 
-    name = "ekf"
+    name = "extended_kalman_filter"
 
     def _infer(self, model, data, seed):
         with torch.no_grad():
@@ -367,7 +367,7 @@ class ExtendedKalmanSmoother(InferenceMethod):
     log-likelihood (``evidence_kind="approximation"``) and forward-filter backward-sample trajectories
     (``Posterior.sample``) from the smoother's Gaussian."""
 
-    name = "eks"
+    name = "extended_kalman_smoother"
     smooths = True
 
     def _infer(self, model, data, seed):

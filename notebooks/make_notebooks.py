@@ -138,7 +138,7 @@ print(rec)
 # random initial network: a random rotation near the identity (slow oscillatory modes for EM to tune; from
 # Gaussian random weights EM tends to stop in a linear-regime local optimum, see the README)
 model0 = ElmanSSM(4, 1, process_noise=0.3, obs_noise=0.3, seed=1, weight_init="rotation", weight_scale=1.1)'''),
-    ("code", '''from ppl_rnn.workbench.cli import make_method   # MonteCarloEM with a particle smoother
+    ("code", '''from ppl_rnn.inference.registry import make_method   # MonteCarloEM with a particle smoother
 mcem = make_method("mcem", num_particles=100 if SMALL else 500, num_paths=20 if SMALL else 100,
                    num_iterations=3 if SMALL else 30, backward="mcmc")
 fit = pr.fit(model0, train.values, method=mcem, seed=0)
@@ -147,12 +147,13 @@ fig = plots.plot_traces({"MCEM": fit.trace}, kinds={"MCEM": fit.evidence_kind}, 
 fig'''),
     ("md", "Score the fitted network and the true network with the same yardstick: held-out log-evidence per "
            "step (particle filter at the fitted parameters, conditioning on the training part) and forecast CRPS."),
-    ("code", '''kw = dict(horizons=[1, 5], num_particles=300 if SMALL else 5000, seed=0)
+    ("code", '''kw = dict(horizons=[1, 5], num_particles=300 if SMALL else 500, seed=0)
 ev_fit = pr.evaluate(fit.model, train.values, test.values, **kw)
 ev_true = pr.evaluate(rec.true_model, train.values, test.values, **kw)
 ev_init = pr.evaluate(model0, train.values, test.values, **kw)
 for name, ev in [("initial", ev_init), ("MCEM", ev_fit), ("true", ev_true)]:
-    print(f"{name:8s} held-out log-ev/step {float(ev.heldout_logev_per_step):7.3f}   CRPS(1, 5) {ev.crps.values.round(3)}")'''),
+    print(f"{name:8s} held-out log-ev/step {float(ev.heldout_logev_per_step):7.3f} ± "
+          f"{float(ev.heldout_logev_per_step_se):.3f}   CRPS(1, 5) {ev.crps.values.round(3)}")'''),
     ("code", '''fc = pr.forecast(fit.model, train.values, horizon=10, num_samples=300, seed=0)
 fig = plots.plot_forecast(train.values, fc, truth=test.values[:, :10], history=80, label="MCEM forecast")
 fig'''),
@@ -200,7 +201,7 @@ NOTEBOOKS["05_compare_methods_with_arviz.ipynb"] = nb([
     ("code", SETUP),
     ("code", '''import arviz as az
 from ppl_rnn.workbench import datasets
-from ppl_rnn.workbench.cli import make_method
+from ppl_rnn.inference.registry import make_method
 from ppl_rnn.inference.reference import LinearAR, Persistence, FixedModel
 rec = datasets.load("unkelbach-synthetic", seed=0, train_steps=120 if SMALL else 1000, test_steps=40 if SMALL else 500)
 train, test = rec.split()
@@ -208,14 +209,14 @@ model0 = ElmanSSM(4, 1, process_noise=0.3, obs_noise=0.3, seed=1)
 methods = {
     "MCEM": make_method("mcem", num_particles=60 if SMALL else 300, num_paths=10 if SMALL else 50,
                         num_iterations=2 if SMALL else 12, backward="mcmc"),
-    "mean-field EM": make_method("meanfield-em", num_iterations=3 if SMALL else 30),
+    "mean-field EM": make_method("meanfield_em", num_iterations=3 if SMALL else 30),
     "BPTT": make_method("bptt", num_steps=10 if SMALL else 400, lr=0.02),
     "AR(5)": LinearAR(order=5),
     "persistence": Persistence(),
     "true network": FixedModel(rec.true_model, label="true network"),
 }
 ds = pr.compare(model0, train.values, test.values, methods=methods, seeds=[0, 1], horizons=[1, 5],
-                num_particles=200 if SMALL else 5000, num_samples=40 if SMALL else 200, progress=False)
+                num_particles=200 if SMALL else 500, num_samples=40 if SMALL else 200, progress=False)
 ds[["heldout_logev_per_step", "crps", "wall_time_s", "own_objective", "own_evidence_kind", "error"]]'''),
     ("code", '''from ppl_rnn.workbench.report import text_table, verdict
 ref = ("AR(5)", "persistence", "true network")
@@ -249,17 +250,17 @@ rec'''),
     ("code", '''if rec is not None:
     train, test = rec.split(train_steps=160 if SMALL else 2400)
     dt = rec.sampling_interval
-    from ppl_rnn.workbench.cli import make_method
+    from ppl_rnn.inference.registry import make_method
     from ppl_rnn.inference.reference import LinearAR, Persistence
     model0 = ElmanSSM(4, 1, process_noise=0.3, obs_noise=0.3, seed=1)
-    methods = {"EKF-EM": make_method("ekf-em", num_iterations=2 if SMALL else 15, num_samples=2 if SMALL else 5),
+    methods = {"EKF-EM": make_method("ekf_em", num_iterations=2 if SMALL else 15, num_samples=2 if SMALL else 5),
                "MCEM": make_method("mcem", num_particles=60 if SMALL else 300, num_paths=10 if SMALL else 50,
                                    num_iterations=2 if SMALL else 12, backward="mcmc"),
                "AR(5)": LinearAR(order=5), "persistence": Persistence()}
     import tempfile
     run_dir = tempfile.mkdtemp(prefix="ppl_rnn_06_")   # cells (and fitted models) are saved here
     ds = pr.compare(model0, train.values, test.values, methods=methods, seeds=[0], horizons=[5, 10, 15],
-                    num_particles=200 if SMALL else 3000, num_samples=40 if SMALL else 200, out=run_dir,
+                    num_particles=200 if SMALL else 500, num_samples=40 if SMALL else 200, out=run_dir,
                     progress=False)
     from ppl_rnn.workbench.report import text_table
     print(text_table(ds, reference=("AR(5)", "persistence"), steps_label=lambda h: f"{h * dt:.1f} s"))'''),

@@ -4,107 +4,38 @@ Every command writes a run directory (netCDF results, PNG figures, ``report.md``
 table. Bad arguments give a one-line error and exit status 2. Ctrl-C stops cleanly: finished comparison
 cells stay in ``<out>/cells`` and a rerun of the same command resumes from them.
 
-The method names (``--method`` / ``type =`` in a TOML config) are in :data:`METHOD_TYPES`.
+The method names (``--method`` / ``--methods`` / ``type =`` in a TOML config) are the training and reference
+methods of the one registry, :mod:`ppl_rnn.inference.registry` (``ppl-rnn --help`` lists them).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import sys
 import time
 from pathlib import Path
 
 from ppl_rnn.errors import ConfigurationError, PplRnnError
+from ppl_rnn.inference.registry import describe, is_reference, make_method, method_names
 
-__all__ = ["main", "METHOD_TYPES", "make_method", "build_parser"]
+__all__ = ["main", "build_parser", "CLI_KINDS"]
 
 
 # ---------------------------------------------------------------------------------------------
-# method registry
+# method names: the one registry, ppl_rnn.inference.registry (shared with the demo, compare configs, notebooks)
+
+#: the method kinds the fit/forecast/compare commands accept
+CLI_KINDS = ("train", "reference")
+#: methods compared when neither --methods nor a config names them
+DEFAULT_COMPARE = ("mcem", "svi_markov_gaussian", "bptt", "linear_ar", "persistence")
 
 
-def method_class(module: str, name: str):
-    """``ppl_rnn.inference.<name>`` (or, before it is exported, ``ppl_rnn.inference.<module>.<name>``)."""
-    import ppl_rnn.inference as inf
-
-    cls = getattr(inf, name, None)
-    if cls is None:
-        cls = getattr(importlib.import_module(f"ppl_rnn.inference.{module}"), name)
-    return cls
-
-
-def _mcem(num_particles=200, num_paths=50, backward="simulation", **kw):
-    PS = method_class("particle_smoother", "ParticleSmoother")
-    return method_class("mcem", "MonteCarloEM")(
-        smoother=PS(num_particles=num_particles, num_paths=num_paths, backward=backward), **kw)
-
-
-def _svi(guide):
-    return lambda **kw: method_class("svi", "SVI")(guide=guide, **kw)
-
-
-def _ref(name):
-    def make(**kw):
-        from ppl_rnn.inference import reference as reference_models
-
-        return getattr(reference_models, name)(**kw)
-
-    return make
-
-
-#: ``type`` -> (factory, target class (module, name), one-line description)
-METHOD_TYPES = {
-    "mcem": (_mcem, ("mcem", "MonteCarloEM"), "Monte Carlo EM, particle-smoother E-step (Unkelbach et al. 2009)"),
-    "meanfield-em": (lambda **kw: method_class("meanfield_em", "MeanFieldEM")(**kw), ("meanfield_em", "MeanFieldEM"),
-                     "mean-field EM (Ma & Ji 1998)"),
-    "svi-markov": (_svi("markov_gaussian"), ("svi", "SVI"), "SVI with the structured Markov Gaussian guide"),
-    "svi-meanfield": (_svi("mean_field"), ("svi", "SVI"), "SVI with the mean-field Gaussian guide"),
-    "svi-amortized": (_svi("amortized"), ("svi", "SVI"), "SVI with the amortised bidirectional-GRU guide"),
-    "svi-ekf": (_svi("ekf"), ("svi", "SVI"), "SVI with the extended-Kalman-smoother guide"),
-    "ekf-em": (lambda **kw: method_class("ekf", "EKFEM")(**kw), ("ekf", "EKFEM"),
-               "EM with an extended Kalman smoother E-step"),
-    "bptt": (lambda **kw: method_class("bptt", "BPTT")(**kw), ("bptt", "BPTT"),
-             "deterministic network by backpropagation through time"),
-    "kalman-em": (lambda **kw: method_class("kalman_em", "KalmanEM")(**kw), ("kalman_em", "KalmanEM"),
-                  "exact EM (linear-Gaussian models only)"),
-    "ar": (_ref("LinearAR"), None, "reference: linear AR(order) by least squares"),
-    "persistence": (_ref("Persistence"), None, "reference: random walk (forecast = last value)"),
-}
-
-
-def make_method(type_: str, *, show_progress: bool = False, **options):
-    """Build the method named ``type_`` with ``options`` (constructor keywords; ``mcem`` also takes
-    ``num_particles``, ``num_paths`` and ``backward`` for its particle smoother). ``show_progress`` turns on
-    the method's per-iteration progress bar where it has one."""
-    if type_ not in METHOD_TYPES:
-        raise ConfigurationError(f"unknown method type {type_!r}; choose one of: {', '.join(METHOD_TYPES)}.")
-    factory, target, _ = METHOD_TYPES[type_]
-    if show_progress and target is not None and "progress" not in options:
-        try:
-            if "progress" in inspect.signature(method_class(*target).__init__).parameters:
-                options["progress"] = True
-        except Exception:  # pragma: no cover - best effort
-            pass
-    try:
-        return factory(**options)
-    except TypeError as e:
-        allowed = ""
-        if target is not None:
-            try:
-                ps = [p for p in inspect.signature(method_class(*target).__init__).parameters
-                      if p not in ("self", "guide", "smoother")]
-                if type_ == "mcem":
-                    ps = ["num_particles", "num_paths", "backward"] + ps
-                allowed = f"; allowed options: {', '.join(ps)}"
-            except Exception:  # pragma: no cover - best-effort help
-                pass
-        raise ConfigurationError(f"bad options for method type {type_!r} ({e}){allowed}.") from e
-
-
-def is_reference_type(type_: str) -> bool:
-    return type_ in ("ar", "persistence")
+def _make(name: str, *, progress: bool = False, **options):
+    """A method by its registry name, for the commands: only training and reference methods."""
+    if name in method_names() and name not in method_names(CLI_KINDS):
+        raise ConfigurationError(f"{name!r} is a filter/smoother, not a training method; choose one of: "
+                                 f"{', '.join(method_names(CLI_KINDS))}.")
+    return make_method(name, progress=progress, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +115,7 @@ def _add_out(p, cmd):
 
 
 def _methods_help() -> str:
-    return "method types:\n" + "\n".join(f"  {k:<14} {v[2]}" for k, v in METHOD_TYPES.items())
+    return "method names (ppl_rnn.inference.registry):\n" + describe(CLI_KINDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  ppl-rnn demo --quick                           # a 1-minute version\n"
                "  ppl-rnn simulate --hidden 4 --steps 500 --out runs/sim\n"
                "  ppl-rnn fit --data unkelbach-synthetic --method mcem --set num_iterations=10\n"
-               "  ppl-rnn forecast --data respiration --max-steps 2000 --method ekf-em --horizon 15\n"
-               "  ppl-rnn compare --methods mcem,svi-markov,bptt,ar --seeds 0,1 --horizons 1,10\n"
+               "  ppl-rnn forecast --data respiration --max-steps 2000 --method ekf_em --horizon 15\n"
+               "  ppl-rnn compare --methods mcem,svi_markov_gaussian,bptt,linear_ar --seeds 0,1 --horizons 1,10\n"
                "  ppl-rnn compare --config comparison.toml --executor dask\n\n" + _methods_help() +
                "\n\nEvery command writes a run directory with netCDF results, PNG figures and report.md.",
     )
@@ -222,21 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, hlp, extra in (
         ("fit", "train the model with one method and score it on the held-out part",
-         "  ppl-rnn fit --data unkelbach-synthetic --method svi-markov --set num_steps=300 --set lr=0.02"),
+         "  ppl-rnn fit --data unkelbach-synthetic --method svi_markov_gaussian --set num_steps=300 --set lr=0.02"),
         ("forecast", "train, then forecast the steps after the training part with intervals",
-         "  ppl-rnn forecast --data respiration --max-steps 2000 --method ekf-em --horizon 15"),
+         "  ppl-rnn forecast --data respiration --max-steps 2000 --method ekf_em --horizon 15"),
     ):
         p = sub.add_parser(name, help=hlp, description=hlp[0].upper() + hlp[1:] + ".",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="example:\n" + extra + "\n\n" + _methods_help())
         _add_data_args(p)
         _add_model_args(p)
-        p.add_argument("--method", default="mcem", choices=list(METHOD_TYPES), metavar="TYPE",
-                       help="method type (default: mcem; see the list below)")
+        p.add_argument("--method", default="mcem", metavar="NAME",
+                       help="method name (default: mcem; see the list below)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option, repeatable "
                        "(e.g. --set num_iterations=20)")
         p.add_argument("--seed", type=int, default=0, help="seed of the fit (default: 0)")
-        p.add_argument("--num-particles", type=int, default=5000, help="particles of the yardstick filter")
+        p.add_argument("--num-particles", type=int, default=500,
+                       help="particles per run in the yardstick filter's first round (raised until its standard "
+                            "error is below 0.01 nats/step; default: 500)")
         p.add_argument("--horizon" if name == "forecast" else "--horizons", type=int if name == "forecast" else _ints,
                        default=15 if name == "forecast" else [1, 10],
                        help="forecast steps (default: 15)" if name == "forecast" else "forecast leads (default: 1,10)")
@@ -248,22 +181,25 @@ def build_parser() -> argparse.ArgumentParser:
                                    "each fit is scored by the same evaluator. Finished cells are saved at once; a "
                                    "rerun resumes.",
                        epilog="examples:\n"
-                              "  ppl-rnn compare --methods mcem,meanfield-em,svi-markov,ekf-em,bptt,ar,persistence\n"
+                              "  ppl-rnn compare --methods mcem,meanfield_em,svi_markov_gaussian,ekf_em,bptt,linear_ar,"
+                              "persistence\n"
                               "  ppl-rnn compare --config comparison.toml --executor dask\n\n"
                               "a TOML config (command-line flags override it):\n"
                               "  [data]\n  name = \"unkelbach-synthetic\"\n  train_steps = 1000\n"
                               "  [model]\n  hidden = 4\n"
-                              "  [compare]\n  seeds = [0, 1]\n  horizons = [1, 5, 10]\n  num_particles = 5000\n"
+                              "  [compare]\n  seeds = [0, 1]\n  horizons = [1, 5, 10]\n  num_particles = 500\n"
                               "  [methods.MCEM]\n  type = \"mcem\"\n  num_iterations = 10\n"
-                              "  [methods.\"AR(5)\"]\n  type = \"ar\"\n  order = 5\n\n" + _methods_help())
+                              "  [methods.\"AR(5)\"]\n  type = \"linear_ar\"\n  order = 5\n\n" + _methods_help())
     p.add_argument("--config", type=Path, default=None, help="TOML file describing the comparison")
     _add_data_args(p)
     _add_model_args(p)
     p.add_argument("--methods", default=None,
-                   help="comma-separated method types (default with no config: mcem,svi-markov,bptt,ar,persistence)")
+                   help="comma-separated method names (default with no config: "
+                        f"{','.join(DEFAULT_COMPARE)})")
     p.add_argument("--seeds", type=_ints, default=None, help="comma-separated seeds (default: 0)")
     p.add_argument("--horizons", type=_ints, default=None, help="forecast leads (default: 1,10)")
-    p.add_argument("--num-particles", type=int, default=None, help="particles of the yardstick filter (default: 5000)")
+    p.add_argument("--num-particles", type=int, default=None,
+                   help="particles per run in the yardstick filter's first round (default: 500)")
     p.add_argument("--executor", choices=("local", "dask"), default=None, help="local (default) or dask")
     p.add_argument("--address", default=None, help="dask scheduler address, e.g. tcp://host:8786")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers for --executor dask (default: 2)")
@@ -404,7 +340,7 @@ def _fit_and_score(args, out):
 
     tr, te, rec = load_data(args.data, seed=args.data_seed, max_steps=args.max_steps, train_steps=args.train_steps)
     model = make_model(args, tr.shape[-1])
-    method = make_method(args.method, show_progress=True, **_settings(args.set))
+    method = _make(args.method, progress=True, **_settings(args.set))
     _print(f"fitting {args.method} on {tuple(tr.shape)} training steps ...")
     f = fit(model, tr, method=method, seed=args.seed)
     horizons = [args.horizon] if hasattr(args, "horizon") else args.horizons
@@ -425,8 +361,11 @@ def _fit_and_score(args, out):
 
 def _eval_table(ev, name) -> tuple[str, str]:
     hs = [int(h) for h in ev.horizon.values]
-    head = ["method", "held-out log-ev/step"] + [f"CRPS {h}" for h in hs] + [f"RMSE {h}" for h in hs] + ["cov50/90 1"]
-    row = [name, f"{float(ev.heldout_logev_per_step):.3f}"] + [f"{float(v):.3f}" for v in ev.crps.values] + [
+    head = (["method", "held-out log-ev/step ± SE"] + [f"CRPS {h}" for h in hs] + [f"RMSE {h}" for h in hs]
+            + ["cov50/90 1"])
+    logev = f"{float(ev.heldout_logev_per_step):.3f} ± {float(ev.heldout_logev_per_step_se):.3f}"
+    logev += "" if int(ev.se_ok) else " † (SE above tolerance at the particle cap)"
+    row = [name, logev] + [f"{float(v):.3f}" for v in ev.crps.values] + [
         f"{float(v):.3f}" for v in ev.rmse.values] + [f"{float(ev.coverage_50[0]):.2f}/{float(ev.coverage_90[0]):.2f}"]
     md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n| " + " | ".join(row) + " |"
     w = [max(len(a), len(b)) for a, b in zip(head, row, strict=True)]
@@ -534,20 +473,19 @@ def cmd_compare(args) -> None:
     elif cfg.get("methods"):
         specs = cfg["methods"]
     else:
-        specs = {t: {"type": t} for t in ("mcem", "svi-markov", "bptt", "ar", "persistence")}
+        specs = {t: {"type": t} for t in DEFAULT_COMPARE}
     methods, reference = {}, []
     for label, spec in specs.items():
         spec = dict(spec)
         if "type" not in spec:
-            _die(f"[methods.{label}] needs a type = \"...\" entry (one of: {', '.join(METHOD_TYPES)})")
+            _die(f"[methods.{label}] needs a type = \"...\" entry (one of: {', '.join(method_names(CLI_KINDS))})")
         t = spec.pop("type")
-        methods[label] = make_method(t, show_progress=(args.executor or cmp_c.get("executor", "local")) == "local",
-                                     **spec)
-        if is_reference_type(t):
+        methods[label] = _make(t, progress=(args.executor or cmp_c.get("executor", "local")) == "local", **spec)
+        if is_reference(t):
             reference.append(label)
     seeds = args.seeds or cmp_c.get("seeds", [0])
     horizons = args.horizons or cmp_c.get("horizons", [1, 10])
-    num_particles = args.num_particles or cmp_c.get("num_particles", 5000)
+    num_particles = args.num_particles or cmp_c.get("num_particles", 500)
     executor = args.executor or cmp_c.get("executor", "local")
     address = args.address or cmp_c.get("address")
     out = _out_dir(args, "compare")
@@ -564,7 +502,8 @@ def cmd_compare(args) -> None:
     plots.plot_traces(traces, kinds=kinds, path=out / "traces.png")
     write_report(out / "report.md", title=f"ppl-rnn compare on {data}", sections=[
         {"heading": "Result", "text": verdict(ds, reference=reference)},
-        {"heading": "Table (mean ± sd over seeds; * = reference row)", "text": comparison_table(ds, reference=reference),
+        {"heading": "Table (mean ± Monte Carlo SE of the yardstick; sd over seeds in its own column; "
+                    "* = reference row)", "text": comparison_table(ds, reference=reference),
          "figures": [("held-out log-evidence and CRPS by method", "comparison.png"),
                      ("training traces", "traces.png")]}])
     _print(text_table(ds, reference=reference))

@@ -31,16 +31,16 @@ from .report import comparison_table, summarise, text_table, verdict, write_repo
 
 __all__ = ["run_demo", "demo_methods"]
 
-#: the demo's methods: label -> (type, full settings, quick settings)
+#: the demo's methods: label -> (name in ppl_rnn.inference.registry, full settings, quick settings)
 DEMO_METHODS = {
     "MCEM": ("mcem", dict(num_particles=300, num_paths=40, backward="mcmc", num_iterations=25),
              dict(num_particles=50, num_paths=10, backward="mcmc", num_iterations=2)),
-    "mean-field EM": ("meanfield-em", dict(num_iterations=20), dict(num_iterations=2)),
-    "SVI (Markov guide)": ("svi-markov", dict(num_steps=60, lr=0.05), dict(num_steps=3, lr=0.05)),
-    "SVI (mean-field guide)": ("svi-meanfield", dict(num_steps=80, lr=0.05), dict(num_steps=3, lr=0.05)),
-    "EKF-EM": ("ekf-em", dict(num_iterations=4, num_samples=3), dict(num_iterations=1, num_samples=2)),
+    "mean-field EM": ("meanfield_em", dict(num_iterations=20), dict(num_iterations=2)),
+    "SVI (Markov guide)": ("svi_markov_gaussian", dict(num_steps=60, lr=0.05), dict(num_steps=3, lr=0.05)),
+    "SVI (mean-field guide)": ("svi_mean_field", dict(num_steps=80, lr=0.05), dict(num_steps=3, lr=0.05)),
+    "EKF-EM": ("ekf_em", dict(num_iterations=4, num_samples=3), dict(num_iterations=1, num_samples=2)),
     "BPTT": ("bptt", dict(num_steps=150, lr=0.03), dict(num_steps=5, lr=0.03)),
-    "AR(5)": ("ar", dict(order=5), dict(order=5)),
+    "AR(5)": ("linear_ar", dict(order=5), dict(order=5)),
     "persistence": ("persistence", {}, {}),
 }
 REFERENCE = ("AR(5)", "persistence", "true network")
@@ -48,7 +48,7 @@ REFERENCE = ("AR(5)", "persistence", "true network")
 
 def demo_methods(quick: bool = False) -> dict:
     """``{label: method}`` of the demo (full or quick settings)."""
-    from .cli import make_method
+    from ppl_rnn.inference.registry import make_method
 
     return {label: make_method(t, **(q if quick else full)) for label, (t, full, q) in DEMO_METHODS.items()}
 

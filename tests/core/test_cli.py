@@ -14,8 +14,13 @@ def test_help_teaches(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for word in ("examples:", "ppl-rnn demo", "mcem", "svi-markov", "persistence", "report.md"):
+    for word in ("examples:", "ppl-rnn demo", "persistence", "report.md"):
         assert word in out
+    from ppl_rnn.inference.registry import METHODS, method_names
+
+    for name in method_names(("train", "reference")):  # the CLI lists the one registry, with descriptions
+        assert f"  {name} " in out and METHODS[name].description in out
+    assert "  particle_filter " not in out  # filters are not training methods
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     out = capsys.readouterr().out
@@ -27,8 +32,10 @@ def test_help_teaches(capsys):
     ["fit", "--method", "nope"],
     ["compare", "--horizons", "a,b"],
     ["compare", "--config", "/nonexistent/cfg.toml"],
-    ["fit", "--data", "/nonexistent.csv", "--method", "ar"],
-    ["fit", "--method", "ar", "--set", "bogus=1", "--max-steps", "300"],
+    ["fit", "--data", "/nonexistent.csv", "--method", "linear_ar"],
+    ["fit", "--method", "linear_ar", "--set", "bogus=1", "--max-steps", "300"],
+    ["fit", "--method", "ekf-em", "--max-steps", "300"],  # one spelling: ekf_em
+    ["fit", "--method", "kalman_filter", "--max-steps", "300"],  # a filter, not a training method
     ["frobnicate"],
 ])
 def test_bad_arguments_one_line_exit_2(argv, capsys, tmp_path):
@@ -56,7 +63,7 @@ def test_compare_with_toml_config_resumes(tmp_path, capsys):
     cfg = tmp_path / "cmp.toml"
     cfg.write_text('[data]\nname = "unkelbach-synthetic"\nmax_steps = 160\ntrain_steps = 120\n'
                    '[model]\nhidden = 2\n[compare]\nseeds = [0, 1]\nhorizons = [1, 3]\nnum_particles = 200\n'
-                   '[methods.persist]\ntype = "persistence"\n[methods."AR(2)"]\ntype = "ar"\norder = 2\n')
+                   '[methods.persist]\ntype = "persistence"\n[methods."AR(2)"]\ntype = "linear_ar"\norder = 2\n')
     out = tmp_path / "run"
     assert main(["compare", "--config", str(cfg), "--out", str(out)]) == 0
     text = capsys.readouterr().out
@@ -72,7 +79,7 @@ def test_compare_with_toml_config_resumes(tmp_path, capsys):
 
 
 def test_fit_and_forecast_commands(tmp_path, capsys):
-    common = ["--data", "unkelbach-synthetic", "--max-steps", "160", "--train-steps", "120", "--method", "ar",
+    common = ["--data", "unkelbach-synthetic", "--max-steps", "160", "--train-steps", "120", "--method", "linear_ar",
               "--set", "order=3", "--num-particles", "200"]
     assert main(["fit", *common, "--horizons", "1,4", "--out", str(tmp_path / "fit")]) == 0
     ev = xr.load_dataset(tmp_path / "fit" / "evaluation.nc", engine="h5netcdf")
@@ -81,12 +88,31 @@ def test_fit_and_forecast_commands(tmp_path, capsys):
     assert main(["forecast", *common, "--horizon", "6", "--out", str(tmp_path / "fc")]) == 0
     out = capsys.readouterr().out
     assert "90% interval" in out and (tmp_path / "fc" / "forecast.png").exists()
+    assert "± " in (tmp_path / "fit" / "report.md").read_text()  # the log-evidence with its SE
 
 
 def test_entry_point_is_installed():
     r = subprocess.run([sys.executable, "-m", "ppl_rnn.workbench.cli", "simulate", "--steps", "0"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
+
+
+def test_cli_and_demo_do_not_import_each_other():
+    # issue 11: the cli <-> demo import circle is gone (both take method names from the registry)
+    import ast
+    from pathlib import Path
+
+    import ppl_rnn.workbench.cli as cli
+    import ppl_rnn.workbench.demo as demo
+
+    def imports(mod):
+        tree = ast.parse(Path(mod.__file__).read_text())
+        return {(n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    assert not {m for m in imports(demo) if m.endswith("cli")}
+    assert "ppl_rnn.inference.registry" in imports(demo) and "ppl_rnn.inference.registry" in imports(cli)
+    assert "inspect" not in imports(cli)
 
 
 def test_demo_quick_writes_report_with_winner_and_figures(tmp_path, capsys):
