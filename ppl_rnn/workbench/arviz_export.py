@@ -216,6 +216,9 @@ def _from_forecast(fc: Forecast, *, observations, time0) -> dict:
 
 
 def _from_compare(ds: xr.Dataset) -> dict:
+    from .compare import flatten_models
+
+    ds = flatten_models(ds)  # several models: one InferenceData per "<model> / <method>"
     out = {}
     az = _az()
     seeds = ds["seed"].values

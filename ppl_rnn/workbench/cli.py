@@ -243,15 +243,16 @@ def load_data(name_or_path: str, *, seed: int = 0, max_steps: int | None = None,
         if name_or_path == "respiration" and max_steps is not None:
             kw["max_steps"] = max_steps
         rec = datasets.load(name_or_path, **kw)
-        if max_steps is not None and rec.num_steps > max_steps:
-            rec = rec._slice(slice(0, max_steps), "first steps")
+        T = rec.num_steps if max_steps is None else min(max_steps, rec.num_steps)
         ts = train_steps
-        if ts is None and rec.train_steps is not None and rec.train_steps < rec.num_steps:
-            ts = rec.train_steps
         if ts is None:
-            ts = int(round(0.8 * rec.num_steps))
-        tr, te = rec.split(train_steps=ts)
-        return tr.values, te.values, rec
+            ts = rec.train_steps if rec.train_steps is not None and rec.train_steps < T else int(round(0.8 * T))
+        if not 1 <= ts < T:
+            raise ConfigurationError(f"--train-steps must be in [1, {T - 1}] for these {T} steps; found {ts}.")
+        if name_or_path != "unkelbach-synthetic" and ts != rec.train_steps:
+            rec = datasets.load(name_or_path, **kw, train_steps=ts)  # scaling statistics from the training part
+        values = rec.values[:, :T]
+        return values[:, :ts], values[:, ts:], rec
     path = Path(name_or_path)
     if not path.exists():
         raise ConfigurationError(f"--data {name_or_path!r} is neither a data set name ({', '.join(datasets.DATASETS)}) "

@@ -1,8 +1,10 @@
 r"""``pr.compare``: fit a fresh copy of one model with every method and seed, score each fit with the one
 yardstick (:func:`ppl_rnn.workbench.evaluate.evaluate`), and collect the grid in an ``xarray.Dataset``.
 
-Grid: ``methods`` :math:`\times` ``seeds``; each **cell** is ``fit`` (on ``train``) then ``evaluate``
-(on ``test``, conditioning on ``train``). Output dims ``(method, seed, horizon)``:
+Grid: ``methods`` :math:`\times` ``seeds`` (:math:`\times` models, when ``model`` is ``{label: model}``:
+architectures compared with the same yardstick; a leading dim ``model``); each **cell** is ``fit`` (on
+``train``) then ``evaluate`` (on ``test``, conditioning on ``train``). Output dims ``([model,] method, seed,
+horizon)``:
 
 ============================  ==================================================================
 ``heldout_logev_per_step``     :math:`\log p(y_\text{test}\mid y_\text{train})` / test steps (the common yardstick)
@@ -60,20 +62,23 @@ import xarray as xr
 from ppl_rnn.data import prepare
 from ppl_rnn.errors import ConfigurationError
 from ppl_rnn.method import InferenceMethod, check_positive_int
+from ppl_rnn.model import StateSpaceModel
 from ppl_rnn.rng import check_seed
 
 from .evaluate import check_horizons, check_yardstick_options, evaluate, metric_names
 
-__all__ = ["compare", "load_cell_trace", "load_cell_model", "cell_name", "model_fingerprint", "clean_trace"]
+__all__ = ["compare", "load_cell_trace", "load_cell_model", "cell_name", "model_fingerprint", "clean_trace",
+           "flatten_models"]
 
 SCALARS = ("heldout_logev_per_step", "heldout_logev_per_obs", "heldout_logev_per_step_se", "heldout_logev_per_obs_se",
            "min_ess", "se_ok", "num_particles", "wall_time_s", "eval_time_s", "own_objective")
 
 
-def cell_name(method_name: str, seed: int) -> str:
-    """File stem of one cell: ``<method>__seed<seed>`` (method names sanitised for file systems)."""
-    safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", method_name)
-    return f"{safe}__seed{seed}"
+def cell_name(method_name: str, seed: int, model: str | None = None) -> str:
+    """File stem of one cell: ``<method>__seed<seed>``, or ``<model>__<method>__seed<seed>`` in a comparison of
+    several models (labels sanitised for file systems)."""
+    safe = lambda x: re.sub(r"[^A-Za-z0-9_.+-]", "_", x)  # noqa: E731
+    return (f"{safe(model)}__" if model else "") + f"{safe(method_name)}__seed{seed}"
 
 
 def model_fingerprint(model) -> str:
@@ -107,7 +112,7 @@ def _final_objective(fit) -> float:
 
 
 def run_cell(model, train, test, name: str, method, seed: int, horizons, eval_kw: dict,
-             train_inputs=None, test_inputs=None):
+             train_inputs=None, test_inputs=None, model_label: str = ""):
     """Fit + evaluate one cell. Never raises for a method failure: the error is recorded.
 
     Returns ``(cell Dataset, fit trace Dataset | None, fitted model | None)``.
@@ -132,7 +137,7 @@ def run_cell(model, train, test, name: str, method, seed: int, horizons, eval_kw
                                "own_evidence_kind": str(getattr(fit, "evidence_kind", "")) if fit else ""})
         ev["wall_time_s"] = ((), float(fit.wall_time_s) if fit is not None else time.perf_counter() - t0)
         ev["own_objective"] = ((), _final_objective(fit) if fit is not None else float("nan"))
-    ev.attrs.update(method=name, seed=int(seed))
+    ev.attrs.update(method=name, seed=int(seed), model_label=str(model_label))
     trace = getattr(fit, "trace", None) if fit is not None else None
     fitted = fit.model if fit is not None else None
     return ev, trace, fitted
@@ -157,7 +162,7 @@ def clean_trace(trace) -> xr.Dataset | None:
 
 
 def _save_cell(cells_dir: Path, ev: xr.Dataset, trace, fitted) -> None:
-    stem = cells_dir / cell_name(ev.attrs["method"], ev.attrs["seed"])
+    stem = cells_dir / cell_name(ev.attrs["method"], ev.attrs["seed"], ev.attrs.get("model_label") or None)
     tr = clean_trace(trace)
     if tr is not None:
         try:
@@ -172,20 +177,21 @@ def _save_cell(cells_dir: Path, ev: xr.Dataset, trace, fitted) -> None:
     _to_netcdf(ev, stem.with_suffix(".nc"))
 
 
-def load_cell_trace(out, method_name: str, seed: int) -> xr.Dataset | None:
-    """The fit trace (dim ``iteration``) of one finished cell of a comparison saved under ``out``."""
-    p = Path(out) / "cells" / (cell_name(method_name, seed) + ".trace.nc")
+def load_cell_trace(out, method_name: str, seed: int, model: str | None = None) -> xr.Dataset | None:
+    """The fit trace (dim ``iteration``) of one finished cell of a comparison saved under ``out`` (``model``:
+    the model label, in a comparison of several models)."""
+    p = Path(out) / "cells" / (cell_name(method_name, seed, model) + ".trace.nc")
     return xr.load_dataset(p, engine="h5netcdf") if p.exists() else None
 
 
-def load_cell_model(out, method_name: str, seed: int):
+def load_cell_model(out, method_name: str, seed: int, model: str | None = None):
     """The fitted model of one finished cell (``torch.load``; trusted files only), or None."""
-    p = Path(out) / "cells" / (cell_name(method_name, seed) + ".pt")
+    p = Path(out) / "cells" / (cell_name(method_name, seed, model) + ".pt")
     return torch.load(p, weights_only=False) if p.exists() else None
 
 
-def _load_cell(cells_dir: Path, name: str, seed: int, fp: str) -> xr.Dataset | None:
-    p = cells_dir / (cell_name(name, seed) + ".nc")
+def _load_cell(cells_dir: Path, name: str, seed: int, fp: str, model: str | None = None) -> xr.Dataset | None:
+    p = cells_dir / (cell_name(name, seed, model) + ".nc")
     if not p.exists():
         return None
     try:
@@ -267,7 +273,10 @@ def compare(model, train, test, *, methods: Mapping[str, InferenceMethod], seeds
     """Fit ``model`` with every method and seed on ``train``; score each fit on ``test`` with the one yardstick.
 
     Args:
-        model: the initial model; each cell fits a fresh copy (the input is untouched).
+        model: the initial model; each cell fits a fresh copy (the input is untouched). Or ``{label: model}``
+            for several models (architectures): the grid is then model :math:`\times` method :math:`\times`
+            seed and the result gains a leading dim ``model`` (select one with ``ds.sel(model="GRU")``;
+            :func:`flatten_models` gives one ``method`` dim labelled ``"<model> / <method>"``).
         train, test: ``(B,T1,D)`` / ``(B,T2,D)``, the test part continues the training sequences.
         methods: ``{label: method}``, e.g. ``{"MCEM": MonteCarloEM(...), "AR(5)": LinearAR(order=5)}``.
         seeds: seeds per method (the spread over seeds is the run-to-run variability).
@@ -281,8 +290,18 @@ def compare(model, train, test, *, methods: Mapping[str, InferenceMethod], seeds
         out: directory for the cell files and ``compare.nc`` (None: nothing written, no resume).
         progress: show a progress bar over cells.
 
-    Returns: ``xarray.Dataset`` (dims ``method, seed, horizon``; see module docstring).
+    Returns: ``xarray.Dataset`` (dims ``[model,] method, seed, horizon``; see module docstring).
     """
+    single = not isinstance(model, Mapping)
+    models = {"": model} if single else dict(model)
+    if not models:
+        raise ConfigurationError("model must be a StateSpaceModel or a non-empty dict {label: model}; found {}.")
+    for k, m in models.items():
+        if not single and (not isinstance(k, str) or not k):
+            raise ConfigurationError(f"model labels must be non-empty strings; found {k!r}.")
+        if not isinstance(m, StateSpaceModel):
+            where = "model" if single else f"model[{k!r}]"
+            raise ConfigurationError(f"{where} must be a ppl_rnn.StateSpaceModel; found {type(m).__name__}.")
     if not isinstance(methods, Mapping) or not methods:
         raise ConfigurationError(f"methods must be a non-empty dict {{label: method}}; found {methods!r}.")
     for k, m in methods.items():
@@ -302,8 +321,9 @@ def compare(model, train, test, *, methods: Mapping[str, InferenceMethod], seeds
         raise ConfigurationError(f"executor must be None (in-process) or 'dask'; found {executor!r}.")
     if address is not None and executor != "dask":
         raise ConfigurationError("address= is only used with executor='dask'; pass executor='dask' too.")
-    tr = prepare(model, train, train_inputs)
-    te = prepare(model, test, test_inputs)
+    for m in models.values():  # every model must accept the data (obs_dim, inputs)
+        tr = prepare(m, train, train_inputs)
+        te = prepare(m, test, test_inputs)
     B, T1, D = tr.observations.shape
     T2 = te.num_steps
     num_particles, max_particles, num_replicates, se_tol = check_yardstick_options(
@@ -313,7 +333,7 @@ def compare(model, train, test, *, methods: Mapping[str, InferenceMethod], seeds
     shapes = (tuple(tr.observations.shape), tuple(te.observations.shape), float(tr.observations.sum()),
               float(te.observations.sum()))
     names = list(methods)
-    model_fp = model_fingerprint(model)
+    model_fps = {ml: model_fingerprint(m) for ml, m in models.items()}
     cells_dir = None
     if out is not None:
         out = Path(out)
@@ -321,14 +341,15 @@ def compare(model, train, test, *, methods: Mapping[str, InferenceMethod], seeds
         cells_dir.mkdir(parents=True, exist_ok=True)
     cells: dict = {}
     todo = []
-    for name in names:
-        for s in seeds:
-            fp = _fingerprint(model_fp, methods[name], hs, eval_kw, shapes)
-            done = _load_cell(cells_dir, name, s, fp) if cells_dir is not None else None
-            if done is not None:
-                cells[(name, s)] = done
-            else:
-                todo.append((name, s, fp))
+    for ml in models:
+        for name in names:
+            for s in seeds:
+                fp = _fingerprint(model_fps[ml], methods[name], hs, eval_kw, shapes)
+                done = _load_cell(cells_dir, name, s, fp, ml or None) if cells_dir is not None else None
+                if done is not None:
+                    cells[(ml, name, s)] = done
+                else:
+                    todo.append((ml, name, s, fp))
 
     bar = None
     if progress and todo:
@@ -338,39 +359,67 @@ def compare(model, train, test, *, methods: Mapping[str, InferenceMethod], seeds
 
     def finish(ev, trace, fitted, fp):
         ev.attrs["fingerprint"] = fp
-        cells[(ev.attrs["method"], ev.attrs["seed"])] = ev
+        cells[(ev.attrs["model_label"], ev.attrs["method"], ev.attrs["seed"])] = ev
         if cells_dir is not None:
             _save_cell(cells_dir, ev, trace, fitted)
         if bar is not None:
-            bar.set_postfix_str(f"{ev.attrs['method']} seed {ev.attrs['seed']}" +
-                                (" FAILED" if ev.attrs.get("error") else ""))
+            who = (f"{ev.attrs['model_label']} / " if ev.attrs["model_label"] else "") + ev.attrs["method"]
+            bar.set_postfix_str(f"{who} seed {ev.attrs['seed']}" + (" FAILED" if ev.attrs.get("error") else ""))
             bar.update(1)
 
     args = (train, test)
     try:
         if executor is None:
-            for name, s, fp in todo:
-                ev, trace, fitted = run_cell(model, *args, name, methods[name], s, hs, eval_kw,
-                                             train_inputs, test_inputs)
+            for ml, name, s, fp in todo:
+                ev, trace, fitted = run_cell(models[ml], *args, name, methods[name], s, hs, eval_kw,
+                                             train_inputs, test_inputs, ml)
                 finish(ev, trace, fitted, fp)
         else:
-            _run_dask(model, args, methods, todo, hs, eval_kw, train_inputs, test_inputs, address, n_workers,
+            _run_dask(models, args, methods, todo, hs, eval_kw, train_inputs, test_inputs, address, n_workers,
                       processes, finish)
     finally:
         if bar is not None:
             bar.close()
     y_test = te.with_nan().double().numpy()
-    ds = _assemble(cells, names, seeds, hs, num_samples, B, T1, T2, D, y_test)
+    per_model = [_assemble({(n, s): ev for (ml2, n, s), ev in cells.items() if ml2 == ml}, names, seeds, hs,
+                           num_samples, B, T1, T2, D, y_test) for ml in models]
+    if single:
+        ds = per_model[0]
+        ds.attrs.update(model=type(model).__name__, model_fingerprint=model_fps[""])
+    else:
+        ds = xr.concat(per_model, dim="model", data_vars="different", coords="minimal", compat="equals",
+                       combine_attrs="drop_conflicts").assign_coords(model=list(models))
+        ds.attrs["evidence_method"] = ", ".join(sorted({e for d in per_model
+                                                         for e in str(d.attrs["evidence_method"]).split(", ") if e}))
+        ds.attrs["model_classes"] = ", ".join(f"{ml}={type(m).__name__}" for ml, m in models.items())
+        ds.attrs["model_fingerprints"] = ", ".join(f"{ml}={fp}" for ml, fp in model_fps.items())
     ds.attrs.update(num_particles=num_particles, max_particles=max_particles, num_replicates=num_replicates,
-                    se_tol=float("nan") if se_tol is None else se_tol, num_samples=num_samples,
-                    model=type(model).__name__, model_fingerprint=model_fp)
+                    se_tol=float("nan") if se_tol is None else se_tol, num_samples=num_samples)
     if out is not None:
         _to_netcdf(ds, out / "compare.nc")
     return ds
 
 
-def _run_dask(model, args, methods, todo, hs, eval_kw, train_inputs, test_inputs, address, n_workers,
-                      processes, finish):
+def flatten_models(ds: xr.Dataset) -> xr.Dataset:
+    """A comparison of several models as one of methods: dim ``model`` folded into ``method``, labelled
+    ``"<model> / <method>"`` (what the report, plots and ArviZ export read). A one-model Dataset is returned
+    as it is."""
+    if "model" not in ds.dims:
+        return ds
+    parts = []
+    for ml in ds["model"].values:
+        d = ds.sel(model=ml).drop_vars("model")
+        parts.append(d.assign_coords(method=[f"{ml} / {m}" for m in d["method"].values]))
+    out = xr.concat(parts, dim="method", data_vars="minimal", coords="minimal", compat="override",
+                    combine_attrs="override")
+    for k in ("own_evidence_kind", "evidence_method"):  # per-model variables without a model dim
+        if k in ds and "method" in ds[k].dims and "model" not in ds[k].dims:
+            out[k] = ("method", np.tile(ds[k].values, ds.sizes["model"]))
+    return out
+
+
+def _run_dask(models, args, methods, todo, hs, eval_kw, train_inputs, test_inputs, address, n_workers,
+              processes, finish):
     try:
         from distributed import Client, LocalCluster, as_completed
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -386,10 +435,10 @@ def _run_dask(model, args, methods, todo, hs, eval_kw, train_inputs, test_inputs
         client = Client(address)
     try:
         futs = {}
-        m_f = client.scatter(model, broadcast=True)
-        for name, s, fp in todo:
-            f = client.submit(run_cell, m_f, *args, name, methods[name], s, hs, eval_kw, train_inputs,
-                              test_inputs, pure=False, key=f"ppl-rnn-cell-{name}-{s}-{fp}")
+        scattered = {ml: client.scatter(m, broadcast=True) for ml, m in models.items()}
+        for ml, name, s, fp in todo:
+            f = client.submit(run_cell, scattered[ml], *args, name, methods[name], s, hs, eval_kw, train_inputs,
+                              test_inputs, ml, pure=False, key=f"ppl-rnn-cell-{ml}-{name}-{s}-{fp}")
             futs[f] = fp
         for f in as_completed(list(futs)):
             ev, trace, fitted = f.result()

@@ -184,9 +184,15 @@ def plot_ess(posterior_or_ess, *, num_particles: int | None = None, resampled=No
 def plot_comparison(ds, *, reference: tuple = (), title: str | None = None, path=None) -> Figure:
     """Method comparison from a :func:`ppl_rnn.compare` Dataset: held-out log-evidence per step (higher is
     better) and CRPS per horizon (lower is better); one dot per seed, a bar at the mean. ``reference``: the
-    labels of reference rows (drawn grey). Failed cells are listed under the figure."""
+    labels of reference rows (drawn grey). Error bars: ± 2 Monte Carlo SE of each seed's yardstick. Several
+    models: one row per model and method. Failed cells are listed under the figure."""
+    from .compare import flatten_models
+
+    ds = flatten_models(ds)
     methods = [str(m) for m in ds["method"].values]
     ll = np.asarray(ds["heldout_logev_per_step"].values, dtype=float)  # (M, S)
+    se = (np.asarray(ds["heldout_logev_per_step_se"].values, dtype=float) if "heldout_logev_per_step_se" in ds
+          else np.zeros_like(ll))
     crps = np.asarray(ds["crps"].values, dtype=float)  # (M, S, K)
     hs = [int(h) for h in ds["horizon"].values]
     M = len(methods)
@@ -195,11 +201,13 @@ def plot_comparison(ds, *, reference: tuple = (), title: str | None = None, path
     ypos = np.arange(M)[::-1]
     rng = np.random.default_rng(0)
     for i, m in enumerate(methods):
-        col = _REFERENCE_COLOR if m in reference else f"C{i % 10}"
-        v = ll[i][np.isfinite(ll[i])]
+        col = _REFERENCE_COLOR if (m in reference or m.rpartition(" / ")[2] in reference) else f"C{i % 10}"
+        ok = np.isfinite(ll[i])
+        v = ll[i][ok]
         if v.size:
             jit = rng.uniform(-0.12, 0.12, v.size)
-            ax1.plot(v, ypos[i] + jit, "o", color=col, ms=4, alpha=0.8)
+            ax1.errorbar(v, ypos[i] + jit, xerr=2 * np.nan_to_num(se[i][ok]), fmt="o", color=col, ms=4, alpha=0.8,
+                         elinewidth=1, capsize=2)
             ax1.plot([v.mean()] * 2, [ypos[i] - 0.3, ypos[i] + 0.3], color=col, lw=2.2)
         else:
             ax1.text(0.02, ypos[i], "failed", transform=ax1.get_yaxis_transform(), va="center", color="C3", fontsize=8)

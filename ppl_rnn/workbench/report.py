@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .compare import flatten_models
+
 __all__ = ["summarise", "comparison_table", "text_table", "verdict", "write_report"]
 
 #: why a method behaves as it does (used in verdicts); keyed by a lower-case substring of the label or class
@@ -51,6 +53,7 @@ def summarise(ds) -> list[dict]:
     """One dict per method: means over the seeds that finished (``n_ok`` of ``n_seeds``; ``n_failed``), the
     Monte Carlo SE of the mean log-evidence (``heldout_logev_per_step_se``), standard deviations over seeds
     (``*_sd``), and ``se_flagged`` (cells whose yardstick SE stayed above tolerance)."""
+    ds = flatten_models(ds)
     rows = []
     hs = [int(h) for h in ds["horizon"].values]
     for i, m in enumerate(ds["method"].values):
@@ -96,6 +99,11 @@ def _logev(r) -> str:
     return _f(r["heldout_logev_per_step"], nd, se) + (" †" if r["se_flagged"] else "")
 
 
+def _is_ref(name: str, reference: Sequence[str]) -> bool:
+    """A reference row: its label, or (several models) its method part after ``" / "``, is in ``reference``."""
+    return name in reference or name.rpartition(" / ")[2] in reference
+
+
 def _columns(ds, steps_label=None):
     hs = [int(h) for h in ds["horizon"].values]
     lab = (lambda h: steps_label(h)) if steps_label else (lambda h: f"{h}-step")
@@ -131,7 +139,7 @@ def comparison_table(ds, *, reference: Sequence[str] = (), steps_label=None) -> 
     cols = _columns(ds, steps_label)
     out = ["| method | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---|" * len(cols)]
     for r in rows:
-        name = r["method"] + (" *" if r["method"] in reference else "")
+        name = r["method"] + (" *" if _is_ref(r["method"], reference) else "")
         if r["n_ok"] == 0:
             out.append(f"| {name} | failed: {r['errors'][0][:80]} |" + " |" * (len(cols) - 1))
             continue
@@ -148,7 +156,7 @@ def text_table(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
     header = ["method"] + [c for c, _ in cols]
     body = []
     for r in rows:
-        name = r["method"] + (" *" if r["method"] in reference else "")
+        name = r["method"] + (" *" if _is_ref(r["method"], reference) else "")
         if r["n_ok"] == 0:
             body.append([name, "FAILED: " + r["errors"][0][:60]] + [""] * (len(cols) - 1))
         else:
@@ -164,8 +172,8 @@ def verdict(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
     """Plain-language verdict: the winner on held-out log-evidence, its margins, the CRPS winner at the
     longest horizon, and the reasons (from what each method does)."""
     rows = [r for r in summarise(ds) if r["n_ok"] > 0 and np.isfinite(r["heldout_logev_per_step"])]
-    cands = [r for r in rows if r["method"] not in reference]
-    refs = [r for r in rows if r["method"] in reference]
+    cands = [r for r in rows if not _is_ref(r["method"], reference)]
+    refs = [r for r in rows if _is_ref(r["method"], reference)]
     failed = [r for r in summarise(ds) if r["errors"]]
     if not cands:
         return "No trained method finished; see the errors in the table."

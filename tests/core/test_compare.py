@@ -201,3 +201,39 @@ def test_compare_records_the_yardstick_se(problem):
                     progress=False)
     assert float(ds.heldout_logev_per_step_se.squeeze()) == 0.0  # linear model: exact Kalman
     assert int(ds.se_ok.squeeze()) == 1 and ds.attrs["se_tol"] == 0.01 and ds.attrs["num_replicates"] == 8
+
+
+def test_several_models_grid_model_by_method_by_seed(problem, tmp_path):
+    # issue 12: architectures compared with the same yardstick; dims model x method x seed
+    from ppl_rnn.workbench.report import comparison_table, summarise
+
+    m, tr, te = problem
+    models = {"linear": m, "tanh": ElmanSSM(2, 1, activation="tanh", process_noise=0.3, obs_noise=0.3, seed=1)}
+    methods = {"counting": CountingFit(), "AR(2)": LinearAR(order=2)}
+    CountingFit.calls = 0
+    ds = pr.compare(models, tr, te, methods=methods, seeds=[0, 1], horizons=[1, 2], num_samples=10, out=tmp_path,
+                    progress=False)
+    assert ds.heldout_logev_per_step.dims == ("model", "method", "seed")
+    assert list(ds.model.values) == ["linear", "tanh"] and CountingFit.calls == 4
+    assert (ds.error == "").all() and np.isfinite(ds.heldout_logev_per_step).all()
+    # the same method on different models differs; the AR reference ignores the initial model
+    cell = lambda v, k, meth: ds[v].sel({"model": k, "method": meth})  # noqa: E731 (sel(method=) is a keyword)
+    assert (cell("heldout_logev_per_step", "linear", "counting") != cell("heldout_logev_per_step", "tanh",
+                                                                          "counting")).all()
+    np.testing.assert_allclose(cell("heldout_logev_per_step", "linear", "AR(2)").values,
+                               cell("heldout_logev_per_step", "tanh", "AR(2)").values)
+    assert cell("evidence_method", "tanh", "counting").item() == "particle_filter"
+    assert cell("evidence_method", "linear", "counting").item() == "kalman"
+    assert (tmp_path / "cells" / "tanh__counting__seed1.nc").exists()
+    assert isinstance(load_cell_model(tmp_path, "counting", 1, model="tanh"), pr.StateSpaceModel)
+    # resume per model; the report and ArviZ export read the grid as rows "<model> / <method>"
+    pr.compare(models, tr, te, methods=methods, seeds=[0, 1], horizons=[1, 2], num_samples=10, out=tmp_path,
+               progress=False)
+    assert CountingFit.calls == 4
+    assert {r["method"] for r in summarise(ds)} == {"linear / counting", "linear / AR(2)", "tanh / counting",
+                                                     "tanh / AR(2)"}
+    assert "tanh / AR(2) *" in comparison_table(ds, reference=("AR(2)",))
+    assert set(pr.to_inference_data(ds)) == {"linear / counting", "linear / AR(2)", "tanh / counting",
+                                             "tanh / AR(2)"}
+    with pytest.raises(ConfigurationError, match=r"model\['bad'\]"):
+        pr.compare({"bad": "GRU"}, tr, te, methods=methods)
