@@ -14,6 +14,13 @@ covariances positive definite). **Persistence** ("tomorrow equals today") is the
 :math:`p=1, \phi=1, c=0` with :math:`\sigma_d^2` the mean squared one-step difference: its k-step predictive
 is :math:`N(y_o, k\sigma^2)`. Rows with missing entries are left out of the least-squares fit.
 
+**Order by AIC.** ``LinearAR(order="aic", max_order=30)`` chooses :math:`p` per dimension on the training data
+alone: every order :math:`p = 1..p_{max}` is fitted by least squares on the *same* rows (targets from step
+:math:`p_{max}` on, so the criteria are comparable) and scored by
+:math:`\mathrm{AIC}(p) = n\log\hat\sigma^2_p + 2(p + 2)` (:math:`\hat\sigma^2_p` the maximum-likelihood residual
+variance; :math:`p` coefficients, the intercept and the variance); the chosen order is then refitted on all
+complete rows. Dimensions with different orders are padded with zero coefficients to the largest.
+
 Use them as methods: ``pr.fit(model, y, method=Persistence())`` ignores ``model`` except for its
 ``obs_dim`` and returns a fitted reference model.
 """
@@ -26,7 +33,7 @@ import numpy as np
 import xarray as xr
 from ppl_rnn.models.ar import ARStateSpace
 
-from ppl_rnn.errors import DataError
+from ppl_rnn.errors import ConfigurationError, DataError
 from ppl_rnn.method import InferenceMethod, check_positive_int
 from ppl_rnn.model import StateSpaceModel
 from ppl_rnn.results import FitResult
@@ -57,17 +64,21 @@ class _Reference(InferenceMethod):
     def _coeffs(self, X, z):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _order(self, y, m) -> tuple[int, dict]:
+        """The AR order for one dimension (``y``, ``m`` ``(B, T)``) and facts about the choice."""
+        return self.order, {}
+
     def _fit(self, model, data, seed):
         t0 = time.perf_counter()
         y = data.observations.double().numpy()
         m = data.mask.numpy()
         D = y.shape[-1]
-        p = self.order
-        phi, c, sig, scale, level = [], [], [], [], []
+        phi, c, sig, scale, level, orders, info = [], [], [], [], [], [], []
         for d in range(D):
             obs = y[..., d][m[..., d]]
             if obs.size < 3:
                 raise DataError(f"dimension {d} has {obs.size} observed training values; a reference fit needs at least 3.")
+            p, facts = self._order(y[..., d], m[..., d])
             X, z = _design(y[..., d], m[..., d], p)
             ph, cc, s = self._coeffs(X, z)
             phi.append(ph)
@@ -75,6 +86,10 @@ class _Reference(InferenceMethod):
             sig.append(max(s, 1e-6 * (obs.std() + 1e-12)))
             scale.append(obs.std() + 1e-12)
             level.append(obs.mean())
+            orders.append(p)
+            info.append(facts)
+        pmax = max(orders)
+        phi = [np.concatenate([ph, np.zeros(pmax - len(ph))]) for ph in phi]
         dt = model.dtype
         ref = ARStateSpace(np.array(phi), np.array(c), np.array(sig), np.array(scale), np.array(level), dtype=dt)
         # training objective: conditional Gaussian log-likelihood of the least-squares residuals (per row)
@@ -84,7 +99,8 @@ class _Reference(InferenceMethod):
                            coords={"iteration": [0]})
         return FitResult(model=ref, trace=trace, posterior=None, wall_time_s=wall, converged=True,
                          method=self.name, evidence_kind="approximation",
-                         diagnostics={"phi": ref.phi, "c": ref.c, "sigma": ref.sigma})
+                         diagnostics={"phi": ref.phi, "c": ref.c, "sigma": ref.sigma, "order": orders,
+                                      "order_selection": info})
 
 
 class Persistence(_Reference):
@@ -99,12 +115,42 @@ class Persistence(_Reference):
 
 
 class LinearAR(_Reference):
-    """Least-squares AR(``order``) reference per observed dimension (with intercept)."""
+    """Least-squares AR(``order``) reference per observed dimension (with intercept).
+
+    ``order``: a positive int, or ``"aic"``: chosen per dimension by AIC on the training data among
+    ``1..max_order`` (at most a quarter of the series' length; module docstring); ``FitResult.diagnostics["order"]`` holds the orders used and
+    ``["order_selection"]`` the criterion per order.
+    """
 
     name = "linear_ar"
 
-    def __init__(self, *, order: int = 5):
-        self.order = check_positive_int(order, "order")
+    def __init__(self, *, order: int | str = 5, max_order: int = 30):
+        if isinstance(order, str):
+            if order != "aic":
+                raise ConfigurationError(f"order must be a positive int or 'aic'; found {order!r}.")
+            self.order = "aic"
+        else:
+            self.order = check_positive_int(order, "order")
+        self.max_order = check_positive_int(max_order, "max_order")
+
+    def __repr__(self) -> str:
+        return f"LinearAR(order={self.order!r}" + (f", max_order={self.max_order})" if self.order == "aic" else ")")
+
+    def _order(self, y, m):
+        if self.order != "aic":
+            return self.order, {}
+        pm = max(1, min(self.max_order, y.shape[1] // 4))  # short series: at most a quarter of their length
+        X, z = _design(y, m, pm)  # the same rows for every candidate order
+        n = len(z)
+        aic = []
+        for p in range(1, pm + 1):
+            A = np.concatenate([X[:, :p], np.ones((n, 1))], 1)
+            coef, *_ = np.linalg.lstsq(A, z, rcond=None)
+            resid = z - A @ coef
+            s2 = max(float(resid @ resid) / n, 1e-300)
+            aic.append(n * np.log(s2) + 2 * (p + 2))
+        best = int(np.argmin(aic)) + 1
+        return best, {"criterion": "aic", "max_order": pm, "aic": np.asarray(aic), "rows": n}
 
     def _coeffs(self, X, z):
         A = np.concatenate([X, np.ones((len(z), 1))], 1)

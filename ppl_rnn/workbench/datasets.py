@@ -13,15 +13,31 @@ name                     shape (B, T, D) [+ u]  interval  package (extra)     li
 ``santafe-laser``        (1, 10093, 1)          a.u.      reservoirpy (data)  MIT (as shipped)
 ``gas-furnace``          (1, 296, 1) + u (1)    9 s       timeseries-toolbox  MIT (as shipped)
 ``sunspots``             (1, 309, 1)            1 year    statsmodels         public domain
-``respiration``          (1, 127500, 1) full    0.04 s    biopeaks==1.4.1     GPL-3.0 (read in place)
+``respiration``          (1, 127475, 1) full    0.04 s    biopeaks==1.4.1     GPL-3.0 (read in place)
 ``unkelbach-synthetic``  (1, 1500, 1) 1000+500  1 step    none (simulated)    MIT (this project)
 ======================== ====================== ========= =================== ========================
 
-Scaling (``scale=`` for the real series): ``"none"`` (raw values), ``"standard"`` (subtract the mean, divide by
-the standard deviation) or ``"robust"`` (subtract the median, divide by the inter-quartile range). The
-statistics come from the default **training part only** (no test leakage), and the record keeps
-``offset`` and ``scale`` so that ``raw = values * scale + offset`` (``input_offset``/``input_scale`` for
-inputs). Defaults: ``"none"`` except ``respiration`` (``"robust"``).
+Preprocessing without leakage. Every real loader takes ``train_steps=`` (an int; default: 80 % of the loaded
+steps), the end of the training part. The scaling statistics (``scale=``: ``"none"`` raw values,
+``"standard"`` mean and standard deviation, ``"robust"`` median and inter-quartile range) come from
+``values[:, :train_steps]`` **only**, the record's ``train_steps`` is that cut (so ``record.split()`` cuts
+there), and ``meta["stats_steps"]`` remembers it; splitting earlier than the statistics' end warns, since the
+test part would then have informed the scaling. The record keeps ``offset`` and ``scale`` so that
+``raw = values * scale + offset`` (``input_offset``/``input_scale`` for inputs). Defaults: ``"none"`` except
+``respiration`` (``"robust"``). A test (``tests/core/test_datasets.py``) changes the test part of the raw
+data and checks that the training part, its offset and its scale are unchanged bit for bit.
+
+The breathing trace (``respiration``) is decimated from 1000 Hz to 25 Hz with **causal** anti-aliasing
+FIR filters (8x then 5x; a sample depends on the raw signal up to its own time and never on a later raw
+sample, so the training part cannot carry information about the test part; the filters' constant group
+delay of 0.48 s is part of the signal as a real-time tracker would see it). The first second of the
+recording (``_RESP_EDGE_S``: the filters' start-up transient; with a zero-phase filter sample 0 was
+-2.86 against ~0 after scaling) is never returned: ``start_s`` must be at least 1 s. The loader takes a
+window ``window=(start_s, length_s)`` (or ``start_s=`` with ``duration_s=`` / ``max_steps=``) and
+``train_s=`` / ``train_steps=`` for the split. The first minutes of the recording are irregular
+breathing; :data:`REGULAR_BREATHING_WINDOW` (730-910 s) holds regular cycles of about 3.3 s
+(see its comment), and :data:`REGULAR_BREATHING_TRAIN_S` (the first 120 s of it) is the training part used
+by the demo and ``benchmarks/real_tables.py``.
 
 The real data sets come from optional packages (the ``data`` extra). A missing one raises
 :class:`MissingExtraError` (an :class:`ImportError`) that names the extra: ``pip install 'ppl_rnn[data]'``.
@@ -66,6 +82,7 @@ import dataclasses
 import importlib
 import importlib.resources
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +92,8 @@ import torch
 from ppl_rnn.errors import ConfigurationError, DataError, PplRnnError
 from ppl_rnn.rng import check_seed
 
-__all__ = ["Dataset", "MissingExtraError", "load", "DATASETS"]
+__all__ = ["Dataset", "MissingExtraError", "load", "DATASETS", "REGULAR_BREATHING_WINDOW",
+           "REGULAR_BREATHING_TRAIN_S"]
 
 DATASETS = ("santafe-laser", "gas-furnace", "sunspots", "respiration", "unkelbach-synthetic")
 _EXTRA = "pip install 'ppl_rnn[data]'"
@@ -178,6 +196,12 @@ class Dataset:
         if isinstance(train_steps, bool) or not isinstance(train_steps, int) or not (1 <= train_steps < T):
             raise ConfigurationError(
                 f"train_steps must be an int in [1, {T - 1}] (the series has {T} steps); found {train_steps!r}.")
+        stats = self.meta.get("stats_steps")
+        if stats is not None and train_steps < stats and self.meta.get("scale", "none") != "none":
+            warnings.warn(
+                f"{self.name}: splitting at step {train_steps}, but the scaling statistics were computed on steps "
+                f"0..{stats - 1}, so the test part informed the preprocessing. Load with train_steps={train_steps} "
+                "to keep the test part out of it.", UserWarning, stacklevel=2)
         return self._slice(slice(0, train_steps), "train"), self._slice(slice(train_steps, T), "test")
 
     train_test_split = split
@@ -210,15 +234,27 @@ def _stats(x: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
     return off, sc
 
 
-def _record(name, values, inputs=None, *, scale="none", dtype=None, train_fraction=0.8, **fields) -> Dataset:
-    """Build a record from numpy ``values`` (T, D) and ``inputs`` (T, I): scale with training-part stats."""
+def _train_cut(n: int, train_steps) -> int:
+    """The training part's end for ``n`` loaded steps: ``train_steps`` or 80 % of them."""
+    if train_steps is None:
+        return max(1, min(n - 1, int(round(0.8 * n))))
+    if isinstance(train_steps, bool) or not isinstance(train_steps, int) or not (1 <= train_steps < n):
+        raise ConfigurationError(
+            f"train_steps must be an int in [1, {n - 1}] (the loaded series has {n} steps); found {train_steps!r}.")
+    return train_steps
+
+
+def _record(name, values, inputs=None, *, scale="none", dtype=None, train_steps=None, meta=None,
+            **fields) -> Dataset:
+    """Build a record from numpy ``values`` (T, D) and ``inputs`` (T, I), scaled with statistics of
+    ``values[:train_steps]`` only (default: the first 80 % of the steps)."""
     if scale not in _SCALES:
         raise ConfigurationError(f"scale must be one of {_SCALES}; found {scale!r}.")
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if dtype not in (torch.float32, torch.float64):
         raise ConfigurationError(f"dtype must be torch.float32 or torch.float64; found {dtype!r}.")
     values = np.asarray(values, dtype=np.float64)
-    n_train = int(round(train_fraction * values.shape[0]))
+    n_train = _train_cut(values.shape[0], train_steps)
     off, sc = _stats(values[:n_train], scale)
     t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=dtype)  # noqa: E731
     rec = dict(values=t((values - off) / sc)[None], offset=t(off), scale=t(sc), inputs=None)
@@ -228,18 +264,19 @@ def _record(name, values, inputs=None, *, scale="none", dtype=None, train_fracti
         rec.update(inputs=t((inputs - ioff) / isc)[None], input_offset=t(ioff), input_scale=t(isc))
     if scale != "none":
         fields["units"] = f"{fields['units']}, {scale}-scaled (raw = values * scale + offset)"
-    return Dataset(name=name, **rec, **fields)
+    meta = dict(meta or {}, stats_steps=n_train, scale=scale)
+    return Dataset(name=name, **rec, train_steps=n_train, meta=meta, **fields)
 
 
 # ---------------------------------------------------------------------------------------------
 # the loaders
 
 
-def _santafe(*, scale="none", dtype=None) -> Dataset:
+def _santafe(*, scale="none", dtype=None, train_steps=None) -> Dataset:
     rds = _require("reservoirpy.datasets", "santafe-laser", "reservoirpy")
     x = np.asarray(rds.santafe_laser(), dtype=np.float64).reshape(-1, 1)
     return _record(
-        "santafe-laser", x, scale=scale, dtype=dtype, sampling_interval=None, time_unit=None,
+        "santafe-laser", x, scale=scale, dtype=dtype, train_steps=train_steps, sampling_interval=None, time_unit=None,
         units="laser intensity (a.u., integer counts)",
         source="reservoirpy.datasets.santafe_laser() (Santa Fe Time Series Competition, data set A; "
                "Weigend & Gershenfeld 1993; copy from J. McNames' data sets)",
@@ -249,7 +286,7 @@ def _santafe(*, scale="none", dtype=None) -> Dataset:
     )
 
 
-def _gas_furnace(*, scale="none", dtype=None) -> Dataset:
+def _gas_furnace(*, scale="none", dtype=None, train_steps=None) -> Dataset:
     _require("TimeSeriesSRC", "gas-furnace", "timeseries-toolbox")
     path = importlib.resources.files("TimeSeriesSRC").joinpath("TestData").joinpath("Series_J_Gas_Furnace.csv")
     if not path.is_file():
@@ -264,6 +301,7 @@ def _gas_furnace(*, scale="none", dtype=None) -> Dataset:
                         "['InputGasRate', 'CO2'].")
     return _record(
         "gas-furnace", df[["CO2"]].to_numpy(), df[["InputGasRate"]].to_numpy(), scale=scale, dtype=dtype,
+        train_steps=train_steps,
         sampling_interval=9.0, time_unit="s",
         units="CO2 concentration in the outlet gas (%)",
         input_units="coded methane feed rate (0.6 - 0.04 x cubic feet per minute)",
@@ -275,11 +313,11 @@ def _gas_furnace(*, scale="none", dtype=None) -> Dataset:
     )
 
 
-def _sunspots(*, scale="none", dtype=None) -> Dataset:
+def _sunspots(*, scale="none", dtype=None, train_steps=None) -> Dataset:
     sm = _require("statsmodels.datasets.sunspots", "sunspots", "statsmodels")
     df = sm.load_pandas().data
     return _record(
-        "sunspots", df[["SUNACTIVITY"]].to_numpy(), scale=scale, dtype=dtype,
+        "sunspots", df[["SUNACTIVITY"]].to_numpy(), scale=scale, dtype=dtype, train_steps=train_steps,
         sampling_interval=1.0, time_unit="year", units="yearly mean sunspot number (Wolf number)",
         source="statsmodels.datasets.sunspots (NOAA National Geophysical Data Center)",
         licence="public domain",
@@ -292,23 +330,62 @@ def _sunspots(*, scale="none", dtype=None) -> Dataset:
 _RESP_FS = 1000  # Hz, from the OpenSignals header
 _RESP_TARGET = 25  # Hz
 _RESP_COLUMN = 5  # 0-based: columns nSeq, I1, I2, O1, O2, A2 (RESPBIT), A3 (ECGBIT)
+_RESP_EDGE_S = 1.0  # the causal filters' start-up transient (24 output samples = 0.96 s), never returned
+_RESP_DELAY_S = 0.48  # the two FIR filters' constant group delay (80 + 50x8 raw samples)
+
+#: ``(start_s, length_s)`` of a stretch of regular breathing in the recording: from 730 s (after a burst of
+#: irregular breathing and movement at 640-725 s) cycles of about 3.3 s follow each other with a steady
+#: amplitude until about 1020 s (one disturbed cycle near 940 s); the window is 730-910 s (three minutes). The first 240 s of recording are irregular
+#: (varying depth and rate, movement artefacts at 53, 137-152 and 230-237 s).
+REGULAR_BREATHING_WINDOW = (730.0, 180.0)
+#: the training part of :data:`REGULAR_BREATHING_WINDOW`: its first 2 minutes (3000 steps at 25 Hz, about 36
+#: breathing cycles); the remaining 60 s (1500 steps) are the test part.
+REGULAR_BREATHING_TRAIN_S = 120.0
 
 
-def _respiration(*, duration_s: float | None = None, max_steps: int | None = None, start_s: float = 0.0,
-                 scale="robust", dtype=None) -> Dataset:
+def _respiration_raw(path, nrows: int | None) -> np.ndarray:
+    """The raw 1000 Hz belt signal (the first ``nrows`` samples); a separate function so that tests can
+    change the raw data (the leakage test)."""
+    import pandas as pd
+
+    with path.open("r") as f:
+        return pd.read_csv(f, sep="\t", comment="#", header=None, usecols=[_RESP_COLUMN], nrows=nrows,
+                           dtype=np.float64, engine="c")[_RESP_COLUMN].to_numpy()
+
+
+def _check_seconds(name, v, *, positive=False, minimum=0.0):
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < minimum or (
+            positive and v == 0):
+        what = "a positive" if positive else f"a number >= {minimum:g} of"
+        raise ConfigurationError(f"{name} must be {what} seconds; found {v!r}.")
+    return float(v)
+
+
+def _respiration(*, window: tuple[float, float] | None = None, start_s: float | None = None,
+                 duration_s: float | None = None, max_steps: int | None = None, train_s: float | None = None,
+                 train_steps: int | None = None, scale="robust", dtype=None) -> Dataset:
     _require("biopeaks", "respiration", "biopeaks==1.4.1")
     path = importlib.resources.files("biopeaks").joinpath("tests").joinpath("testdata").joinpath("OSmontage0J.txt")
     if not path.is_file():
         raise DataError(f"respiration: {path} is not in the installed biopeaks; the data set needs "
                         f"biopeaks==1.4.1 (pip install 'biopeaks==1.4.1' or {_EXTRA}).")
-    for nm, v in (("duration_s", duration_s), ("start_s", start_s)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                              or v < 0 or (nm == "duration_s" and v == 0)):
-            raise ConfigurationError(f"{nm} must be a {'positive' if nm == 'duration_s' else 'non-negative'} "
-                                     f"number of seconds; found {v!r}.")
+    if window is not None:
+        if start_s is not None or duration_s is not None:
+            raise ConfigurationError("give window=(start_s, length_s) or start_s/duration_s, not both.")
+        if not isinstance(window, (tuple, list)) or len(window) != 2:
+            raise ConfigurationError(f"window must be (start_s, length_s) in seconds; found {window!r}.")
+        start_s, duration_s = window
+    start_s = _check_seconds("start_s", _RESP_EDGE_S if start_s is None else start_s, minimum=_RESP_EDGE_S)
+    duration_s = _check_seconds("duration_s", duration_s, positive=True)
+    train_s = _check_seconds("train_s", train_s, positive=True)
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
         raise ConfigurationError(f"max_steps must be a positive int; found {max_steps!r}.")
-    import pandas as pd
+    if train_s is not None and train_steps is not None:
+        raise ConfigurationError("give train_s or train_steps, not both.")
+    if train_s is not None:
+        train_steps = int(round(train_s * _RESP_TARGET))
     from scipy.signal import decimate
 
     stop_s = None
@@ -319,30 +396,32 @@ def _respiration(*, duration_s: float | None = None, max_steps: int | None = Non
         stop_s = s2 if stop_s is None else min(stop_s, s2)
     factor = _RESP_FS // _RESP_TARGET  # 40 raw samples per output step
     k0 = int(round(start_s * _RESP_TARGET))  # first output step (on the 25 Hz grid of the full recording)
-    k_first = max(0, k0 - 10 * _RESP_TARGET)  # 10 s of margin for the anti-aliasing filters' edges
+    k_first = max(0, k0 - 10 * _RESP_TARGET)  # 10 s before it feed the causal filters (>= their 0.96 s memory)
     k_stop = None if stop_s is None else int(round(stop_s * _RESP_TARGET))
-    nrows = None if k_stop is None else (k_stop + 10 * _RESP_TARGET) * factor
-    with path.open("r") as f:
-        raw = pd.read_csv(f, sep="\t", comment="#", header=None, usecols=[_RESP_COLUMN], nrows=nrows,
-                          dtype=np.float64, engine="c")[_RESP_COLUMN].to_numpy()
+    nrows = None if k_stop is None else k_stop * factor
+    raw = _respiration_raw(path, nrows)
     raw = raw[k_first * factor:]
-    if raw.size < 2 * _RESP_FS:
-        raise ConfigurationError(f"start_s={start_s} leaves less than 2 s of the 5100 s recording.")
-    # 1000 Hz -> 25 Hz in two anti-aliased stages (FIR, zero phase): 8 then 5
-    x = decimate(decimate(raw, 8, ftype="fir", zero_phase=True), 5, ftype="fir", zero_phase=True)
+    if raw.size < 2 * _RESP_FS + (k0 - k_first) * factor:
+        raise ConfigurationError(f"start_s={start_s:g} leaves less than 2 s of the 5100 s recording.")
+    # 1000 Hz -> 25 Hz in two anti-aliased causal FIR stages, 8 then 5: output j depends on raw[: 40 j + 1] only
+    x = decimate(decimate(raw, 8, ftype="fir", zero_phase=False), 5, ftype="fir", zero_phase=False)
     x = x[k0 - k_first:]
     if k_stop is not None:
         x = x[: k_stop - k0]
     x = x.reshape(-1, 1)
+    n = x.shape[0]
     return _record(
-        "respiration", x, scale=scale, dtype=dtype, sampling_interval=1.0 / _RESP_TARGET, time_unit="s",
+        "respiration", x, scale=scale, dtype=dtype, train_steps=train_steps,
+        sampling_interval=1.0 / _RESP_TARGET, time_unit="s",
         units="breathing-belt signal (RESPBIT ADC counts)",
         source="biopeaks 1.4.1 test data tests/testdata/OSmontage0J.txt (BITalino/OpenSignals recording, "
                "channel A2 = RESPBIT, column 5), read from the installed package",
         licence="GPL-3.0 (biopeaks); read in place, never copied into ppl_rnn",
         description=f"Respiratory inductance belt, 85 min recorded at 1000 Hz, decimated to 25 Hz "
-                    f"(anti-aliased FIR, 8x then 5x); {x.shape[0]} steps from t={start_s:g} s.",
-        meta={"original_rate_hz": _RESP_FS, "column": _RESP_COLUMN, "start_s": start_s},
+                    f"(causal anti-aliasing FIR, 8x then 5x, group delay {_RESP_DELAY_S:g} s); {n} steps "
+                    f"({n / _RESP_TARGET:g} s) from t={start_s:g} s of the recording.",
+        meta={"original_rate_hz": _RESP_FS, "column": _RESP_COLUMN, "start_s": start_s,
+              "filter_delay_s": _RESP_DELAY_S},
     )
 
 
@@ -422,8 +501,9 @@ _LOADERS = {
 def load(name: str, **kw) -> Dataset:
     """Load a data set by name (see the module docstring for names, options and provenance).
 
-    Options: ``scale=`` and ``dtype=`` for every real series; ``duration_s=``, ``max_steps=``, ``start_s=`` for
-    ``respiration``; ``seed=``, ``num_sequences=``, ``train_steps=``, ``test_steps=``, ``dtype=`` for
+    Options: ``scale=``, ``dtype=`` and ``train_steps=`` (the training part, whose statistics alone scale
+    the series) for every real series; ``window=(start_s, length_s)``, ``start_s=``, ``duration_s=``,
+    ``max_steps=``, ``train_s=`` for ``respiration``; ``seed=``, ``num_sequences=``, ``train_steps=``, ``test_steps=``, ``dtype=`` for
     ``unkelbach-synthetic``.
     """
     if name not in _LOADERS:

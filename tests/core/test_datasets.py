@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
+import numpy as np
 import pytest
 import torch
 from ppl_rnn.models import ElmanSSM
 
 from ppl_rnn.errors import ConfigurationError
+from ppl_rnn.workbench import datasets
 from ppl_rnn.workbench.datasets import DATASETS, Dataset, MissingExtraError, load
 
 
@@ -30,7 +33,9 @@ def _check_record(d: Dataset, shape, input_dim=0):
     assert torch.equal(torch.cat([train.values, test.values], 1), d.values)
     if input_dim:
         assert torch.equal(torch.cat([train.inputs, test.inputs], 1), d.inputs)
-    tr2, te2 = d.train_test_split(0.5)
+    scaled = d.meta.get("scale", "none") != "none"  # a cut before the statistics' end warns (leakage)
+    with pytest.warns(UserWarning, match="informed the preprocessing") if scaled else contextlib.nullcontext():
+        tr2, te2 = d.train_test_split(0.5)
     assert tr2.num_steps == round(0.5 * d.num_steps) and tr2.units == d.units
     with pytest.raises(dataclass_error()):
         d.values = None
@@ -78,6 +83,7 @@ def test_respiration():
     d = load("respiration", duration_s=120)
     _check_record(d, (1, 3000, 1))
     assert d.sampling_interval == 0.04 and "GPL" in d.licence
+    assert d.meta["start_s"] == 1.0 and d.train_steps == 2400  # the first second is the filters' start-up
     # robust scaling on the training part: median 0, IQR 1
     tr = d.split()[0].values.flatten()
     q25, q50, q75 = torch.quantile(tr.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
@@ -85,7 +91,7 @@ def test_respiration():
     # a later segment lies on the same 25 Hz grid as a longer load (raw units)
     seg = load("respiration", start_s=20.0, max_steps=250)
     assert seg.num_steps == 250
-    raw_d = d.values[0, 500:750, 0] * d.scale + d.offset
+    raw_d = d.values[0, 475:725, 0] * d.scale + d.offset  # d starts at 1 s: step 475 is 20 s
     raw_s = seg.values[0, :, 0] * seg.scale + seg.offset
     torch.testing.assert_close(raw_s, raw_d, atol=1e-2, rtol=1e-5)
     # breathing: dominant period between 2 and 10 s
@@ -98,6 +104,111 @@ def test_respiration():
         load("respiration", duration_s=-1)
     with pytest.raises(ConfigurationError, match="max_steps"):
         load("respiration", max_steps=0)
+    with pytest.raises(ConfigurationError, match="start_s"):
+        load("respiration", start_s=0.0)  # the filter edge is never returned
+    with pytest.raises(ConfigurationError, match="window"):
+        load("respiration", window=(20.0, 10.0), start_s=20.0)
+
+
+def _corrupting(monkeypatch, corrupt):
+    """Make the respiration loader read raw data changed by ``corrupt(raw) -> raw``."""
+    orig = datasets._respiration_raw
+    monkeypatch.setattr(datasets, "_respiration_raw", lambda path, nrows: corrupt(orig(path, nrows).copy()))
+
+
+@pytest.mark.parametrize("scale", ["robust", "standard"])
+def test_respiration_preprocessing_ignores_the_test_part(monkeypatch, scale):
+    """The leakage test: change the raw data of the test part; the training part, its offset and its scale
+    stay the same bit for bit (scaling statistics from the training part only, causal decimation)."""
+    pytest.importorskip("biopeaks")
+    kw = dict(window=(20.0, 40.0), train_s=30.0, scale=scale)
+    a = load("respiration", **kw)
+    assert a.train_steps == 750 and a.num_steps == 1000 and a.meta["stats_steps"] == 750
+    k_last = round(20.0 * 25) + 750 - 1  # the last training step on the recording's 25 Hz grid
+    first_test_raw = 40 * k_last + 1  # output step k depends on raw samples <= 40 k only
+
+    def wreck_test_part(raw):
+        rng = np.random.default_rng(0)
+        raw[first_test_raw:] = 1e4 * rng.standard_normal(raw.size - first_test_raw)
+        return raw
+
+    _corrupting(monkeypatch, wreck_test_part)
+    b = load("respiration", **kw)
+    (tr_a, te_a), (tr_b, te_b) = a.split(), b.split()
+    assert torch.equal(tr_a.values, tr_b.values)
+    assert torch.equal(a.offset, b.offset) and torch.equal(a.scale, b.scale)
+    assert not torch.allclose(te_a.values, te_b.values)  # the test part did change
+    # ... while a change inside the training part does reach it (the check above can fail)
+    monkeypatch.undo()
+
+    def nudge_train_part(raw):
+        raw[40 * (k_last - 100):first_test_raw] += 50.0
+        return raw
+
+    _corrupting(monkeypatch, nudge_train_part)
+    c = load("respiration", **kw)
+    assert not torch.equal(c.split()[0].values, tr_a.values)
+
+
+def test_respiration_drops_the_filter_edge(monkeypatch):
+    """The first returned sample (t = 1 s) does not depend on the raw samples before the filters settled."""
+    pytest.importorskip("biopeaks")
+    a = load("respiration", max_steps=100, scale="none")
+
+    def wreck_start(raw):
+        raw[:40] = -1e4
+        return raw
+
+    _corrupting(monkeypatch, wreck_start)
+    b = load("respiration", max_steps=100, scale="none")
+    assert torch.equal(a.values, b.values)
+    # and no edge outlier: the first sample lies within the range of the next two seconds
+    v = a.values[0, :, 0]
+    assert float(v[1:50].min()) - 1.0 <= float(v[0]) <= float(v[1:50].max()) + 1.0
+
+
+def test_respiration_regular_window():
+    pytest.importorskip("biopeaks")
+    d = load("respiration", window=datasets.REGULAR_BREATHING_WINDOW, train_s=datasets.REGULAR_BREATHING_TRAIN_S)
+    start, length = datasets.REGULAR_BREATHING_WINDOW
+    assert d.num_steps == round(length * 25) and d.train_steps == round(datasets.REGULAR_BREATHING_TRAIN_S * 25)
+    assert datasets.REGULAR_BREATHING_TRAIN_S >= 60  # minutes, not seconds, of training data
+    tr, te = d.split()
+    assert tr.num_steps == d.train_steps
+    # regular breathing: in every 20 s block of the window the dominant period is 2.2-5 s and the amplitude
+    # (std) varies by less than a factor 2 between blocks; the first three minutes of the recording fail this
+    assert _regular(d.values[0, :, 0]), _blocks(d.values[0, :, 0])
+    early = load("respiration", window=(1.0, length))
+    assert not _regular(early.values[0, :, 0]), _blocks(early.values[0, :, 0])
+
+
+def _blocks(x):
+    x = x.double()
+    periods, stds = [], []
+    for b in range(0, x.numel() - 499, 500):
+        seg = x[b:b + 500] - x[b:b + 500].mean()
+        spec = torch.fft.rfft(seg).abs()
+        f = torch.fft.rfftfreq(500, d=0.04)
+        periods.append(1 / float(f[1:][spec[1:].argmax()]))
+        stds.append(float(seg.std()))
+    return periods, stds
+
+
+def _regular(x) -> bool:
+    periods, stds = _blocks(x)
+    return all(2.2 <= p <= 5.0 for p in periods) and max(stds) / min(stds) < 2.0
+
+
+def test_split_before_the_statistics_end_warns():
+    d = load("sunspots", scale="standard", train_steps=200)
+    assert d.train_steps == 200 and d.split()[0].num_steps == 200
+    train = d.split()[0].values
+    assert abs(float(train.mean())) < 1e-5  # statistics of exactly the training part
+    with pytest.warns(UserWarning, match="train_steps=150"):
+        d.split(train_steps=150)
+    load("sunspots", scale="standard", train_steps=200).split(train_steps=250)  # later cut: no leakage, no warning
+    with pytest.raises(ConfigurationError, match="train_steps"):
+        load("sunspots", train_steps=309)
 
 
 @pytest.mark.parametrize("name,module", [("santafe-laser", "reservoirpy"), ("gas-furnace", "TimeSeriesSRC"),
