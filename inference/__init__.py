@@ -3,6 +3,7 @@
 from . import guides
 from .bptt import BPTT
 from .ekf import EKFEM, EKFProposal, ExtendedKalmanFilter, ExtendedKalmanSmoother, extended_kalman_filter
+from .global_search import GlobalSearch
 from .kalman import KalmanFilter, KalmanSmoother, kalman_filter, rts_smoother
 from .kalman_em import KalmanEM
 from .mcem import MonteCarloEM
@@ -10,6 +11,7 @@ from .meanfield_em import MeanFieldEM
 from .particle_smoother import ParticleSmoother, ffbsm, pairwise_expectations
 from .proposals import BootstrapProposal, register_proposal
 from .reference import FixedModel, LinearAR, Persistence
+from .rtrl import RTRL
 from .smc import ParticleFilter, run_particle_filter
 from .svi import SVI
 
@@ -18,4 +20,5 @@ __all__ = ["KalmanFilter", "KalmanSmoother", "kalman_filter", "rts_smoother",
            "BootstrapProposal", "register_proposal",
            "ExtendedKalmanFilter", "ExtendedKalmanSmoother", "EKFEM", "EKFProposal", "extended_kalman_filter",
            "SVI", "guides",
-           "MonteCarloEM", "KalmanEM", "MeanFieldEM", "BPTT", "Persistence", "LinearAR", "FixedModel"]
+           "MonteCarloEM", "KalmanEM", "MeanFieldEM", "BPTT", "RTRL", "GlobalSearch", "Persistence", "LinearAR",
+           "FixedModel"]

@@ -160,6 +160,15 @@ register_method("svi_amortized", "ppl_rnn.inference.svi:SVI", "SVI with the amor
 register_method("svi_ekf", "ppl_rnn.inference.svi:SVI", "SVI with the extended-Kalman-smoother guide",
                 fixed={"guide": "ekf"})
 register_method("bptt", "ppl_rnn.inference.bptt:BPTT", "deterministic network by backpropagation through time")
+register_method("rtrl", "ppl_rnn.inference.rtrl:RTRL", "deterministic network by real-time recurrent learning (online)")
+register_method("global_search_cma", "ppl_rnn.inference.global_search:GlobalSearch",
+                "deterministic network by CMA-ES on the weight vector (cma package)", fixed={"strategy": "cma"})
+register_method("global_search_genetic", "ppl_rnn.inference.global_search:GlobalSearch",
+                "deterministic network by a genetic algorithm on the weight vector", fixed={"strategy": "genetic"})
+register_method("global_search_annealing", "ppl_rnn.inference.global_search:GlobalSearch",
+                "deterministic network by simulated annealing on the weight vector", fixed={"strategy": "annealing"})
+register_method("global_search_swarm", "ppl_rnn.inference.global_search:GlobalSearch",
+                "deterministic network by particle swarm optimisation on the weight vector", fixed={"strategy": "swarm"})
 # --- reference rows (baselines of a comparison) ----------------------------------------------------------
 register_method("linear_ar", "ppl_rnn.inference.reference:LinearAR", "reference: linear AR(order) by least squares",
                 kind="reference", progress=False)
