@@ -2,7 +2,9 @@
 
 from . import guides
 from .bptt import BPTT
-from .ekf import EKFEM, EKFProposal, ExtendedKalmanFilter, ExtendedKalmanSmoother, extended_kalman_filter
+from .ekf import ExtendedKalmanFilter, ExtendedKalmanSmoother, extended_kalman_filter
+from .ekf_em import EKFEM
+from .ekf_proposal import EKFProposal  # registers ParticleFilter(proposal="ekf")
 from .global_search import GlobalSearch
 from .kalman import KalmanFilter, KalmanSmoother, kalman_filter, rts_smoother
 from .kalman_em import KalmanEM

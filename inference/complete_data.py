@@ -39,14 +39,15 @@ def complete_data_log_likelihood(model, trajectories: torch.Tensor, data, *, spl
             f"trajectories have shape {tuple(trajectories.shape)}; expected (S, {B}, {T}, {model.hidden_dim}) "
             "= (num_paths, num_sequences, num_steps, hidden_dim) matching the data and the model."
         )
-    h = trajectories.to(model.dtype)
+    # one unbind, not a slice per step: a slice's backward is a full-size gradient (O(T^2) per pass)
+    h = trajectories.to(model.dtype).unbind(2)
     u0 = input_at(u, 0)
-    lh = model.initial_batched(u0, (B,)).log_prob(h[:, :, 0])
-    ly = model.observation_log_prob(0, h[:, :, 0], y[:, 0], mask[:, 0], u0)
+    lh = model.initial_batched(u0, (B,)).log_prob(h[0])
+    ly = model.observation_log_prob(0, h[0], y[:, 0], mask[:, 0], u0)
     for t in range(1, T):
         u_t = input_at(u, t)
-        lh = lh + model.transition(t, h[:, :, t - 1], u_t).log_prob(h[:, :, t])
-        ly = ly + model.observation_log_prob(t, h[:, :, t], y[:, t], mask[:, t], u_t)
+        lh = lh + model.transition(t, h[t - 1], u_t).log_prob(h[t])
+        ly = ly + model.observation_log_prob(t, h[t], y[:, t], mask[:, t], u_t)
     S = trajectories.shape[0]
     if split:
         return lh.expand(S, B), ly.expand(S, B)
@@ -55,10 +56,12 @@ def complete_data_log_likelihood(model, trajectories: torch.Tensor, data, *, spl
 
 @contextlib.contextmanager
 def cached_params(*modules) -> Iterator[None]:
-    """Read every ``PyroParam`` of ``modules`` once (its constrained value, *with* its autograd graph) and
-    serve it from the instance ``__dict__`` inside the block, so repeated conditionals skip
-    ``PyroModule.__getattr__`` (a constraint transform per access). Enter it once per optimisation step:
-    the values are those of the parameters at entry. The cache is removed on exit."""
+    """Read every ``PyroParam`` of ``modules`` once (its constrained value) and serve it from the instance
+    ``__dict__`` inside the block, so repeated conditionals skip ``PyroModule.__getattr__`` (a constraint
+    transform per access, the dominant per-step overhead of small particle filters). The one parameter cache
+    of the library: the particle filter enters it inside ``torch.no_grad()`` (values without a graph); an
+    optimisation step enters it with gradients on (values *with* their autograd graph, so enter it once per
+    step: the values are those of the parameters at entry). The cache is removed on exit."""
     added = []
     try:
         for module in modules:

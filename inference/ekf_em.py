@@ -32,7 +32,7 @@ from ppl_rnn.rng import seeded
 
 from .complete_data import cached_params, complete_data_log_likelihood
 from .em_common import TraceRecorder, check_finite
-from .kalman import _gaussian_final_sampler, ffbs_sample, rts_smoother
+from .kalman import ffbs_sample, final_state_sampler, rts_smoother
 
 
 class EKFEM(InferenceMethod):
@@ -117,7 +117,7 @@ def _posterior(f) -> Posterior | None:
         kind="smoothing", mean=s.mean, var=torch.diagonal(s.cov, dim1=-2, dim2=-1), log_evidence=f.log_evidence,
         evidence_kind="approximation", method="eks", cov=s.cov, cross_cov=s.cross_cov,
         diagnostics={"filter": f, "log_lik": f.log_lik}, sampler=lambda num: ffbs_sample(F, f, num),
-        final_sampler=_gaussian_final_sampler(f),
+        final_sampler=final_state_sampler(f),
     )
 
 

@@ -18,19 +18,21 @@ proposal :math:`p(h_t\mid h_{t-1},y_t)`. Vectorised over particles and sequences
 ``emission_jacobian`` capability where it has one).
 
 ``inflation`` (>= 1) widens the proposal covariance, a common safeguard when the linearisation is poor.
+
+The Gaussian maths is :mod:`ppl_rnn.gaussian` (:func:`~ppl_rnn.gaussian.linearize`,
+:func:`~ppl_rnn.gaussian.safe_update`). This module registers the proposal name ``"ekf"``
+(``ParticleFilter(proposal="ekf")``) when it is imported, which :mod:`ppl_rnn.inference` does.
 """
 
 from __future__ import annotations
 
-import torch
 from pyro.distributions import MultivariateNormal
 
 from ppl_rnn.capabilities import capability
 from ppl_rnn.errors import ConfigurationError
+from ppl_rnn.gaussian import cholesky_pd, gaussian_moments, linearize, matvec, safe_update
 from ppl_rnn.method import check_positive_float
 
-from .ekf import ensure_pd, gaussian_moments, linearize, safe_update
-from .kalman import _mv
 from .proposals import register_proposal
 
 
@@ -65,12 +67,10 @@ class EKFProposal:
         ej = capability(model, "emission_jacobian")  # analytic capability; autograd when absent or None
         g, G, R = linearize(lambda z: model.emission(t, z, u_t), mu, role="emission", model=model,
                             method="the EKF proposal", jacobian=None if ej is None else (lambda z: ej(t, z, u_t)))
-        m, Pq, _ = safe_update(mu, P, y_t, mask_t, G, g - _mv(G, mu), R, t=t)
+        m, Pq, _ = safe_update(mu, P, y_t, mask_t, G, g - matvec(G, mu), R, t=t, who="EKF proposal")
         if self.inflation != 1.0:
             Pq = Pq * self.inflation
-        L, info = torch.linalg.cholesky_ex(Pq)
-        if bool((info > 0).any()):
-            L = torch.linalg.cholesky(ensure_pd(Pq, what="EKF proposal covariance", t=t))
+        L = cholesky_pd(Pq, what="EKF proposal covariance", t=t, who="EKF proposal")
         q = MultivariateNormal(m, scale_tril=L, validate_args=False)
         h = q.sample()
         return h, q.log_prob(h)

@@ -18,7 +18,17 @@ with offsets :math:`c_t = B u_t + b`, :math:`e'_t = D u_t + d`:
 Missing entries (mask False) are handled exactly and batched: with :math:`M=\operatorname{diag}(m_t)`,
 :math:`C\to MC`, :math:`R\to MRM + (I-M)` and the residual zeroed on missing entries, the update and the
 evidence equal those of the observed sub-vector (the evidence gains :math:`\tfrac{|\bar o|}{2}\log 2\pi`,
-which is removed). Everything is batched over sequences; cost :math:`O(T(H^3+D^3))`.
+which is removed; :func:`ppl_rnn.gaussian.masked_observation`). The measurement update itself,
+:func:`~ppl_rnn.gaussian.kalman_update`, lives in the Gaussian toolkit :mod:`ppl_rnn.gaussian` (shared with the
+EKF, the EKF proposal and guide, the fully adapted particle filter) and is re-exported here. Everything is
+batched over sequences; cost :math:`O(T(H^3+D^3))`; the per-step loops run single-threaded on small problems
+(:func:`ppl_rnn.scope.threads_for`).
+
+Non-finite evidence: the methods (:class:`KalmanFilter`, :class:`KalmanSmoother` and the EKF/EKS) raise
+instead of returning :math:`-\infty` (:func:`check_log_lik`): a :class:`~ppl_rnn.errors.DataError` when the
+observations are so large that their squares overflow the dtype (about :math:`|y|\gtrsim 10^{19}` in float32),
+naming the scale and the fix (standardise the data or use float64), else a
+:class:`~ppl_rnn.errors.DivergenceError` naming the sequence and step.
 """
 
 from __future__ import annotations
@@ -29,45 +39,12 @@ from dataclasses import dataclass
 import torch
 
 from ppl_rnn.capabilities import require
+from ppl_rnn.errors import DataError, DivergenceError
+from ppl_rnn.gaussian import gaussian_sampler, kalman_update, matvec, symmetrize
 from ppl_rnn.method import InferenceMethod
 from ppl_rnn.model import LinearGaussianParams
 from ppl_rnn.results import Posterior
-
-_LOG2PI = math.log(2 * math.pi)
-
-
-def _sym(P: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (P + P.transpose(-1, -2))
-
-
-def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
-
-
-def kalman_update(m_pred, P_pred, y, mask, C, offset, R):
-    r"""One measurement update with element mask, batched. Returns ``(m, P, log_lik)``.
-
-    ``C``: ``(D,H)`` or ``(B,D,H)``; ``offset``: ``(B,D)`` or ``(D,)`` (the predicted observation is
-    :math:`C m^- + \text{offset}`); ``R``: ``(D,D)``.
-    """
-    mf = mask.to(m_pred.dtype)  # (B,D)
-    Cm = mf.unsqueeze(-1) * C  # rows of missing entries zeroed
-    mm = mf.unsqueeze(-1) * mf.unsqueeze(-2)
-    eye_d = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
-    Rm = R * mm + torch.diag_embed(1.0 - mf) * eye_d
-    resid = (y - _mv(C, m_pred) - offset) * mf
-    PCt = P_pred @ Cm.transpose(-1, -2)
-    S = _sym(Cm @ PCt + Rm)
-    L = torch.linalg.cholesky(S)
-    K = torch.cholesky_solve(PCt.transpose(-1, -2), L).transpose(-1, -2)  # (B,H,D)
-    m = m_pred + _mv(K, resid)
-    eye_h = torch.eye(P_pred.shape[-1], dtype=P_pred.dtype, device=P_pred.device)
-    IKC = eye_h - K @ Cm
-    P = _sym(IKC @ P_pred @ IKC.transpose(-1, -2) + K @ Rm @ K.transpose(-1, -2))
-    z = torch.linalg.solve_triangular(L, resid.unsqueeze(-1), upper=False).squeeze(-1)
-    n_obs = mf.sum(-1)
-    ll = -0.5 * (z**2).sum(-1) - torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1) - 0.5 * n_obs * _LOG2PI
-    return m, P, ll
+from ppl_rnn.scope import threads_for
 
 
 @dataclass(frozen=True)
@@ -101,26 +78,36 @@ def _offsets(p: LinearGaussianParams, inputs, B, T, dtype):
     return c.to(dtype), e.to(dtype)
 
 
+def step_work(B: int, H: int, D: int = 0) -> int:
+    """Elements of one per-step matrix operation of a Kalman-type recursion (for :func:`threads_for`)."""
+    return B * max(H, D) ** 2
+
+
+def _stack(xs):
+    return torch.stack(xs, 1)
+
+
 def kalman_filter(p: LinearGaussianParams, y, mask, inputs=None) -> KalmanFilterResult:
     """Batched Kalman filter with per-element missing entries. ``y``, ``mask``: ``(B,T,D)``."""
-    B, T, _ = y.shape
+    B, T, D = y.shape
     H = p.A.shape[0]
     c, e = _offsets(p, inputs, B, T, y.dtype)
     m = p.m0.expand(B, H)
     P = p.P0.expand(B, H, H)
     pm, pP, fm, fP, ll = [], [], [], [], []
-    for t in range(T):
-        if t > 0:
-            m = _mv(p.A, m) + c[:, t]
-            P = _sym(p.A @ P @ p.A.T + p.Q)
-        pm.append(m)
-        pP.append(P)
-        m, P, l = kalman_update(m, P, y[:, t], mask[:, t], p.C, e[:, t], p.R)
-        fm.append(m)
-        fP.append(P)
-        ll.append(l)
-    st = lambda xs: torch.stack(xs, 1)  # noqa: E731
-    return KalmanFilterResult(st(pm), st(pP), st(fm), st(fP), st(ll))
+    ys, masks, cs, es = y.unbind(1), mask.unbind(1), c.unbind(1), e.unbind(1)
+    with threads_for(step_work(B, H, D)):
+        for t in range(T):
+            if t > 0:
+                m = matvec(p.A, m) + cs[t]
+                P = symmetrize(p.A @ P @ p.A.T + p.Q)
+            pm.append(m)
+            pP.append(P)
+            m, P, l = kalman_update(m, P, ys[t], masks[t], p.C, es[t], p.R)
+            fm.append(m)
+            fP.append(P)
+            ll.append(l)
+    return KalmanFilterResult(_stack(pm), _stack(pP), _stack(fm), _stack(fP), _stack(ll))
 
 
 @dataclass(frozen=True)
@@ -138,66 +125,91 @@ class KalmanSmootherResult:
     gain: torch.Tensor
 
 
+def _gain(At, Pf, Pp):
+    r""":math:`J = P_f A^\top (P^-)^{-1}` (a solve with the Cholesky factor of :math:`P^-`)."""
+    Lp = torch.linalg.cholesky(Pp)
+    return torch.cholesky_solve((Pf @ At.transpose(-1, -2)).transpose(-1, -2), Lp).transpose(-1, -2)
+
+
 def rts_smoother(A: torch.Tensor, f: KalmanFilterResult) -> KalmanSmootherResult:
     """Rauch-Tung-Striebel smoother. ``A``: ``(H,H)`` or per-step ``(B,T,H,H)`` (the EKF's Jacobians,
     where ``A[:, t]`` maps ``h_{t-1}`` to ``h_t``)."""
     B, T, H = f.filt_mean.shape
-    per_step = A.dim() == 4
+    As = A.unbind(1) if A.dim() == 4 else [A] * T
+    fms, fPs, pms, pPs = f.filt_mean.unbind(1), f.filt_cov.unbind(1), f.pred_mean.unbind(1), f.pred_cov.unbind(1)
     ms = [None] * T
     Ps = [None] * T
     Js = [torch.zeros(B, H, H, dtype=f.filt_mean.dtype, device=f.filt_mean.device)] * T
     cross = [torch.zeros(B, H, H, dtype=f.filt_mean.dtype, device=f.filt_mean.device)] * T
-    ms[-1], Ps[-1] = f.filt_mean[:, -1], f.filt_cov[:, -1]
-    for t in range(T - 2, -1, -1):
-        At = A[:, t + 1] if per_step else A
-        Pf = f.filt_cov[:, t]
-        Pp = f.pred_cov[:, t + 1]
-        # J = Pf A^T Pp^{-1}  (solve with the Cholesky of Pp)
-        Lp = torch.linalg.cholesky(Pp)
-        J = torch.cholesky_solve((Pf @ At.transpose(-1, -2)).transpose(-1, -2), Lp).transpose(-1, -2)
-        ms[t] = f.filt_mean[:, t] + _mv(J, ms[t + 1] - f.pred_mean[:, t + 1])
-        Ps[t] = _sym(Pf + J @ (Ps[t + 1] - Pp) @ J.transpose(-1, -2))
-        Js[t] = J
-        cross[t + 1] = Ps[t + 1] @ J.transpose(-1, -2)
-    st = lambda xs: torch.stack(xs, 1)  # noqa: E731
-    return KalmanSmootherResult(st(ms), st(Ps), st(cross), st(Js))
+    ms[-1], Ps[-1] = fms[-1], fPs[-1]
+    with threads_for(step_work(B, H)):
+        for t in range(T - 2, -1, -1):
+            Pf, Pp = fPs[t], pPs[t + 1]
+            J = _gain(As[t + 1], Pf, Pp)
+            ms[t] = fms[t] + matvec(J, ms[t + 1] - pms[t + 1])
+            Ps[t] = symmetrize(Pf + J @ (Ps[t + 1] - Pp) @ J.transpose(-1, -2))
+            Js[t] = J
+            cross[t + 1] = Ps[t + 1] @ J.transpose(-1, -2)
+    return KalmanSmootherResult(_stack(ms), _stack(Ps), _stack(cross), _stack(Js))
 
 
 def ffbs_sample(A, f: KalmanFilterResult, num: int, jitter: float = 0.0) -> torch.Tensor:
-    """Forward-filter backward-sample ``num`` trajectories ``(num,B,T,H)``; reparameterised (``rsample``)."""
+    r"""Forward-filter backward-sample ``num`` trajectories ``(num,B,T,H)``; reparameterised (``rsample``):
+    :math:`h_{T-1} = m_{T-1} + L_{T-1}\varepsilon`, :math:`h_t = m_t + J_t(h_{t+1}-m^-_{t+1}) + L_t\varepsilon_t`
+    with :math:`L_tL_t^\top = P_t - J_tP^-_{t+1}J_t^\top` (a :math:`10^{-12}` diagonal floor keeps the factor
+    defined where the conditional is numerically degenerate)."""
     B, T, H = f.filt_mean.shape
-    per_step = A.dim() == 4
+    As = A.unbind(1) if A.dim() == 4 else [A] * T
+    fms, fPs, pms, pPs = f.filt_mean.unbind(1), f.filt_cov.unbind(1), f.pred_mean.unbind(1), f.pred_cov.unbind(1)
     eye = torch.eye(H, dtype=f.filt_mean.dtype, device=f.filt_mean.device)
 
     def draw(mean, cov):
-        L = torch.linalg.cholesky(_sym(cov) + jitter * eye)
+        L = torch.linalg.cholesky(symmetrize(cov) + jitter * eye)
         eps = torch.randn((num, B, H), dtype=mean.dtype, device=mean.device)
-        return mean + _mv(L, eps)
+        return mean + matvec(L, eps)
 
-    h = draw(f.filt_mean[:, -1], f.filt_cov[:, -1])
     out = [None] * T
-    out[-1] = h
-    for t in range(T - 2, -1, -1):
-        At = A[:, t + 1] if per_step else A
-        Pf = f.filt_cov[:, t]
-        Pp = f.pred_cov[:, t + 1]
-        Lp = torch.linalg.cholesky(Pp)
-        J = torch.cholesky_solve((Pf @ At.transpose(-1, -2)).transpose(-1, -2), Lp).transpose(-1, -2)
-        mean = f.filt_mean[:, t] + _mv(J, h - f.pred_mean[:, t + 1])
-        cov = Pf - J @ Pp @ J.transpose(-1, -2)
-        # tiny floor keeps the Cholesky defined when the conditional is (numerically) degenerate
-        h = draw(mean, cov + 1e-12 * eye)
-        out[t] = h
+    with threads_for(step_work(num * B, H)):
+        h = draw(fms[-1], fPs[-1])
+        out[-1] = h
+        for t in range(T - 2, -1, -1):
+            Pf, Pp = fPs[t], pPs[t + 1]
+            J = _gain(As[t + 1], Pf, Pp)
+            mean = fms[t] + matvec(J, h - pms[t + 1])
+            cov = Pf - J @ Pp @ J.transpose(-1, -2)
+            h = draw(mean, cov + 1e-12 * eye)
+            out[t] = h
     return torch.stack(out, 2)
 
 
-def _gaussian_final_sampler(f: KalmanFilterResult):
-    def sample(num):
-        L = torch.linalg.cholesky(f.filt_cov[:, -1])
-        eps = torch.randn((num,) + f.filt_mean[:, -1].shape, dtype=L.dtype)
-        return f.filt_mean[:, -1] + _mv(L, eps)
+def final_state_sampler(f: KalmanFilterResult):
+    r"""``num -> (num, B, H)`` draws from the final filtering Gaussian :math:`N(m_{T-1}, P_{T-1})` (what a
+    forecast starts from; ``Posterior.final_sampler``)."""
+    return gaussian_sampler(f.filt_mean[:, -1], f.filt_cov[:, -1])
 
-    return sample
+
+def check_log_lik(log_lik: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, *, method: str) -> None:
+    r"""Raise unless every per-step log-likelihood ``(B,T)`` is finite (see module docstring): a
+    :class:`~ppl_rnn.errors.DataError` naming the data's scale when the observations' squares come within
+    :math:`10^6` of the dtype's largest number, else a :class:`~ppl_rnn.errors.DivergenceError`."""
+    bad = ~torch.isfinite(log_lik)
+    if not bool(bad.any()):
+        return
+    b, t = (int(i) for i in torch.nonzero(bad)[0])
+    val = float(log_lik[b, t])
+    fin = torch.finfo(y.dtype)
+    ymax = float(y.detach().abs().masked_fill(~mask, 0).max()) if bool(mask.any()) else 0.0
+    where = f"{method}: the log-likelihood of sequence {b} at step {t} is {val}, not finite"
+    if ymax * ymax > fin.max / 1e6:
+        raise DataError(
+            f"{where}. The observations reach |y| = {ymax:.3g}, too large for {y.dtype}: squares of such numbers "
+            f"overflow its largest number {fin.max:.3g} (at |y| = {math.sqrt(fin.max):.3g}). Rescale the data, e.g. "
+            "standardise (y - y.mean()) / y.std() and scale results back, or use float64 (model.double())."
+        )
+    raise DivergenceError(
+        f"{where} (the observations' scale, |y| <= {ymax:.3g}, is not the cause). The model's numbers stopped being "
+        "finite: check its parameters and noise scales (they must be finite, the noise > 0), or use float64."
+    )
 
 
 _ALT = "use ParticleFilter / ParticleSmoother or ExtendedKalmanSmoother for a nonlinear model"
@@ -212,11 +224,12 @@ class KalmanFilter(InferenceMethod):
         with torch.no_grad():
             p = require(model, "linear_gaussian", needed_by=type(self).__name__, alternative=_ALT)()
             f = kalman_filter(p, data.observations, data.mask, data.inputs)
+        check_log_lik(f.log_lik, data.observations, data.mask, method=type(self).__name__)
         return Posterior(
             kind="filtering", mean=f.filt_mean, var=torch.diagonal(f.filt_cov, dim1=-2, dim2=-1),
             log_evidence=f.log_evidence, evidence_kind="exact", method=self.name, cov=f.filt_cov,
             diagnostics={"pred_mean": f.pred_mean, "pred_cov": f.pred_cov, "log_lik": f.log_lik},
-            final_sampler=_gaussian_final_sampler(f),
+            final_sampler=final_state_sampler(f),
         )
 
 
@@ -231,6 +244,7 @@ class KalmanSmoother(InferenceMethod):
         with torch.no_grad():
             p = require(model, "linear_gaussian", needed_by=type(self).__name__, alternative=_ALT)()
             f = kalman_filter(p, data.observations, data.mask, data.inputs)
+            check_log_lik(f.log_lik, data.observations, data.mask, method=type(self).__name__)
             s = rts_smoother(p.A, f)
         A = p.A.detach()
         return Posterior(
@@ -239,5 +253,9 @@ class KalmanSmoother(InferenceMethod):
             cross_cov=s.cross_cov,
             diagnostics={"filter": f, "log_lik": f.log_lik},
             sampler=lambda num: ffbs_sample(A, f, num),
-            final_sampler=_gaussian_final_sampler(f),
+            final_sampler=final_state_sampler(f),
         )
+
+
+__all__ = ["KalmanFilterResult", "KalmanSmootherResult", "kalman_filter", "kalman_update", "rts_smoother",
+           "ffbs_sample", "final_state_sampler", "check_log_lik", "step_work", "KalmanFilter", "KalmanSmoother"]

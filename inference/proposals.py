@@ -27,7 +27,7 @@ not couple sequences. The filter uses ``torch.no_grad()`` around the whole pass.
 
 Proposals are chosen by name with :func:`get_proposal`. ``"bootstrap"`` is built in; other modules add
 theirs with :func:`register_proposal` (the EKF proposal registers ``"ekf"`` from
-``ppl_rnn.inference.ekf``).
+``ppl_rnn.inference.ekf_proposal``).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class BootstrapProposal:
 
 _REGISTRY: dict[str, Callable[[], Proposal]] = {"bootstrap": BootstrapProposal}
 #: modules imported on demand when a name is not registered yet
-_LAZY_MODULES = {"ekf": "ppl_rnn.inference.ekf"}
+_LAZY_MODULES = {"ekf": "ppl_rnn.inference.ekf_proposal"}
 
 
 def register_proposal(name: str, factory: Callable[[], Proposal]) -> None:

@@ -19,7 +19,10 @@ objectives, per sequence and summed over sequences, are
 then not a bound).
 
 ``pr.fit`` optimises the model's parameters :math:`\theta` and the guide's :math:`\phi` jointly
-(``FitResult.trace.objective`` = the ELBO estimate per step, ``evidence_kind="lower_bound"``).
+(``evidence_kind="lower_bound"``). Row :math:`k` of ``FitResult.trace`` holds the ELBO estimate of step
+:math:`k` (``objective``) beside the parameters :math:`\theta_k` it was computed at, i.e. before step
+:math:`k` moved them; the returned model has :math:`\theta_K` after the last step (its bound is the
+posterior's ``log_evidence``).
 ``pr.infer`` keeps the model fixed and fits :math:`\phi` only; the smoothing ``Posterior`` has means and
 variances from ``num_posterior_samples`` guide draws, ``log_evidence`` = the ELBO estimated with
 ``num_eval_particles`` draws (``diagnostics["elbo_se"]`` its standard error, ``diagnostics["iwae"]`` the
@@ -49,6 +52,7 @@ import time
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 from tqdm.auto import tqdm
@@ -85,7 +89,11 @@ def log_weights(model, guide, args, kwargs, num: int, num_sequences: int):
     r"""Vectorised importance log-weights :math:`\log p(h^k,y)-\log q(h^k)` of ``num`` guide draws.
 
     Returns ``(local (num, B), global (num, 1))``: terms of sites inside the ``sequences`` plate per
-    sequence, and terms of any site outside it (site ``scale`` applied, e.g. KL annealing).
+    sequence, and terms of any site outside it. Each site's ``scale`` (e.g. KL annealing) and ``mask``
+    (``poutine.mask``, ``obs_mask``) apply, as in Pyro's ELBOs: a masked-out element adds nothing. A latent
+    site of the model that the guide does not sample (e.g. the ``_unobserved`` half of an ``obs_mask`` site) is
+    drawn from its prior in the model, so its density is also its proposal density: the two cancel and it
+    adds nothing either.
     """
     B = num_sequences
     with pyro.plate("_particles", num, dim=-2):
@@ -94,10 +102,12 @@ def log_weights(model, guide, args, kwargs, num: int, num_sequences: int):
     ref = None
     local, glob = 0.0, 0.0
     for tr, sign in ((mtr, 1.0), (gtr, -1.0)):
-        for site in tr.nodes.values():
+        for name, site in tr.nodes.items():
             if site["type"] != "sample" or (sign < 0 and site["is_observed"]):
                 continue
-            lp = site["fn"].log_prob(site["value"]) * site["scale"] * sign
+            if sign > 0 and not site["is_observed"] and name not in gtr.nodes:
+                continue  # sampled from its prior in the model: p / q = 1
+            lp = _site_log_prob(site) * sign
             ref = lp if ref is None else ref
             if lp.dim() >= 1 and lp.shape[-1] == B and lp.numel() in (B, num * B):
                 local = local + lp.reshape(-1, B)
@@ -109,6 +119,11 @@ def log_weights(model, guide, args, kwargs, num: int, num_sequences: int):
     local = torch.as_tensor(local, dtype=dt).expand(num, B)
     glob = torch.as_tensor(glob, dtype=dt).reshape(-1, 1).expand(num, 1)
     return local, glob
+
+
+def _site_log_prob(site) -> torch.Tensor:
+    """``log_prob`` of a trace site with its ``scale`` and ``mask`` applied (masked-out elements: 0)."""
+    return scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
 
 
 def _iwae(local, glob):
@@ -129,7 +144,7 @@ def conditional_log_weights(model, guide, data, args, kwargs, num: int, beta: fl
     lq = 0.0
     for site in gtr.nodes.values():
         if site["type"] == "sample" and not site["is_observed"]:
-            lq = lq + site["fn"].log_prob(site["value"])
+            lq = lq + _site_log_prob(site)
     lh, ly = complete_data_log_likelihood(model, hs, data, split=True)
     return ly + beta * (lh - lq)
 
@@ -253,15 +268,16 @@ class SVI(InferenceMethod):
                             "use more num_particles, or kl_annealing.",
                             iteration=step, last_good=result_so_far(),
                         )
-                    if self.clip_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
-                    opt.step()
-                    sched.step()
+                    # row k: the parameters theta_k at which this step's ELBO estimate was computed (before the step)
                     if train_model:
                         rec.record(model, objective=-float(loss), log_evidence=-float(loss), beta=beta)
                     else:
                         rec.scalars.setdefault("objective", []).append(-float(loss))
                         rec.n += 1
+                    if self.clip_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, self.clip_norm)
+                    opt.step()
+                    sched.step()
             return result_so_far(conv=True), guide
 
     def _result(self, model, guide, data, rec, t0, converged, args, kwargs):

@@ -9,10 +9,14 @@ Conventions (DESIGN.md, "Data"):
 * ±inf, wrong ranks, mismatched lengths and non-float dtypes raise :class:`~ppl_rnn.errors.DataError`
   naming the argument, the shape found and the shape expected.
 * Nothing here mutates the caller's tensors: the returned tensors are fresh copies.
+* Data follow the **model's** dtype (:func:`prepare`): float64 data given to a float32 model are cast to
+  float32 (about 7 significant digits), and a :class:`PrecisionWarning` says so once per process. Use
+  ``model.double()`` to compute in float64, or pass float32 data.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,10 +152,34 @@ def validate_inputs(
     return u
 
 
+class PrecisionWarning(UserWarning):
+    """Data were cast to a narrower floating dtype (float64 data, float32 model)."""
+
+
+_warned_downcast: list[bool] = [False]
+
+
+def _warn_downcast(x, dtype: torch.dtype, name: str) -> None:
+    """Say once per process that float64 data are computed in a narrower dtype (see module docstring)."""
+    src = getattr(x, "dtype", None)
+    wide = src == torch.float64 or (isinstance(src, np.dtype) and src == np.float64)
+    if not wide or dtype == torch.float64 or _warned_downcast[0]:
+        return
+    _warned_downcast[0] = True
+    warnings.warn(
+        f"{name} are float64 but the model computes in {dtype}: they are cast to {dtype} (about "
+        f"{round(-np.log10(torch.finfo(dtype).eps))} significant digits, magnitudes up to {torch.finfo(dtype).max:.3g}). "
+        "Use model.double() to compute in float64, or pass data of the model's dtype to silence this. "
+        "(Shown once per process.)", PrecisionWarning, stacklevel=5,  # the caller of pr.infer / pr.fit
+    )
+
+
 def prepare(model, observations, inputs=None, *, dtype: torch.dtype | None = None) -> Data:
-    """Validate ``observations`` and ``inputs`` against ``model`` (its obs_dim, input_dim and dtype)."""
+    """Validate ``observations`` and ``inputs`` against ``model`` (its obs_dim, input_dim and dtype; float64 data
+    for a float32 model are cast, with a :class:`PrecisionWarning` once per process)."""
     if dtype is None:
         dtype = model_dtype(model)
+    _warn_downcast(observations, dtype, "observations")
     y, mask = validate_observations(observations, obs_dim=model.obs_dim, dtype=dtype)
     u = validate_inputs(inputs, num_sequences=y.shape[0], num_steps=y.shape[1], input_dim=model.input_dim, dtype=dtype)
     if u is not None and u.shape[1] != y.shape[1]:

@@ -22,6 +22,8 @@ from ppl_rnn.data import validate_inputs, validate_observations
 from ppl_rnn.errors import ConfigurationError, DataError
 from ppl_rnn.scope import library_scope, local_param_ready
 
+from ..ekf import extended_kalman_smoother
+
 
 class StateGuide(PyroModule):
     """Common plumbing of the guides (see module docstring). Subclasses write ``_build(B, T)`` (create
@@ -94,8 +96,6 @@ class StateGuide(PyroModule):
 
     def _eks_moments(self, y, mask, u):
         """Smoothed means, covariances and lag-one cross-covariances of the EKS at the bound model."""
-        from ..ekf import extended_kalman_smoother
-
         with torch.no_grad():
             _, s = extended_kalman_smoother(self.model, y, mask, u, method=f"{type(self).__name__}(init='eks')")
         return s.mean, s.cov, s.cross_cov

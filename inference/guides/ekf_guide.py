@@ -30,10 +30,10 @@ from pyro.distributions import TorchDistribution, constraints
 from pyro.nn import PyroParam
 
 from ppl_rnn.errors import ModelCapabilityError
+from ppl_rnn.gaussian import cholesky_pd, gaussian_moments, matvec
 from ppl_rnn.method import check_positive_float
 
-from ..ekf import ensure_pd, extended_kalman_filter, gaussian_moments
-from ..kalman import _mv, _sym
+from ..ekf import extended_kalman_filter
 from .base import StateGuide
 
 
@@ -88,7 +88,7 @@ class EKFGuide(StateGuide):
         Pf, Pp, F = f.filt_cov[:, :-1], f.pred_cov[:, 1:], f.transition_jacobian[:, 1:]
         Lp = _chol(Pp, "EKF guide predicted covariance")
         J = torch.cholesky_solve((Pf @ F.transpose(-1, -2)).transpose(-1, -2), Lp).transpose(-1, -2)
-        c = f.filt_mean[:, :-1] - _mv(J, f.pred_mean[:, 1:])
+        c = f.filt_mean[:, :-1] - matvec(J, f.pred_mean[:, 1:])
         L = scale * _chol(Pf - J @ Pp @ J.transpose(-1, -2), "EKF guide conditional covariance")
         hld = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
         Js, cs, Ls, hlds = J.unbind(1), c.unbind(1), L.unbind(1), hld.unbind(1)
@@ -156,13 +156,7 @@ class GaussianStep(TorchDistribution):
 def _chol(cov: torch.Tensor, what: str) -> torch.Tensor:
     """Cholesky factors of a batch of covariances (symmetrised, a 1e-12 floor on the diagonal; diagonal jitter
     with a warning where a factorisation fails)."""
-    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-    cov = _sym(cov) + 1e-12 * eye
-    # cholesky_ex: torch.linalg.cholesky is ~100x slower on tiny batches with >1 intra-op thread
-    L, info = torch.linalg.cholesky_ex(cov)
-    if bool((info > 0).any()):
-        L = torch.linalg.cholesky(ensure_pd(cov, what=what))
-    return L
+    return cholesky_pd(cov, what=what, who="EKFGuide", floor=1e-12)
 
 
 def check_gaussian(model, who: str) -> None:

@@ -8,6 +8,9 @@ per sequence (``A``: ``(B,T,H,H)``, ``b``, ``s``: ``(B,T,H)``). The exact smooth
 linear-Gaussian model factorises the same way (with full conditional covariances), so for ``H=1`` — or
 with ``covariance="full"``, which replaces :math:`\operatorname{diag}s_t^2` by :math:`L_tL_t^\top` with a
 free lower-triangular :math:`L_t` — the family contains it and the ELBO can reach the exact evidence.
+
+Cost: one pass is :math:`O(T)`, forwards and backwards: the per-step parameters are taken from the
+``(B, T, ...)`` tensors by one ``unbind`` (a slice per step would make the backward pass :math:`O(T^2)`).
 """
 
 from __future__ import annotations
@@ -74,18 +77,21 @@ class MarkovGaussianGuide(StateGuide):
                                constraint=constraints.lower_cholesky)
 
     def _sample_states(self, y, mask, u):
-        A, b = self.A, self.b
-        scale = self.s if self.covariance == "diag" else self.L
+        # unbind once: one autograd node whose backward stacks the per-step gradients (O(T)); a slice A[:, t] per
+        # step would build a full-size (B, T, ...) gradient per step (O(T^2) per SVI step)
+        As, bs = self.A.unbind(1), self.b.unbind(1)
+        diag = self.covariance == "diag"
+        scales = (self.s if diag else self.L).unbind(1)
 
         def q(t, loc):
-            if self.covariance == "diag":
-                return dist.Normal(loc, scale[:, t]).to_event(1)
-            return dist.MultivariateNormal(loc, scale_tril=scale[:, t])
+            if diag:
+                return dist.Normal(loc, scales[t]).to_event(1)
+            return dist.MultivariateNormal(loc, scale_tril=scales[t])
 
-        h = pyro.sample("h_0", q(0, b[:, 0]))
+        h = pyro.sample("h_0", q(0, bs[0]))
         hs = [h]
         for t in range(1, y.shape[1]):
-            loc = (A[:, t] @ h.unsqueeze(-1)).squeeze(-1) + b[:, t]
+            loc = (As[t] @ h.unsqueeze(-1)).squeeze(-1) + bs[t]
             h = pyro.sample(f"h_{t}", q(t, loc))
             hs.append(h)
         return hs

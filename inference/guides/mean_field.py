@@ -50,5 +50,6 @@ class MeanFieldGuide(StateGuide):
                                constraint=constraints.positive)
 
     def _sample_states(self, y, mask, u):
-        loc, scale = self.loc, self.scale
-        return [pyro.sample(f"h_{t}", dist.Normal(loc[:, t], scale[:, t]).to_event(1)) for t in range(y.shape[1])]
+        # one unbind (O(T) backward), not a slice per step (each slice's backward is a full-size gradient: O(T^2))
+        locs, scales = self.loc.unbind(1), self.scale.unbind(1)
+        return [pyro.sample(f"h_{t}", dist.Normal(locs[t], scales[t]).to_event(1)) for t in range(y.shape[1])]

@@ -52,16 +52,17 @@ def test_particle_yardstick_se_covers_exact_value(float64):
     m = ElmanSSM(2, 1, activation="identity", process_noise=0.4, obs_noise=0.2, weight_scale=1.2, seed=3)
     y = m.simulate(30, 1, seed=1).observations
     exact = float(_exact_increments(m, y)[:, 20:].sum()) / 10
-    z, inside = [], []
+    z, inside, oks = [], [], []
     for s in range(40):
         ev = evaluate(m, y[:, :20], y[:, 20:], horizons=1, filter="particle", num_particles=64, num_samples=4,
                       seed=s)
-        assert ev.attrs["evidence_method"] == "particle_filter" and int(ev.se_ok) == 1
+        assert ev.attrs["evidence_method"] == "particle_filter"
         est, se = float(ev.heldout_logev_per_step), float(ev.heldout_logev_per_step_se)
-        assert 0 < se <= 0.01 * 1.5  # the fresh round's SE is near the pilot's (<= se_tol)
+        assert 0 < se
+        oks.append(int(ev.se_ok) == 1 and se <= 0.01)
         z.append((est - exact) / se)
         inside.append(abs(est - exact) <= interval_halfwidth(se, ev.attrs["num_replicates"]))
-    assert np.mean(inside) >= 0.9
+    assert np.mean(inside) >= 0.9 and np.mean(oks) >= 0.9  # covered, and the SE met its tolerance
     assert 0.7 < np.std(z) < 1.7 and abs(np.mean(z)) < 0.6  # calibrated, not biased (Jensen corrected)
 
 
