@@ -11,8 +11,15 @@ Same stochastic Elman network (hidden 8, tanh, obs 1, float32), same data (T=500
 4. Backward simulation (FFBSi) N=1000, 200 paths, T=1000, hidden 8: time and peak memory (forward pass
    with history + backward pass, in a fresh subprocess; peak resident-set growth sampled every 2 ms).
 5. CUDA throughput where a CUDA device is available (skipped otherwise).
+6. Sharp observations (r = 0.003, rank-one-ish process noise): the bootstrap filter against the default
+   (fully adapted) filter at N = 256, log-evidence per step against exact Kalman, minimum ESS and time per
+   step, in float32 and float64; and the adapted filter's cost per step next to the bootstrap filter's on the
+   hidden-8 network of sections 1-3.
 
-Run: ``.venv/bin/python benchmarks/bench_smc.py [--quick] [--threads K]``. Timings on a shared machine are
+Sections 1-3 pin ``proposal="bootstrap"`` (the peer is a bootstrap filter); the library's default is
+``proposal="auto"``.
+
+Run: ``.venv/bin/python benchmarks/bench_smc.py [--quick] [--threads K] [--sharp-only]``. Timings on a shared machine are
 noisy: compare the ratios, which are measured in the same run (best of ``--repeats``).
 """
 
@@ -187,6 +194,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer steps/particles (smoke run)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--sharp-only", action="store_true", help="only section 6 (sharp observations)")
     ap.add_argument("--child", nargs=4, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -200,13 +208,16 @@ def main():
           f"threads={torch.get_num_threads()}")
     model = ElmanSSM(8, 1, seed=0, process_noise=0.1, obs_noise=0.1)
     y = model.simulate(T, 1, seed=0).observations  # (1,T,1)
+    if args.sharp_only:
+        sharp_section(args, model, y, T)
+        return
 
     print("\n## 1. ParticleFilter vs pyro.infer.SMCFilter (ms per step, best of repeats; wall and process CPU)")
     print(f"{'N':>8} {'ppl_rnn wall/cpu':>18} {'SMCFilter wall/cpu':>20} {'speed-up wall/cpu':>18} "
           f"{'bare wall/cpu':>16} {'SMCFilter/bare cpu':>20}")
     per_step = {}
     for N in sizes:
-        ours = _per(best_time(lambda N=N: pr.infer(model, y, method=ParticleFilter(N), seed=0), args.repeats), T)
+        ours = _per(best_time(lambda N=N: pr.infer(model, y, method=ParticleFilter(N, proposal="bootstrap"), seed=0), args.repeats), T)
         steps_peer = T if N <= 16384 else min(T, 100)  # the peer at 131072 on fewer steps (per-step cost)
         peer = _per(best_time(lambda N=N, s=steps_peer: run_smcfilter(model, y[0, :s], N),
                               max(1, args.repeats - 1)), steps_peer)
@@ -219,8 +230,8 @@ def main():
           "objects, as SMCFilter pays them; ppl_rnn can go below it through the model's (loc, scale) shortcuts "
           "(ElmanSSM.transition_loc_scale / emission_loc_scale), which skip building the distributions)")
     # sanity: both estimate the same filtered means (differences at the level of Monte Carlo error)
-    post = pr.infer(model, y, method=ParticleFilter(16384), seed=0)
-    post2 = pr.infer(model, y, method=ParticleFilter(16384), seed=1)
+    post = pr.infer(model, y, method=ParticleFilter(16384, proposal="bootstrap"), seed=0)
+    post2 = pr.infer(model, y, method=ParticleFilter(16384, proposal="bootstrap"), seed=1)
     peer_mean = run_smcfilter(model, y[0], 16384)
     print(f"   mean |filtered mean difference| (N=16384): ppl_rnn vs SMCFilter "
           f"{(post.mean[0, 1:] - peer_mean).abs().mean():.4f}, ppl_rnn seed 0 vs seed 1 "
@@ -240,8 +251,8 @@ def main():
 
     print("\n## 3. 16 sequences together vs 1 sequence (N=1024)")
     y16 = model.simulate(T, 16, seed=2).observations
-    t1 = best_time(lambda: pr.infer(model, y, method=ParticleFilter(1024), seed=0), args.repeats + 1)
-    t16 = best_time(lambda: pr.infer(model, y16, method=ParticleFilter(1024), seed=0), args.repeats + 1)
+    t1 = best_time(lambda: pr.infer(model, y, method=ParticleFilter(1024, proposal="bootstrap"), seed=0), args.repeats + 1)
+    t16 = best_time(lambda: pr.infer(model, y16, method=ParticleFilter(1024, proposal="bootstrap"), seed=0), args.repeats + 1)
     b1 = best_time(lambda: bare_propagate(model, y, 1024), args.repeats + 1)
     b16 = best_time(lambda: bare_propagate(model, y16, 1024), args.repeats + 1)
     print(f"   1 sequence {t1[0]:.3f} s (cpu {t1[1]:.3f}), 16 sequences {t16[0]:.3f} s (cpu {t16[1]:.3f}), ratio "
@@ -273,6 +284,49 @@ def main():
             tc = best_time(run, args.repeats)[0] / T
             print(f"   N={N}: {1e3 * tc:.3f} ms/step, {N / tc / 1e6:.1f} M particle-steps/s "
                   f"({torch.cuda.get_device_name()})")
+
+    sharp_section(args, model, y, T)
+
+
+def sharp_model():
+    """The acceptance model of tests/inference/test_adapted.py."""
+    return ElmanSSM(3, 1, activation="identity", process_noise=torch.tensor([0.01, 0.01, 0.1]), obs_noise=0.003,
+                    init_scale=0.3, weight_init="rotation", weight_scale=0.9, seed=2)
+
+
+def sharp_section(args, model, y, T):
+    from ppl_rnn.inference.kalman import kalman_filter
+
+    from ppl_rnn.data import prepare
+
+    Ts = 100 if args.quick else 1000
+    print(f"\n## 6. Sharp observations: ElmanSSM(identity, hidden 3), r = 0.003, q = (0.01, 0.01, 0.1), T={Ts}, "
+          "4 runs (replicate sequences)")
+    print(f"{'dtype':>8} {'proposal':>10} {'N':>6} {'log-ev/step - Kalman (runs)':>44} {'min ESS':>8} {'ms/step':>8}")
+    for dtype in (torch.float32, torch.float64):
+        m = sharp_model().to(dtype)
+        ys = m.simulate(Ts, 1, seed=3).observations
+        d = prepare(m.copy().double(), ys.double())
+        with torch.no_grad():
+            logZ = kalman_filter(m.copy().double().linear_gaussian(), d.observations, d.mask, None).log_evidence
+        for prop, N in (("bootstrap", 256), ("bootstrap", 4096), ("auto", 256)):
+            t0 = time.perf_counter()
+            try:
+                post = pr.infer(m, ys.expand(4, -1, -1).clone(), method=ParticleFilter(N, proposal=prop), seed=0)
+            except Exception as e:  # the bootstrap filter may lose track altogether
+                print(f"{str(dtype)[6:]:>8} {prop:>10} {N:>6} {'failed: ' + type(e).__name__:>44}")
+                continue
+            wall = (time.perf_counter() - t0) / Ts
+            diff = ((post.log_evidence.double() - logZ) / Ts).tolist()
+            name = post.diagnostics["proposal"]
+            print(f"{str(dtype)[6:]:>8} {name:>10} {N:>6} {' '.join(f'{x:+9.4f}' for x in diff):>44} "
+                  f"{float(post.diagnostics['ess'].min()):>8.1f} {1e3 * wall:>8.3f}")
+    print("   (exact Kalman log-evidence per step: the reference; the adapted filter's target is |diff| < 0.01)")
+    N = 1024
+    ta = best_time(lambda: pr.infer(model, y, method=ParticleFilter(N, proposal="adapted"), seed=0), args.repeats)
+    tb = best_time(lambda: pr.infer(model, y, method=ParticleFilter(N, proposal="bootstrap"), seed=0), args.repeats)
+    print(f"   cost, hidden-8 tanh network of section 1, N={N}: adapted {1e3 * ta[0] / T:.3f} ms/step, bootstrap "
+          f"{1e3 * tb[0] / T:.3f} ms/step ({ta[0] / tb[0]:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ kernel
   :math:`a_{t+1}^{i_{t+1}}` and run ``mcmc_steps`` independent Metropolis-Hastings moves with proposals
   :math:`j \sim e^{\ell^j_t}`, accepted with probability
   :math:`\min(1, p(h_{t+1}\mid h^j_t)/p(h_{t+1}\mid h^{i}_t))`. This leaves the backward kernel invariant;
-  cost :math:`O(1)` per path per step (per MH move), for large N.
+  cost :math:`O(1)` per path per step (per MH move), for large N. A NaN (or +inf) transition log-density at
+  the current or a proposed particle raises :class:`~ppl_rnn.errors.DegenerateWeightsError` naming the step
+  (as FFBSi does) instead of being rejected silently.
 * ``backward="marginal"`` — forward-filtering backward-smoothing (FFBSm; Doucet, Godsill & Andrieu 2000):
   smoothed marginal weights
 
@@ -36,6 +38,13 @@ kernel
 ``diagnostics["paths"]`` holds ``num_paths`` trajectories ``(P, B, T, H)`` drawn at inference time and
 whose ``sample(num)`` draws fresh ones with the same backward method; ``log_evidence`` comes from the
 forward filter (``evidence_kind="estimate"``).
+
+The forward filter is the particle filter's default, ``proposal="auto"`` (the fully adapted auxiliary filter
+where the model declares a linear-Gaussian emission and has a Gaussian transition; see
+:mod:`~ppl_rnn.inference.adapted`). The backward kernels above need only the filtering weights of each step
+and the transition density, both unchanged by the proposal, so every backward pass works on its history
+(``diagnostics["proposal"]`` says which was used). The backward loops run under
+:func:`ppl_rnn.scope.threads_for`.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ from ppl_rnn.method import InferenceMethod, check_choice, check_positive_int
 from ppl_rnn.model import input_at
 from ppl_rnn.results import Posterior
 from ppl_rnn.rng import seeded
+from ppl_rnn.scope import threads_for
 
 from .resampling import multinomial
 from .smc import (
@@ -158,7 +168,7 @@ def backward_simulation(model, data: Data, record: ParticleFilterRecord, num_pat
     X, LW = record.particles, record.log_weights
     T, N, B, H = X.shape
     out = X.new_empty((P, B, T, H))
-    with _fast_context(model):
+    with _fast_context(model), threads_for(B * P * N):
         h = weighted_draws(X[-1], LW[-1], P)
         out[:, :, -1] = h
         ls = capability(model, "transition_loc_scale")
@@ -173,6 +183,19 @@ def backward_simulation(model, data: Data, record: ParticleFilterRecord, num_pat
             h = _gather(X[t], idx)
             out[:, :, t] = h
     return out
+
+
+def _check_mcmc(t: int, lf: torch.Tensor, what: str) -> None:
+    """Backward MCMC must not run on NaN (or +inf) transition log-densities: an MH move would reject a NaN
+    proposal silently and a NaN current state would never move. Raise as FFBSi does."""
+    bad = torch.isnan(lf) | (lf == float("inf"))  # (P,B)
+    if bool(bad.any()):
+        b = int(torch.nonzero(bad.any(0)).flatten()[0])
+        raise DegenerateWeightsError(
+            f"backward MCMC: the transition log-density log p(h_{{t+1}} | h_t) is NaN or +inf at {what} for "
+            f"sequence {b} at time step {t} (filter particles at t that are NaN/inf, or a transition that returns "
+            "NaN there). Check the model's transition and the filter's particles at that step, or use "
+            "backward='simulation'.", sequence=b, time_step=t)
 
 
 def backward_mcmc(model, data: Data, record: ParticleFilterRecord, num_paths: int, mcmc_steps: int = 1
@@ -194,7 +217,7 @@ def backward_mcmc(model, data: Data, record: ParticleFilterRecord, num_paths: in
         z = (h_next - loc).div_(scale)
         return (z * z).sum(-1).mul_(-0.5) - scale.log().sum(-1)
 
-    with _fast_context(model):
+    with _fast_context(model), threads_for(P * B * H):
         idx = multinomial(LW[-1], P)  # (P,B) indices into X[T-1]
         h = _gather(X[-1], idx)
         out[:, :, -1] = h
@@ -202,11 +225,13 @@ def backward_mcmc(model, data: Data, record: ParticleFilterRecord, num_paths: in
             u = input_at(data.inputs, t + 1)
             cur = A[t + 1].gather(0, idx)  # the genealogy's ancestor: a valid starting point
             lf_cur = log_f(t + 1, _gather(X[t], cur), h, u)
+            _check_mcmc(t, lf_cur, "the genealogy's ancestor")
             for _ in range(mcmc_steps):
                 prop = multinomial(LW[t], P)
                 lf_prop = log_f(t + 1, _gather(X[t], prop), h, u)
+                _check_mcmc(t, lf_prop, "a proposed particle")
                 log_u = torch.log(torch.rand_like(lf_prop))
-                acc = log_u < lf_prop - lf_cur  # NaN proposals are rejected
+                acc = log_u < lf_prop - lf_cur
                 cur = torch.where(acc, prop, cur)
                 lf_cur = torch.where(acc, lf_prop, lf_cur)
             idx = cur
@@ -253,8 +278,8 @@ def ffbsm(model, data: Data, record: ParticleFilterRecord,
     lws = [None] * T
     cross = [torch.zeros(B, H, H, dtype=X.dtype, device=X.device)] * T
     expect: dict[str, list] = {k: [None] * T for k in functions}
-    with _fast_context(model):
-        lws[-1] = LW[-1]
+    with _fast_context(model), threads_for(N * N * B):
+        lws[-1] = LW[-1] - torch.logsumexp(LW[-1], 0)  # normalised, whatever the record holds
         for t in range(T - 2, -1, -1):
             u = input_at(data.inputs, t + 1)
             logf = _pair_log_f(model, t + 1, X[t], X[t + 1], u)  # (B, N_j, N_i)
@@ -330,7 +355,7 @@ class ParticleSmoother(InferenceMethod):
     smooths = True
 
     def __init__(self, num_particles: int = 1000, num_paths: int = 100, *, backward: str = "simulation",
-                 mcmc_steps: int = 1, proposal="bootstrap", resampling="systematic", ess_threshold: float = 0.5,
+                 mcmc_steps: int = 1, proposal="auto", resampling="systematic", ess_threshold: float = 0.5,
                  dtype=None, device=None, progress: bool = False):
         self.num_particles = check_positive_int(num_particles, "num_particles")
         self.num_paths = check_positive_int(num_paths, "num_paths")
@@ -357,7 +382,7 @@ class ParticleSmoother(InferenceMethod):
             mean, var, cross = _path_moments(paths)
         diagnostics = {"paths": paths, "ess": rec.ess, "resampled": rec.resampled, "log_lik": rec.log_lik,
                        "filter_mean": rec.filt_mean, "filter_var": rec.filt_var, "record": rec,
-                       "num_particles": self.num_particles, "backward": self.backward}
+                       "num_particles": self.num_particles, "backward": self.backward, "proposal": rec.proposal}
         if marg is not None:
             diagnostics["smoothed_log_weights"] = marg.log_weights
         fp, fw = rec.final_particles, rec.final_log_weights

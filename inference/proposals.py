@@ -27,7 +27,13 @@ not couple sequences. The filter uses ``torch.no_grad()`` around the whole pass.
 
 Proposals are chosen by name with :func:`get_proposal`. ``"bootstrap"`` is built in; other modules add
 theirs with :func:`register_proposal` (the EKF proposal registers ``"ekf"`` from
-``ppl_rnn.inference.ekf_proposal``).
+``ppl_rnn.inference.ekf_proposal``; :mod:`~ppl_rnn.inference.adapted` registers ``"adapted"``, the fully adapted
+auxiliary filter, and ``"auto"``, which the filter resolves per model to the best exact-weight proposal).
+
+An *adapted* proposal (attribute ``adapted = True``) follows a second protocol, in which the weights depend
+on :math:`h_{t-1}` only and the filter resamples on them before propagating:
+``predictive(model, t, h_prev, y_t, mask_t, u_t) -> (log p(y_t | h_prev) (P, B), step)`` and
+``sample(step, ancestors, num, out=None) -> h_t (N, B, H)`` (see :mod:`~ppl_rnn.inference.adapted`).
 """
 
 from __future__ import annotations
@@ -81,7 +87,8 @@ class BootstrapProposal:
 
 _REGISTRY: dict[str, Callable[[], Proposal]] = {"bootstrap": BootstrapProposal}
 #: modules imported on demand when a name is not registered yet
-_LAZY_MODULES = {"ekf": "ppl_rnn.inference.ekf_proposal"}
+_LAZY_MODULES = {"ekf": "ppl_rnn.inference.ekf_proposal", "adapted": "ppl_rnn.inference.adapted",
+                 "auto": "ppl_rnn.inference.adapted"}
 
 
 def register_proposal(name: str, factory: Callable[[], Proposal]) -> None:

@@ -14,7 +14,15 @@ normalised log-weights :math:`\ell^n_{t-1}` (:math:`\sum_n e^{\ell^n_{t-1}} = 1`
 4. **Evidence increment**: :math:`\log\hat p(y_t\mid y_{0:t-1}) = \operatorname{logsumexp}_n(\tilde\ell^n_{t-1}
    + \log\omega^n_t)`, then :math:`\ell^n_t = \tilde\ell^n_{t-1} + \log\omega^n_t - \log\hat p(y_t\mid y_{0:t-1})`.
 
-(:math:`t=0`: :math:`\tilde\ell^n_{-1} = -\log N`, :math:`q_0` targets :math:`p(h_0)`.) Because the
+(:math:`t=0`: :math:`\tilde\ell^n_{-1} = -\log N`, :math:`q_0` targets :math:`p(h_0)`.) A fully missing step
+adds :math:`\log p(h_t\mid h_{t-1}) - \log q_t` only, so its increment is exactly 0 for the bootstrap
+proposal and an estimate of 0 (with weights to normalise) for a guided one.
+
+**Fully adapted filter.** With an *adapted* proposal (:mod:`~ppl_rnn.inference.adapted`; chosen by the
+default ``proposal="auto"`` when the transition is Gaussian and the emission declared linear-Gaussian) step t
+instead weights the particles at :math:`t-1` by the exact predictive :math:`p(y_t\mid h^n_{t-1})`, takes the
+increment :math:`\operatorname{logsumexp}_n(\ell^n_{t-1} + \log p(y_t\mid h^n_{t-1}))`, resamples on those
+weights (ESS-adaptive) and then draws :math:`h_t` exactly from :math:`p(h_t\mid h_{t-1}, y_t)`. Because the
 increment uses the *carried* weights :math:`\tilde\ell_{t-1}` whether or not the step resampled,
 :math:`\hat Z = \prod_t \hat p(y_t\mid y_{0:t-1})` is an unbiased estimate of :math:`p(y_{0:T-1})` under
 adaptive resampling (Del Moral 2004; Chopin & Papaspiliopoulos 2020, ch. 10); :math:`\log\hat Z` is biased
@@ -48,7 +56,9 @@ from ppl_rnn.method import InferenceMethod, check_positive_int
 from ppl_rnn.model import StateSpaceModel, input_at
 from ppl_rnn.results import Posterior
 from ppl_rnn.rng import seeded
+from ppl_rnn.scope import threads_for
 
+from .complete_data import cached_params
 from .proposals import BootstrapProposal, _draw, get_proposal
 from .resampling import get_resampler, multinomial, systematic, systematic_from_weights
 
@@ -69,6 +79,12 @@ class ParticleFilterRecord:
     particles: ``(T,N,B,H)`` :math:`h^n_t` or None (``keep_history=False``)
     log_weights: ``(T,N,B)`` normalised :math:`\ell^n_t` or None
     ancestors: ``(T,N,B)`` int64 :math:`a^n_t` (index into ``particles[t-1]``; identity at t=0) or None
+    proposal: the proposal used (``"bootstrap"``, ``"adapted"``, ``"ekf"`` or a custom proposal's name)
+
+    With the fully adapted proposal (:mod:`~ppl_rnn.inference.adapted`) ``ess`` is the ESS of the
+    auxiliary weights :math:`\ell_{t-1} + \log p(y_t\mid h_{t-1})` on which step t resamples (the filtering
+    weights are uniform after a resampling, which would hide the degeneracy), ``resampled[t]`` whether they
+    were resampled, and ``log_weights`` the filtering weights of :math:`h_t` (uniform after a resampling).
     """
 
     log_evidence: torch.Tensor
@@ -82,6 +98,7 @@ class ParticleFilterRecord:
     particles: torch.Tensor | None = None
     log_weights: torch.Tensor | None = None
     ancestors: torch.Tensor | None = None
+    proposal: str = "bootstrap"
 
     @property
     def num_particles(self) -> int:
@@ -126,29 +143,6 @@ def _cast(model, data: Data, dtype, device):
 
 
 @contextlib.contextmanager
-def _param_cache(model):
-    """Read every ``PyroParam`` once (its constrained value) and serve it from the instance ``__dict__``
-    for the duration of the block, so the per-step conditionals skip ``PyroModule.__getattr__`` (a
-    constraint transform per access, the dominant per-step overhead at small N). Only valid while the
-    parameters do not change, i.e. inside a no-grad inference pass; the cache is removed on exit."""
-    added = []
-    try:
-        for mod in model.modules():
-            names = getattr(mod, "__dict__", {}).get("_pyro_params", None)
-            if not names:
-                continue
-            for name in names:
-                if name in mod.__dict__:
-                    continue
-                mod.__dict__[name] = getattr(mod, name).detach()
-                added.append((mod, name))
-        yield
-    finally:
-        for mod, name in added:
-            mod.__dict__.pop(name, None)
-
-
-@contextlib.contextmanager
 def _gc_paused():
     """Pause Python's cyclic garbage collector (per-step distribution objects otherwise trigger collections
     of the whole heap inside the loop); reference counting still frees every tensor at once."""
@@ -187,7 +181,7 @@ def _fast_context(model=None):
         if model is None:
             yield
         else:
-            with _param_cache(model):
+            with cached_params(model):
                 yield
 
 
@@ -264,13 +258,25 @@ def run_particle_filter(
     log-likelihood of the observed entries is computed from ``loc``/``scale`` directly; systematic
     resampling works from the normalised weights. Every other model/proposal/resampler takes the generic
     path through the distribution objects.
+
+    ``proposal="auto"`` is resolved per model (:class:`~ppl_rnn.inference.adapted.AutoProposal`); an adapted
+    proposal (``"adapted"``) runs the fully adapted auxiliary filter (:func:`_run_adapted`). The loop runs
+    under :func:`ppl_rnn.scope.threads_for` (one torch thread for small particle clouds, the caller's
+    setting restored).
     """
     N = check_positive_int(num_particles, "num_particles")
     if not (0.0 <= float(ess_threshold) <= 1.0):
         raise ConfigurationError(f"ess_threshold must be in [0, 1]; found {ess_threshold!r}.")
     prop = get_proposal(proposal)
+    if callable(getattr(prop, "resolve", None)):
+        prop = prop.resolve(model, data)
     resample = get_resampler(resampling)
     resample_w = systematic_from_weights if resample is systematic else None
+    prop_name = str(getattr(prop, "name", type(prop).__name__))
+    if getattr(prop, "adapted", False):
+        with threads_for(N * data.observations.shape[0] * model.hidden_dim):
+            return _run_adapted(model, data, N, prop, resample, resample_w, ess_threshold, keep_history, progress,
+                                on_step, prop_name)
     fast_prop = type(prop) is BootstrapProposal
     fast_obs = type(model).observation_log_prob is StateSpaceModel.observation_log_prob
     # diagonal-Gaussian shortcuts: (loc, scale) without building distributions (same law)
@@ -324,7 +330,7 @@ def run_particle_filter(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="particle filter", leave=False)
-    with _fast_context(model):
+    with _fast_context(model), threads_for(N * B * H):
         for t in steps:
             u_t = input_at(u, t)
             y_t = y_steps[t]
@@ -401,7 +407,8 @@ def run_particle_filter(
             ex = (at - mx).clamp_min_(log_tiny).exp_()
             sx = ex.sum(1)
             l_t = torch.log(sx).add_(mx.squeeze(1))
-            if step_some_none[t]:  # log sum_n exp(lw_prev) = 0 exactly, not to rounding
+            if step_some_none[t] and log_q is None:  # log sum_n exp(lw_prev) = 0 exactly, not to rounding
+                # (only for the prior as proposal: with a guided one the weights p/q are not 1 there)
                 l_t = l_t.masked_fill_(seq_none[:, t], 0.0)
             if not all(map(math.isfinite, l_t.tolist())):
                 raise _degenerate(a, l_t, t, data)
@@ -432,6 +439,125 @@ def run_particle_filter(
         particles=hist_h,
         log_weights=hist_lw,
         ancestors=hist_anc,
+        proposal=prop_name,
+    )
+
+
+def _run_adapted(model, data, N, prop, resample, resample_w, ess_threshold, keep_history, progress, on_step,
+                 prop_name) -> ParticleFilterRecord:
+    r"""The fully adapted auxiliary particle filter (maths in :mod:`~ppl_rnn.inference.adapted`): at step t,
+    :math:`\hat\ell^n = \ell^n_{t-1} + \log p(y_t\mid h^n_{t-1})`, increment
+    :math:`\operatorname{logsumexp}_n\hat\ell^n`, normalise, resample on :math:`\hat\ell` where its ESS is below
+    ``ess_threshold * N``, then draw :math:`h_t` exactly from :math:`p(h_t\mid h^{a}_{t-1}, y_t)`. Same record
+    as :func:`run_particle_filter`."""
+    y, mask, u = data.observations, data.mask, data.inputs
+    B, T, _ = y.shape
+    H = model.hidden_dim
+    dev, dt = y.device, y.dtype
+    prop.setup(model, data, N)
+    seq_none = ~mask.any(-1)  # (B,T)
+    step_some_none = seq_none.any(0).tolist()
+    step_any = mask.any(-1).any(0).tolist()
+    log_n = math.log(N)
+    log_tiny, tiny = exp_clamp_bounds(dt)
+    thr = float(ess_threshold) * N
+    inv_thr = 1.0 / thr if thr > 0 else math.inf
+    arange_nb = torch.arange(N, device=dev).unsqueeze(1).expand(N, B)
+    never_list = [False] * B
+    uniform_lw = torch.full((N, B), -log_n, dtype=dt, device=dev)
+    uniform_w = torch.full((N, B), 1.0 / N, dtype=dt, device=dev)
+    K = max(1, min(16, _MOMENT_BLOCK_ELEMENTS // max(1, N * B * H)))
+    filt_mean = torch.empty((B, T, H), dtype=dt, device=dev)
+    filt_var = torch.empty((B, T, H), dtype=dt, device=dev)
+    w_block = torch.empty((K, N, B), dtype=dt, device=dev)
+    if keep_history:
+        hist_h = torch.empty((T, N, B, H), dtype=dt, device=dev)
+        hist_lw = torch.empty((T, N, B), dtype=dt, device=dev)
+        hist_anc = torch.empty((T, N, B), dtype=torch.long, device=dev)
+    else:
+        hist_h = hist_lw = hist_anc = None
+    h_block = None if keep_history else torch.empty((max(K, 2), N, B, H), dtype=dt, device=dev)
+    lls, sw2s, flags = [], [], []
+    h = lw = w = None
+    t0 = 0
+    steps = range(T)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="particle filter (adapted)", leave=False)
+    with _fast_context(model):
+        for t in steps:
+            u_t = input_at(u, t)
+            k = t - t0
+            k_h = k if K > 1 else t % 2
+            slot = hist_h[t] if keep_history else h_block[k_h]
+            log_pred, step = prop.predictive(model, t, h, y[:, t], mask[:, t], u_t)  # (P,B)
+            need_list = never_list
+            anc = None
+            if t == 0:  # every particle shares p(h_0): the increment is log p(y_0) exactly
+                l_t = log_pred[0].clone()
+                lw, w = uniform_lw, uniform_w
+                sum_w2 = uniform_w[0].clone()
+            else:
+                if step_any[t]:
+                    a = lw + log_pred
+                    at = a.T
+                    mx = at.amax(1, keepdim=True)
+                    ex = (at - mx).clamp_min_(log_tiny).exp_()
+                    sx = ex.sum(1)
+                    l_t = torch.log(sx).add_(mx.squeeze(1))
+                    if step_some_none[t]:  # those sequences' weights are unchanged: increment exactly 0
+                        l_t = l_t.masked_fill_(seq_none[:, t], 0.0)
+                    if not all(map(math.isfinite, l_t.tolist())):
+                        raise _degenerate(a, l_t, t, data)
+                    lw = a - l_t
+                    w = torch.nn.functional.threshold_(ex, tiny, 0.0).T.div(sx)
+                    sum_w2 = torch.linalg.vecdot(w, w, dim=0)
+                else:  # nothing observed anywhere: weights unchanged, increment 0
+                    l_t = torch.zeros(B, dtype=dt, device=dev)
+                    sum_w2 = torch.linalg.vecdot(w, w, dim=0)
+                need_list = [s > inv_thr for s in sum_w2.tolist()]
+                n_need = sum(need_list)
+                if n_need:
+                    idx = resample_w(w, N) if resample_w is not None else resample(lw, N)
+                    if n_need == B:
+                        anc, lw, w = idx, uniform_lw, uniform_w
+                    else:
+                        need = torch.tensor(need_list, device=dev)
+                        anc = torch.where(need, idx, arange_nb)
+                        lw = torch.where(need, -log_n, lw)
+                        w = torch.where(need, 1.0 / N, w)
+            h = prop.sample(step, anc, N, out=slot)
+            if h is not slot:
+                slot.copy_(h)
+                h = slot
+            if keep_history:
+                hist_lw[t] = lw
+                hist_anc[t] = arange_nb if anc is None else anc
+            w_block[k] = w
+            if on_step is not None:
+                on_step(t, h, lw)
+            lls.append(l_t)
+            sw2s.append(sum_w2)
+            flags.append(need_list)
+            if k == K - 1 or t == T - 1:
+                hb = hist_h[t0:t + 1] if keep_history else h_block[k_h - k:k_h + 1]
+                _flush_moments(w_block[:k + 1], hb, filt_mean, filt_var, t0)
+                t0 = t + 1
+    log_lik = torch.stack(lls, 1)
+    return ParticleFilterRecord(
+        log_evidence=log_lik.sum(1),
+        log_lik=log_lik,
+        ess=torch.stack(sw2s, 1).reciprocal_(),
+        resampled=torch.tensor(flags, dtype=torch.bool, device=dev).T.contiguous(),
+        filt_mean=filt_mean,
+        filt_var=filt_var,
+        final_particles=h.clone(),
+        final_log_weights=lw.clone(),
+        particles=hist_h,
+        log_weights=hist_lw,
+        ancestors=hist_anc,
+        proposal=prop_name,
     )
 
 
@@ -462,8 +588,11 @@ class ParticleFilter(InferenceMethod):
 
     Args:
         num_particles: particles per sequence.
-        proposal: ``"bootstrap"`` (default), a registered name (``"ekf"`` once available) or an object
-            implementing the protocol of :mod:`ppl_rnn.inference.proposals`.
+        proposal: ``"auto"`` (default: the best exact-weight proposal the model's declared structure allows —
+            the fully adapted auxiliary filter for a Gaussian transition with a declared linear-Gaussian
+            emission, the EKF proposal for other Gaussian emissions, the bootstrap filter otherwise; see
+            :mod:`ppl_rnn.inference.adapted`), ``"adapted"``, ``"ekf"``, ``"bootstrap"``, another registered
+            name, or an object implementing the protocol of :mod:`ppl_rnn.inference.proposals`.
         resampling: ``"systematic"`` | ``"stratified"`` | ``"multinomial"`` | ``"residual"`` or a callable.
         ess_threshold: resample a sequence when its ESS falls below ``ess_threshold * num_particles``
             (1 = every step, 0 = never).
@@ -473,12 +602,13 @@ class ParticleFilter(InferenceMethod):
 
     ``pr.infer`` returns a filtering :class:`~ppl_rnn.results.Posterior` with ``log_evidence`` (B,)
     (``evidence_kind="estimate"``), ``diagnostics["ess"]`` (B,T), ``["resampled"]`` (B,T), ``["log_lik"]``
-    (B,T), ``["record"]`` (the :class:`ParticleFilterRecord`) and a ``final_sampler``.
+    (B,T), ``["proposal"]`` (the proposal used, e.g. ``"adapted"``), ``["record"]`` (the
+    :class:`ParticleFilterRecord`) and a ``final_sampler``.
     """
 
     name = "particle_filter"
 
-    def __init__(self, num_particles: int = 1000, *, proposal="bootstrap", resampling="systematic",
+    def __init__(self, num_particles: int = 1000, *, proposal="auto", resampling="systematic",
                  ess_threshold: float = 0.5, dtype=None, device=None, progress: bool = False):
         self.num_particles = check_positive_int(num_particles, "num_particles")
         get_proposal(proposal)  # validate early
@@ -508,7 +638,8 @@ class ParticleFilter(InferenceMethod):
             kind="filtering", mean=rec.filt_mean, var=rec.filt_var, log_evidence=rec.log_evidence,
             evidence_kind="estimate", method=self.name,
             diagnostics={"ess": rec.ess, "resampled": rec.resampled, "log_lik": rec.log_lik,
-                         "num_particles": self.num_particles, "particles": fp, "log_weights": fw, "record": rec},
+                         "num_particles": self.num_particles, "particles": fp, "log_weights": fw, "record": rec,
+                         "proposal": rec.proposal},
             final_sampler=lambda num: weighted_draws(fp, fw, num),
         )
 

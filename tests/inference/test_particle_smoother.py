@@ -130,3 +130,49 @@ def test_configuration():
         ParticleSmoother(10, 5, backward="bogus")
     with pytest.raises(ConfigurationError):
         ParticleSmoother(10, 0)
+
+
+@pytest.mark.parametrize("where", ["all", "some"])
+def test_backward_mcmc_raises_on_nan_like_ffbsi(where):
+    """Issue 11 bug 5: backward MCMC used to reject NaN proposals silently and stay on a NaN current state
+    without an error; now it raises DegenerateWeightsError naming the step, as FFBSi does."""
+    import dataclasses
+
+    from ppl_rnn.inference.particle_smoother import backward_mcmc, backward_simulation
+
+    from ppl_rnn.errors import DegenerateWeightsError
+
+    model = _elman()
+    y = model.simulate(12, 2, seed=4).observations
+    data = prepare(model, y)
+    with seeded(0):
+        rec = run_particle_filter(model, data, 32, keep_history=True)
+    X = rec.particles.clone()
+    if where == "all":
+        X[5] = float("nan")
+    else:
+        X[5, ::3, 1] = float("nan")  # a third of the particles of sequence 1
+    bad = dataclasses.replace(rec, particles=X)
+    with seeded(1), pytest.raises(DegenerateWeightsError, match="time step 5") as e:
+        backward_mcmc(model, data, bad, 64, mcmc_steps=3)
+    assert e.value.time_step == 5 and e.value.sequence == (0 if where == "all" else 1)
+    with seeded(1), pytest.raises(DegenerateWeightsError, match="time step 5"):
+        backward_simulation(model, data, bad, 64)
+    with seeded(1):  # the clean record runs and gives finite paths
+        assert bool(torch.isfinite(backward_mcmc(model, data, rec, 64, mcmc_steps=3)).all())
+
+
+def test_ffbsm_normalises_final_weights(float64):
+    """ffbsm's smoothed marginals do not depend on a constant added to the final log-weights."""
+    import dataclasses
+
+    model = _elman()
+    y = model.simulate(10, 1, seed=5).observations
+    data = prepare(model, y)
+    with seeded(0):
+        rec = run_particle_filter(model, data, 64, keep_history=True, proposal="adapted")
+    LW = rec.log_weights.clone()
+    LW[-1] += 3.0
+    a = ffbsm(model, data, rec)
+    b = ffbsm(model, data, dataclasses.replace(rec, log_weights=LW))
+    assert torch.allclose(a.mean, b.mean, atol=1e-10) and torch.allclose(a.log_weights, b.log_weights, atol=1e-10)

@@ -39,14 +39,16 @@ def _replicate(y, R):
 @pytest.mark.parametrize("scheme", sorted(RESAMPLERS))
 @pytest.mark.parametrize("which", ["elman", "lgssm"])
 def test_evidence_unbiased(float64, scheme, which):
-    """Mean of Zhat/Z over 40 seeds (x5 replicate sequences each) is within 3 SE of 1, adaptive resampling."""
+    """Bootstrap filter: mean of Zhat/Z over 40 seeds (x5 replicate sequences each) is within 3 SE of 1, adaptive
+    resampling (the adapted filter's counterpart: tests/inference/test_adapted.py)."""
     model = _elman() if which == "elman" else _lgssm()
     y = model.simulate(30, 1, seed=11).observations
     logZ = _kalman(model, y).log_evidence  # (1,)
     R, N = 5, (128 if which == "elman" else 256)
     ratios, flags = [], []
     for seed in range(40):
-        post = pr.infer(model, _replicate(y, R), method=ParticleFilter(N, resampling=scheme), seed=seed)
+        post = pr.infer(model, _replicate(y, R), method=ParticleFilter(N, proposal="bootstrap", resampling=scheme),
+                        seed=seed)
         ratios.append(torch.exp(post.log_evidence - logZ))
         flags.append(post.diagnostics["resampled"])
         assert torch.allclose(post.diagnostics["log_lik"].sum(1), post.log_evidence)
@@ -315,3 +317,28 @@ def test_loc_scale_shortcut_same_law_and_guarded(float64):
     with seeded(0):
         shifted = run_particle_filter(sh, data, 200)
     assert (shifted.log_evidence < fast.log_evidence - 100).all()  # the +5 shift is seen, not the stale shortcut
+
+
+def test_guided_proposal_fully_missing_step_unbiased(float64):
+    """Issue 11 bug 1: with a guided proposal (p/q != 1) a fully missing step has a non-zero evidence increment
+    and its weights must be normalised (the filter used to force the increment to 0 and keep unnormalised
+    weights, so the next resampling dropped their mass: mean Zhat/Z = 0.969, -11 SE). 1-D linear model, step 0
+    missing, N = 4, EKFProposal(inflation=4), resampling every step; 20 000 independent filters in one call
+    (one replicate sequence each)."""
+    from ppl_rnn.inference.ekf_proposal import EKFProposal
+
+    model = ElmanSSM(1, 1, activation="identity", process_noise=0.5, obs_noise=0.5, init_scale=1.0, seed=0)
+    y = model.simulate(3, 1, seed=1).observations.clone()
+    y[:, 0] = float("nan")
+    logZ = _kalman(model, y).log_evidence
+    R = 20000
+    post = pr.infer(model, _replicate(y, R),
+                    method=ParticleFilter(4, proposal=EKFProposal(inflation=4.0), ess_threshold=1.0), seed=0)
+    assert post.diagnostics["proposal"] == "ekf"
+    r = torch.exp(post.log_evidence - logZ).detach()
+    se = r.std() / math.sqrt(R)
+    assert abs(float(r.mean()) - 1) < 4 * float(se), (float(r.mean()), float(se))
+    assert float(se) < 0.01  # the test has power: the old bias was about 0.03
+    assert not bool((post.diagnostics["log_lik"][:, 0] == 0).all())  # p/q != 1 at the missing step
+    lw = post.diagnostics["log_weights"]
+    assert torch.allclose(torch.logsumexp(lw, 0), torch.zeros(R, dtype=lw.dtype), atol=1e-9)
