@@ -1,0 +1,112 @@
+"""The deterministic-training table on ``unkelbach-synthetic`` (issue 13): BPTT, RTRL and the four global searches.
+
+Every method trains the same random initial network (``ElmanSSM(4, 1, seed=init_seed, weight_init="rotation",
+weight_scale=1.1)``, the one of ``synthetic_table.py``) as a **deterministic** network — the noise-free rollout's
+one-step error or log-likelihood is the objective, the process noise is set to a floor of 1e-4 and the observation
+noise to its maximum-likelihood value — on the 1000 training steps, with a short budget, and is scored by the one
+yardstick, :func:`ppl_rnn.workbench.evaluate.evaluate` (held-out log-evidence per step with its Monte Carlo SE from
+a particle filter at the fitted parameters, rolling-origin CRPS / RMSE on the 500 test steps). The data come from
+a network *with* process noise (q = 0.15), so the table shows what deterministic training costs there.
+
+    python benchmarks/deterministic_table.py            # prints the markdown table (minutes on one core)
+    python benchmarks/deterministic_table.py --quick    # small settings (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from ppl_rnn.inference import BPTT, RTRL, GlobalSearch
+from ppl_rnn.inference.rtrl import FlatWeights, squared_errors
+from synthetic_table import add_common_args, initial_network  # same folder: the shared pieces
+
+import ppl_rnn as pr
+from ppl_rnn.data import prepare
+from ppl_rnn.workbench.datasets import load
+from ppl_rnn.workbench.evaluate import evaluate
+
+
+def score(model, train, test, a):
+    ev = evaluate(model, train, test, horizons=(1, 10), num_particles=a.eval_particles, num_samples=200, seed=0)
+    return {"heldout": float(ev.heldout_logev_per_step), "heldout_se": float(ev.heldout_logev_per_step_se),
+            "crps1": float(ev.crps.sel(horizon=1)), "crps10": float(ev.crps.sel(horizon=10)),
+            "rmse1": float(ev.rmse.sel(horizon=1)), "rmse10": float(ev.rmse.sel(horizon=10)),
+            "cov90_10": float(ev.coverage_90.sel(horizon=10))}
+
+
+def train_mse(model, train) -> float:
+    """Mean squared one-step error of the noise-free rollout on the training part (the global searches' fitness)."""
+    data = prepare(model, train)
+    fw = FlatWeights(model, needed_by="deterministic_table")
+    with torch.no_grad():
+        sse, n = squared_errors(fw.population_predictions(fw.vector()[None], data)[0][0], data)
+    return float(sse.sum() / n.sum())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    add_common_args(ap)
+    ap.set_defaults(eval_particles=1000)
+    ap.add_argument("--bptt-steps", type=int, default=200)
+    ap.add_argument("--rtrl-epochs", type=int, default=3)
+    ap.add_argument("--generations", type=int, default=100, help="generations of each global search")
+    ap.add_argument("--population", type=int, default=24, help="population of the genetic, annealing and swarm searches")
+    ap.add_argument("--only", default=None, help="comma-separated subset: bptt,rtrl,cma,genetic,annealing,swarm")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.bptt_steps, a.rtrl_epochs, a.generations, a.population, a.eval_particles = 5, 1, 3, 8, 200
+    torch.set_num_threads(a.threads)
+    torch.set_default_dtype(torch.float64)
+    ds = load("unkelbach-synthetic", seed=a.seed, dtype=torch.float64)
+    tr, te = ds.split()
+    train, test = tr.values, te.values
+    if a.quick:
+        train, test = train[:, :200], test[:, :50]
+    T1 = train.shape[1]
+    init = initial_network(a)
+    gs = dict(max_generations=a.generations, patience=a.generations, progress=a.progress)
+    methods = {
+        "bptt": (f"BPTT, {a.bptt_steps} Adam steps", BPTT(num_steps=a.bptt_steps, lr=0.02, progress=a.progress)),
+        "rtrl": (f"RTRL (online), {a.rtrl_epochs} passes", RTRL(num_epochs=a.rtrl_epochs, lr=0.005,
+                                                                 progress=a.progress)),
+        "cma": (f"CMA-ES (cma), {a.generations} generations", GlobalSearch(strategy="cma", **gs)),
+        "genetic": (f"genetic algorithm, {a.generations} generations x {a.population}",
+                    GlobalSearch(strategy="genetic", population_size=a.population, **gs)),
+        "annealing": (f"simulated annealing, {a.generations} steps x {a.population} chains",
+                      GlobalSearch(strategy="annealing", population_size=a.population, **gs)),
+        "swarm": (f"particle swarm, {a.generations} generations x {a.population}",
+                  GlobalSearch(strategy="swarm", population_size=a.population, **gs)),
+    }
+    if a.only:
+        methods = {k: methods[k] for k in a.only.split(",")}
+    rows = [("true generating model", score(ds.true_model, train, test, a), train_mse(ds.true_model, train),
+             float("nan")),
+            ("initial network (untrained)", score(init, train, test, a), train_mse(init, train), float("nan"))]
+    print(f"# scored truth and initial network: {rows[0][1]} {rows[1][1]}", flush=True)
+    for key, (label, method) in methods.items():
+        t0 = time.perf_counter()
+        fit = pr.fit(init, train, method=method, seed=0)
+        wall = time.perf_counter() - t0
+        s = score(fit.model, train, test, a)
+        rows.append((label, s, train_mse(fit.model, train), wall))
+        print(f"# done {key}: {s} train_mse={rows[-1][2]:.4f} wall={wall:.0f}s "
+              f"diagnostics={ {k: v for k, v in fit.diagnostics.items() if k != 'noise_floor'} }", flush=True)
+    print(f"\nunkelbach-synthetic, noise seed {a.seed}: {T1} training + {test.shape[1]} test steps; initial network "
+          f"ElmanSSM(4, 1, seed={a.init_seed}, weight_init={a.init!r}, weight_scale={a.init_weight_scale}); "
+          f"deterministic training (process noise floor 1e-4); scored by ppl_rnn.workbench.evaluate.evaluate.\n")
+    print("| model / training method | held-out log-evidence (nats/step ± SE) | CRPS 1-step | CRPS 10-step | "
+          "RMSE 10-step | 90% coverage 10-step | training MSE (noise-free one-step) | fit wall time (s) |")
+    print("|" + "---|" * 8)
+    for name, s, mse, wall in rows:
+        print(f"| {name} | {s['heldout']:.3f} ± {s['heldout_se']:.3f} | {s['crps1']:.4f} | {s['crps10']:.4f} | "
+              f"{s['rmse10']:.4f} | {s['cov90_10']:.2f} | {mse:.4f} | {'-' if wall != wall else f'{wall:.0f}'} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([{"name": r[0], **r[1], "train_mse": r[2], "wall": r[3]} for r in rows], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
