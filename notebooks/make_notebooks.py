@@ -189,7 +189,7 @@ fig'''),
     ("code", '''sharp = ElmanSSM(4, 1, process_noise=0.3, obs_noise=0.05, weight_scale=1.5, seed=4)
 ys = sharp.simulate(50 if SMALL else 200, seed=0).observations
 N = 200 if SMALL else 1000
-boot = pr.infer(sharp, ys, method=pr.inference.ParticleFilter(num_particles=N), seed=0)
+boot = pr.infer(sharp, ys, method=pr.inference.ParticleFilter(num_particles=N, proposal="bootstrap"), seed=0)
 guided = pr.infer(sharp, ys, method=pr.inference.ParticleFilter(num_particles=N, proposal="ekf"), seed=0)
 print("mean ESS  bootstrap:", float(boot.diagnostics["ess"].mean()), "  EKF proposal:", float(guided.diagnostics["ess"].mean()))'''),
 ])
