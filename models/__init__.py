@@ -1,4 +1,22 @@
-"""The model suite. Every model is a :class:`ppl_rnn.StateSpaceModel`."""
+"""The model suite. Every model is a :class:`ppl_rnn.StateSpaceModel`; each module's docstring gives its equations
+and their source.
+
+=========================  ==================================================================================
+``ElmanSSM``               Elman network with process and observation noise (Unkelbach, Yi & Schmidhuber 2009)
+``JordanSSM``              context fed back from the output layer; state = (hidden, context)
+``EchoStateSSM``           fixed sparse random reservoir (spectral radius, leak rate); readout + noise trained,
+                           closed-form M-step
+``GRUSSM``, ``LSTMSSM``    gated cells as stochastic transitions (LSTM state = (h, c); noise on both or on h)
+``CTRNNSSM``               Euler-discretised continuous-time network with per-neuron time constants
+``MultipleTimescalesSSM``  MTRNN: a CTRNN with fast and slow groups
+``SecondOrderSSM``         multiplicative input-by-state weights w_ijk
+``StackedSSM``             cascaded recurrent layers (recurrent multilayer perceptron), noise in every layer
+``DeepMarkovSSM``          gated transition and MLP emission (Krishnan et al.); Gaussian, Bernoulli or Student-t
+``LinearGaussianSSM``      the exact linear-Gaussian model (Kalman oracle)
+=========================  ==================================================================================
+
+:data:`MODELS` maps a short name to each class (for listings such as ``ppl-rnn fit --model NAME``).
+"""
 
 from .ar import ARStateSpace
 from .ctrnn import CTRNNSSM, MultipleTimescalesSSM
