@@ -9,7 +9,8 @@ collapses to the familiar loss (Mohamed, "Recurrent nets and dynamical systems";
 
 a Gaussian negative log-likelihood of the observed entries (so the observation noise :math:`r` is fitted too,
 not just the squared error). :class:`BPTT` maximises it with Adam over the unrolled network
-(``truncation=k``: gradients are cut every ``k`` steps, truncated BPTT).
+(``truncation=k``: gradients are cut every ``k`` steps, truncated BPTT; ``k = 100`` by default, and the
+gradient is clipped to a global norm, because through :math:`T` steps it grows like :math:`\rho(W)^T`).
 
 The fitted model is a copy of the input model with the process noise and the initial-state spread set to a
 tiny floor (``noise_floor``, default :math:`10^{-4}`) instead of exactly zero, so it stays a valid
@@ -27,20 +28,15 @@ parameters, ``wall_time_s``.
 
 from __future__ import annotations
 
-import math
-import time
-
 import pyro
 import torch
-from tqdm.auto import tqdm
 
 from ppl_rnn.capabilities import require
+from ppl_rnn.errors import DivergenceError
 from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive_int
 from ppl_rnn.model import input_at
-from ppl_rnn.results import FitResult
-from ppl_rnn.rng import seeded
 
-from .em_common import TraceRecorder, check_finite
+from .em_common import ConvergenceRule, EMLoop, EMStep
 
 
 def deterministic_log_likelihood(model, data, truncation: int | None = None) -> torch.Tensor:
@@ -79,22 +75,33 @@ class BPTT(InferenceMethod):
     Args:
         num_steps: Adam steps (each over all sequences, the full unrolled series).
         lr: Adam learning rate.
-        truncation: cut gradients every ``truncation`` steps (``None``: full BPTT).
+        truncation: cut gradients every ``truncation`` steps (``None``: full BPTT). Default 100: the
+            backward pass multiplies by the transition Jacobian at every step, so through ``T`` steps a
+            gradient grows like :math:`\\rho(W)^T`; at ``T`` = 800 and :math:`\\rho` = 1.14 that is
+            :math:`10^{45}`, past float32's :math:`3\\cdot10^{38}` (NaN at the first step), while 100
+            steps stay below :math:`\\rho^{100}` (:math:`5\\cdot10^5` at 1.14).
+        max_grad_norm: clip the gradient of the per-observation loss to this global norm before each Adam
+            step (``None``: no clipping).
         noise_floor: process-noise / initial-spread scale of the returned model.
         record_every: trace row every this many steps (default: about 200 rows).
+        tol: relative tolerance of the convergence rule of :mod:`~ppl_rnn.inference.em_common` (``0``,
+            the default: run all steps).
         progress: progress bar.
     """
 
     name = "bptt"
 
-    def __init__(self, *, num_steps: int = 500, lr: float = 0.01, truncation: int | None = None,
-                 noise_floor: float = 1e-4, record_every: int | None = None, progress: bool = False):
+    def __init__(self, *, num_steps: int = 500, lr: float = 0.01, truncation: int | None = 100,
+                 max_grad_norm: float | None = 10.0, noise_floor: float = 1e-4, record_every: int | None = None,
+                 tol: float = 0.0, progress: bool = False):
         self.num_steps = check_positive_int(num_steps, "num_steps")
         self.lr = check_positive_float(lr, "lr")
         self.truncation = None if truncation is None else check_positive_int(truncation, "truncation")
+        self.max_grad_norm = None if max_grad_norm is None else check_positive_float(max_grad_norm, "max_grad_norm")
         self.noise_floor = check_positive_float(noise_floor, "noise_floor")
         self.record_every = (max(1, self.num_steps // 200) if record_every is None
                              else check_positive_int(record_every, "record_every"))
+        self.tol = check_positive_float(tol, "tol", allow_zero=True)
         self.progress = bool(progress)
 
     def _fit(self, model, data, seed):
@@ -102,43 +109,39 @@ class BPTT(InferenceMethod):
         # are exactly zero, so Adam leaves them at the floor
         set_noise_floor(model, self.noise_floor)
         params = list(model.parameters())
-        t0 = time.perf_counter()
-        rec = TraceRecorder()
         n_obs = max(data.num_observed, 1)
-        good = model.copy()
-        it = tqdm(range(self.num_steps + 1), disable=not self.progress, desc="BPTT")
-
-        def last_good(snapshot):
-            return FitResult(model=snapshot, trace=rec.dataset(), posterior=None,
-                             wall_time_s=time.perf_counter() - t0, converged=False, method=self.name,
-                             evidence_kind="approximation")
-
         opt = torch.optim.Adam(params, lr=self.lr)
-        with seeded(seed):
-            for k in it:
-                opt.zero_grad()
-                with pyro.validation_enabled(False):  # NaN must reach the divergence check, not a ValueError
-                    ll = deterministic_log_likelihood(model, data, self.truncation).sum()
-                val = float(ll.detach())
-                check_finite(model, iteration=k, method=self.name, what={"objective": val},
-                             last_good=lambda good=good: last_good(good))
-                if k % self.record_every == 0 or k == self.num_steps:
-                    rec.record(model, log_evidence=val, objective=val)
-                good_state = good
-                if k == self.num_steps:
-                    break
-                with pyro.validation_enabled(False):
-                    (-ll / n_obs).backward()
-                if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params):
-                    check_finite(model, iteration=k + 1, method=self.name, what={"gradient": math.nan},
-                                 last_good=lambda good_state=good_state: last_good(good_state))
-                good = model.copy()
-                opt.step()
-        trace = rec.dataset(attrs={"method": self.name, "evidence_kind": "approximation",
-                                   "objective": "deterministic (zero process noise) log-likelihood"})
-        return FitResult(model=model, trace=trace, posterior=None, wall_time_s=time.perf_counter() - t0,
-                         converged=True, method=self.name, evidence_kind="approximation",
-                         diagnostics={"noise_floor": self.noise_floor})
+
+        def evaluate(k):
+            opt.zero_grad()
+            with pyro.validation_enabled(False):  # NaN must reach the divergence check, not a ValueError
+                ll = deterministic_log_likelihood(model, data, self.truncation).sum()
+            val = float(ll.detach())
+            return EMStep(value=val, scalars={"log_evidence": val, "objective": val}, state=ll)
+
+        def update(k, step):
+            with pyro.validation_enabled(False):
+                (-step.state / n_obs).backward()
+            bad = [n for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            if bad:
+                raise DivergenceError(
+                    f"{self.name} diverged at iteration {k + 1}: the gradient of {', '.join(bad)} is not finite "
+                    f"(the objective, {step.value:.6g}, is). The backward pass through "
+                    f"{'all' if self.truncation is None else self.truncation} steps overflowed "
+                    f"{step.state.dtype}: gradients grow like the spectral radius of the transition Jacobian to the "
+                    "power of the number of steps. Fixes: truncated BPTT (truncation=50 or 100), float64 "
+                    "(model.double() and float64 data), or a smaller initial recurrent weight scale.",
+                    iteration=k + 1)
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            opt.step()
+
+        loop = EMLoop(method=self.name, evidence_kind="approximation", num_iterations=self.num_steps,
+                      rule=ConvergenceRule(self.tol), n_obs=n_obs, record_every=self.record_every,
+                      progress=self.progress, desc="BPTT")
+        return loop.run(model, evaluate=evaluate, update=update, seed=seed,
+                        attrs={"objective": "deterministic (zero process noise) log-likelihood"},
+                        diagnostics={"noise_floor": self.noise_floor})
 
 
 __all__ = ["BPTT", "deterministic_log_likelihood", "set_noise_floor"]

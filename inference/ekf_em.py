@@ -20,18 +20,14 @@ M-step, so the M-step objective is a deterministic function of :math:`\theta`.
 
 from __future__ import annotations
 
-import time
-
 import pyro
 import torch
-from tqdm.auto import tqdm
 
 from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive_int
-from ppl_rnn.results import FitResult, Posterior
-from ppl_rnn.rng import seeded
+from ppl_rnn.results import Posterior
 
 from .complete_data import cached_params, complete_data_log_likelihood
-from .em_common import TraceRecorder, check_finite
+from .em_common import ConvergenceRule, EMLoop, EMStep
 from .kalman import ffbs_sample, final_state_sampler, rts_smoother
 
 
@@ -43,7 +39,8 @@ class EKFEM(InferenceMethod):
         num_samples: FFBS trajectories per E-step for the Monte Carlo M-step objective; 0 = plug-in smoothed mean.
         mstep_steps: Adam steps per M-step.
         lr: Adam learning rate (the optimiser state persists across iterations).
-        tol: stop when the EKF log-likelihood changes by less than ``tol`` per observed entry.
+        tol: relative tolerance of the convergence rule of :mod:`~ppl_rnn.inference.em_common` (stop when the
+            EKF log-likelihood changes by at most ``tol * max(|value|, n_obs)`` per iteration; ``0``: never).
         progress: show a progress bar.
     """
 
@@ -61,51 +58,37 @@ class EKFEM(InferenceMethod):
     def _fit(self, model, data, seed):
         from .ekf import extended_kalman_filter
 
-        t0 = time.perf_counter()
         n_obs = max(data.num_observed, 1)
-        rec = TraceRecorder()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=self.lr)
-        converged = False
-        last_good = model.copy()
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.lr)
 
-        def e_step():
+        def evaluate(k):
             with torch.no_grad():
-                return extended_kalman_filter(model, data.observations, data.mask, data.inputs, method="EKFEM")
+                f = extended_kalman_filter(model, data.observations, data.mask, data.inputs, method="EKFEM")
+            ll = float(f.log_evidence.sum())
+            return EMStep(value=ll, scalars={"objective": ll, "log_evidence": ll}, state=f)
 
-        def result(m, f, conv):
-            return FitResult(model=m, trace=rec.dataset(attrs={"evidence_kind": "approximation", "method": self.name}),
-                             posterior=_posterior(f), wall_time_s=time.perf_counter() - t0, converged=conv,
-                             method=self.name, evidence_kind="approximation")
+        def update(k, step):
+            f = step.state
+            with torch.no_grad():  # trajectories from the EKS Gaussian
+                if self.num_samples > 0:
+                    traj = ffbs_sample(f.transition_jacobian, f, self.num_samples)
+                else:
+                    traj = rts_smoother(f.transition_jacobian, f).mean.unsqueeze(0)
+            q0 = None
+            for _ in range(self.mstep_steps):
+                opt.zero_grad()
+                with cached_params(model):
+                    q = complete_data_log_likelihood(model, traj, data).mean(0).sum() / n_obs
+                q0 = float(q.detach()) * n_obs if q0 is None else q0
+                (-q).backward()
+                opt.step()
+            return {"mstep_objective": q0}  # Q_hat(theta_k), on row k
 
-        with seeded(seed), pyro.validation_enabled(False):
-            f = e_step()
-            for it in tqdm(range(self.num_iterations + 1), disable=not self.progress, desc="EKF-EM"):
-                ll = float(f.log_evidence.sum())
-                check_finite(model, iteration=it, method="EKFEM", what={"ekf_log_lik": ll},
-                             last_good=lambda lg=last_good: result(lg, None, False))
-                if it > 0 and self.tol > 0 and abs(ll - rec.last("objective")) < self.tol * n_obs:
-                    converged = True
-                if it == self.num_iterations or converged:
-                    rec.record(model, objective=ll, log_evidence=ll)
-                    break
-                last_good = model.copy()
-                # M-step on trajectories from the EKS Gaussian
-                with torch.no_grad():
-                    if self.num_samples > 0:
-                        traj = ffbs_sample(f.transition_jacobian, f, self.num_samples)
-                    else:
-                        traj = rts_smoother(f.transition_jacobian, f).mean.unsqueeze(0)
-                for j in range(self.mstep_steps):
-                    opt.zero_grad()
-                    with cached_params(model):
-                        q = complete_data_log_likelihood(model, traj, data).mean(0).sum() / n_obs
-                    if j == 0:  # row k: parameters theta_k, EKF log-lik at theta_k, Q_hat(theta_k)
-                        rec.record(model, objective=ll, log_evidence=ll, mstep_objective=float(q.detach()) * n_obs)
-                    (-q).backward()
-                    opt.step()
-                f = e_step()
-        return result(model, f, converged)
+        loop = EMLoop(method=self.name, evidence_kind="approximation", num_iterations=self.num_iterations,
+                      rule=ConvergenceRule(self.tol), n_obs=n_obs, progress=self.progress, desc="EKF-EM")
+        with pyro.validation_enabled(False):
+            return loop.run(model, evaluate=evaluate, update=update, seed=seed,
+                            posterior=lambda step: _posterior(step.state))
 
 
 def _posterior(f) -> Posterior | None:

@@ -1,11 +1,46 @@
-r"""Shared pieces of the EM-style trainers (MonteCarloEM, KalmanEM, MeanFieldEM, BPTT).
+r"""The one EM loop shared by every iterative trainer (KalmanEM, MeanFieldEM, EKFEM, BPTT, MonteCarloEM).
 
-* :class:`TraceRecorder` collects one row per iteration — scalars (``log_evidence``, ``objective``,
-  ``num_particles``, ``wall_time_s``, ...) and a snapshot of every constrained parameter — and builds the
-  ``xarray.Dataset`` stored in :attr:`ppl_rnn.FitResult.trace` (dim ``iteration``; a parameter ``W`` of shape
-  ``(H, H)`` becomes the data variable ``W`` with dims ``("iteration", "W_dim_0", "W_dim_1")``).
-* :func:`check_finite` turns non-finite parameters or objectives into a :class:`ppl_rnn.DivergenceError` that
-  names the iteration and carries the last good :class:`ppl_rnn.FitResult`.
+A trainer supplies two functions and :class:`EMLoop` does the rest (timer, trace, last good parameters,
+progress bar, the convergence rule, the rejection of Monte Carlo steps, the :class:`ppl_rnn.FitResult`):
+
+* ``evaluate(k) -> EMStep``: the E-step at the current parameters :math:`\theta_k` — the value
+  :math:`\ell_k` judged by the convergence rule (a log-evidence, exact or estimated, or the trainer's
+  objective), its Monte Carlo standard error :math:`s_k` (0 when exact or deterministic), extra trace
+  columns and whatever the M-step needs (``state``);
+* ``update(k, step) -> dict | None``: the M-step, :math:`\theta_k\to\theta_{k+1}` in place (it may return
+  extra scalars for row ``k`` of the trace).
+
+Iteration ``k = 0, 1, ..., K`` evaluates :math:`\theta_k`, records trace row ``k`` (row 0 = the initial
+model; parameters :math:`\theta_k`), stops when ``k = K`` or the rule says so, else updates. ``K`` iterations
+cost ``K`` updates and ``K + 1`` evaluations; the last evaluation gives ``FitResult.posterior``.
+
+**The convergence rule** (:class:`ConvergenceRule`, one for all trainers). With window :math:`w`, let
+:math:`\Delta_k = \bar\ell_{k-w+1..k} - \bar\ell_{k-2w+1..k-w}` be the rise of the mean of the last
+:math:`w` values over the mean of the :math:`w` before (:math:`w` iterations apart), and
+:math:`\sigma_k = \sqrt{\sum_{j=k-2w+1}^{k}s_j^2}/w` its standard error. The run has converged when
+
+.. math:: \frac{|\Delta_k| + z\,\sigma_k}{w} \le \mathrm{tol}\cdot\max\big(|\bar\ell_{k-w+1..k}|,\ n_{obs}\big),
+
+i.e. when the *upper confidence bound* (``z`` standard errors, default 2) of the change per iteration is
+below a relative tolerance (relative to the objective, floored at one unit per observed entry, so an
+objective near 0 does not make it unreachable). For an exact objective (:math:`s=0`, e.g. KalmanEM) this
+is the classical relative-tolerance test on the change per iteration; for Monte Carlo EM it stops only
+once the estimates are precise enough to *show* that the rise per iteration is below ``tol``: a run whose
+mean rises by more than ``tol`` per iteration is not stopped (except with probability about
+:math:`\Phi(-z)`), and a run whose noise hides its rise goes on to ``num_iterations``. ``tol = 0`` never
+stops early. :math:`|\Delta|` (not :math:`\Delta`): a falling objective (possible for the approximate
+objectives of mean-field EM and EKF-EM) has not converged either.
+
+**Rejection** (Monte Carlo objectives, ``reject_se``): a new :math:`\theta_{k+1}` whose estimate falls
+below the last accepted one by more than ``reject_se`` standard errors of the difference,
+:math:`\ell_{k+1} < \ell_k - r\sqrt{s_k^2 + s_{k+1}^2}`, or whose E-step degenerates, is rejected: the row is
+recorded with ``rejected = 1``, the parameters return to :math:`\theta_k`, the trainer's ``on_reject``
+raises the number of particles (returns False when it cannot), and :math:`\theta_k` is evaluated again.
+Steps with :math:`s = 0` are never rejected. A run that cannot raise its particles any further stops at
+the last accepted parameters (``diagnostics["stopped"] = "rejected"``).
+
+**Divergence**: non-finite parameters after an update, or a non-finite value, raise
+:class:`ppl_rnn.DivergenceError` naming the iteration and carrying the last good ``FitResult``.
 """
 
 from __future__ import annotations
@@ -13,13 +48,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import xarray as xr
 
-from ppl_rnn.errors import DivergenceError
+from ppl_rnn.errors import ConfigurationError, DegenerateWeightsError, DivergenceError
+from ppl_rnn.method import check_positive_float, check_positive_int
 from ppl_rnn.results import FitResult, params_snapshot
+from ppl_rnn.rng import seeded
 
 
 def params_finite(model) -> list[str]:
@@ -44,6 +83,12 @@ class TraceRecorder:
         for k, v in snap.items():
             self.params.setdefault(k, []).append(v.detach().cpu().numpy().astype(np.float64))
         self.n += 1
+
+    def amend(self, **scalars) -> None:
+        """Set scalars of the last row (new columns are NaN in the earlier rows)."""
+        for k, v in scalars.items():
+            col = self.scalars.setdefault(k, [math.nan] * self.n)
+            col[-1] = float(v)
 
     def last(self, name: str) -> float:
         return self.scalars[name][-1]
@@ -80,6 +125,172 @@ def check_finite(model, *, iteration: int, method: str, what: dict[str, float] |
     )
 
 
-def snapshot_model(model):
-    """A frozen copy of ``model`` (used for ``last_good``)."""
-    return model.copy()
+@dataclass
+class EMStep:
+    """What ``evaluate(k)`` returns: the value judged by the rule, its Monte Carlo standard error (0: exact
+    or deterministic), extra trace columns for row ``k`` and the state the M-step needs."""
+
+    value: float
+    se: float = 0.0
+    scalars: dict = field(default_factory=dict)
+    state: Any = None
+
+
+class ConvergenceRule:
+    """The one convergence rule (module docstring): stop when the upper ``z``-standard-error bound of the
+    change per iteration, over windows of ``window`` iterations, is at most ``tol`` times
+    ``max(|objective|, n_obs)``. ``tol = 0``: never stop early."""
+
+    def __init__(self, tol: float, window: int = 1, z: float = 2.0):
+        self.tol = check_positive_float(tol, "tol", allow_zero=True)
+        self.window = check_positive_int(window, "window")
+        self.z = check_positive_float(z, "z", allow_zero=True)
+
+    def converged(self, values, ses=None, n_obs: int = 1) -> bool:
+        """Whether the run with per-iteration ``values`` (and standard errors ``ses``) has converged."""
+        w = self.window
+        if self.tol <= 0 or len(values) < 2 * w:
+            return False
+        v = np.asarray(values[-2 * w:], dtype=float)
+        s = np.zeros(2 * w) if ses is None else np.asarray(ses[-2 * w:], dtype=float)
+        if not (np.isfinite(v).all() and np.isfinite(s).all()):
+            return False
+        recent = v[w:].mean()
+        delta = recent - v[:w].mean()
+        sigma = math.sqrt(float((s * s).sum())) / w
+        return (abs(delta) + self.z * sigma) / w <= self.tol * max(abs(recent), float(n_obs))
+
+    def __repr__(self) -> str:
+        return f"ConvergenceRule(tol={self.tol!r}, window={self.window!r}, z={self.z!r})"
+
+
+class EMLoop:
+    """The EM loop (module docstring). ``method`` names the trainer in messages and results.
+
+    Args:
+        method: the trainer's name (``FitResult.method``).
+        evidence_kind: ``FitResult.evidence_kind``.
+        num_iterations: the number of updates at most.
+        rule: a :class:`ConvergenceRule`.
+        reject_se: reject a step whose Monte Carlo estimate falls by more than this many standard errors
+            (``None``: never reject).
+        record_every: record a trace row every this many iterations (and always the last).
+        progress: a one-line progress bar.
+        n_obs: the number of observed entries (the rule's floor).
+    """
+
+    def __init__(self, *, method: str, evidence_kind: str, num_iterations: int, rule: ConvergenceRule,
+                 n_obs: int, reject_se: float | None = None, record_every: int = 1, progress: bool = False,
+                 desc: str | None = None):
+        if not isinstance(rule, ConvergenceRule):
+            raise ConfigurationError(f"rule must be a ConvergenceRule; found {rule!r}.")
+        self.method, self.evidence_kind = method, evidence_kind
+        self.num_iterations = check_positive_int(num_iterations, "num_iterations", minimum=0)
+        self.rule, self.reject_se, self.n_obs = rule, reject_se, max(int(n_obs), 1)
+        self.record_every = check_positive_int(record_every, "record_every")
+        self.progress, self.desc = bool(progress), desc or method
+
+    def run(self, model, *, evaluate: Callable[[int], EMStep], update: Callable[[int, EMStep], dict | None],
+            seed, posterior: Callable[[EMStep], Any] | None = None, on_reject: Callable[[int], bool] | None = None,
+            diagnostics: dict | None = None, attrs: dict | None = None) -> FitResult:
+        """Run the loop on ``model`` in place; returns the :class:`ppl_rnn.FitResult`."""
+        t0 = time.perf_counter()
+        rec = TraceRecorder()
+        trace_attrs = {"method": self.method, "evidence_kind": self.evidence_kind, **(attrs or {})}
+        diag = dict(diagnostics or {})
+        values: list[float] = []
+        ses: list[float] = []
+        good = model.copy()
+        last_step: EMStep | None = None
+        converged, stopped = False, None
+        rejecting = self.reject_se is not None
+        after_reject = False  # the evaluation after a rejection is of the last accepted parameters: kept
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.num_iterations, desc=self.desc)
+
+        def result(m, step, conv, upto=None):
+            return FitResult(model=m, trace=rec.dataset(upto, attrs=trace_attrs),
+                             posterior=None if (step is None or posterior is None) else posterior(step),
+                             wall_time_s=time.perf_counter() - t0, converged=conv, method=self.method,
+                             evidence_kind=self.evidence_kind, diagnostics=diag)
+
+        def last_good():
+            return result(good.copy(), None, False)
+
+        def diverged(k, msg, cause=None):
+            raise DivergenceError(
+                f"{self.method} diverged at iteration {k}: {msg}. The last good fit is in .last_good; use more "
+                "particles, a smaller step (learning rate, gradient steps) or a better initialisation.",
+                iteration=k, last_good=last_good() if k else None) from cause
+
+        k = 0
+        try:
+            with seeded(seed):
+                while True:
+                    try:
+                        step = evaluate(k)
+                        bad = not math.isfinite(step.value)
+                    except DegenerateWeightsError as e:
+                        if k == 0 or not rejecting:
+                            if k == 0:
+                                raise
+                            diverged(k, f"the E-step's particle weights degenerated ({e})", e)
+                        step, bad = EMStep(value=-math.inf, se=math.nan), True
+                    reject = rejecting and k > 0 and (bad or (not after_reject and self._falls(values[-1], ses[-1], step)))
+                    after_reject = reject
+                    if reject:
+                        rec.record(model, **{"log_evidence": step.value, **step.scalars,
+                                             "log_evidence_se": step.se, "rejected": 1})
+                        model.load_state_dict(good.state_dict())
+                        if on_reject is None or not on_reject(k):
+                            stopped = "rejected"
+                            step = last_step
+                            break
+                        continue
+                    if bad:
+                        check_finite(model, iteration=k, method=self.method, what={"value": step.value},
+                                     last_good=last_good)
+                    scal = dict(step.scalars)
+                    if step.se or rejecting:
+                        scal["log_evidence_se"] = step.se
+                    if rejecting:
+                        scal["rejected"] = 0
+                    values.append(float(step.value))
+                    ses.append(float(step.se))
+                    last_step = step
+                    good = model.copy()
+                    final = k == self.num_iterations
+                    converged = self.rule.converged(values, ses, self.n_obs)
+                    if final or converged or k % self.record_every == 0:
+                        rec.record(model, **scal)
+                    if bar is not None:
+                        bar.set_postfix(value=f"{step.value:.2f}" + (f"+-{step.se:.2f}" if step.se else ""))
+                    if final or converged:
+                        break
+                    try:
+                        extra = update(k, step)
+                    except DivergenceError as e:
+                        if e.last_good is None:
+                            e.last_good = last_good()
+                        raise
+                    if extra and rec.n and k % self.record_every == 0:
+                        rec.amend(**extra)
+                    k += 1
+                    if bar is not None:
+                        bar.update(1)
+                    check_finite(model, iteration=k, method=self.method, last_good=last_good)
+        finally:
+            if bar is not None:
+                bar.close()
+        diag.update(num_iterations=k, **({"stopped": stopped} if stopped else {}))
+        return result(model, last_step, converged)
+
+    def _falls(self, prev: float, prev_se: float, step: EMStep) -> bool:
+        """Whether ``step``'s estimate falls more than ``reject_se`` standard errors below ``prev``."""
+        s = math.sqrt(prev_se**2 + step.se**2) if math.isfinite(step.se) else math.nan
+        if not (s > 0):
+            return not math.isfinite(s)
+        return step.value < prev - self.reject_se * s

@@ -37,18 +37,13 @@ Supported models (by the parameters they expose, not their class): ``ElmanSSM(ac
 
 from __future__ import annotations
 
-import time
-
 import torch
-from tqdm.auto import tqdm
 
 from ppl_rnn.capabilities import require
 from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive_int
 from ppl_rnn.model import LinearGaussianParams
-from ppl_rnn.results import FitResult
-from ppl_rnn.rng import seeded
 
-from .em_common import TraceRecorder, check_finite
+from .em_common import ConvergenceRule, EMLoop, EMStep
 from .kalman import KalmanSmoother, kalman_filter, rts_smoother
 
 
@@ -164,15 +159,19 @@ def emission_mstep_full(m, P, y, mask, inputs, p):
 
 
 @torch.no_grad()
-def kalman_em_step(model, data, *, learn_initial: bool = True):
-    """One exact EM iteration on ``model`` in place, through its ``linear_gaussian`` / ``set_linear_gaussian``
-    capabilities. Returns the exact log-evidence *before* the update and the smoother output (at the old
-    parameters)."""
+def kalman_estep(model, data):
+    """The exact E-step at the model's parameters: ``(params, filter, smoother)`` (Kalman filter + RTS)."""
     p = model.linear_gaussian()
+    f = kalman_filter(p, data.observations, data.mask, data.inputs if model.input_dim else None)
+    return p, f, rts_smoother(p.A, f)
+
+
+@torch.no_grad()
+def kalman_mstep(model, data, p, s, *, learn_initial: bool = True) -> None:
+    """The closed-form M-step (module docstring) from the smoother output ``s`` at parameters ``p``; writes
+    the new parameters through the model's ``set_linear_gaussian``."""
     y, mask = data.observations, data.mask
     u = data.inputs if model.input_dim else None
-    f = kalman_filter(p, y, mask, u)
-    s = rts_smoother(p.A, f)
     m, P, X = s.mean, s.cov, s.cross_cov
     T = y.shape[1]
     A, Bm, b, Q = p.A, p.B, p.b, p.Q
@@ -189,6 +188,14 @@ def kalman_em_step(model, data, *, learn_initial: bool = True):
         P0 = torch.diag(torch.diagonal(P0).clamp_min(1e-12))
     model.set_linear_gaussian(LinearGaussianParams(A=A, b=b, Q=Q, C=C, d=d, R=R, m0=m0, P0=P0, B=Bm, D=Dm,
                                                    diagonal_noise=p.diagonal_noise))
+
+
+def kalman_em_step(model, data, *, learn_initial: bool = True):
+    """One exact EM iteration on ``model`` in place, through its ``linear_gaussian`` / ``set_linear_gaussian``
+    capabilities. Returns the exact log-evidence *before* the update and the smoother output (at the old
+    parameters)."""
+    p, f, s = kalman_estep(model, data)
+    kalman_mstep(model, data, p, s, learn_initial=learn_initial)
     return f.log_evidence.sum(), s
 
 
@@ -200,8 +207,9 @@ class KalmanEM(InferenceMethod):
 
     Args:
         num_iterations: maximum number of EM iterations.
-        tol: stop when the exact log-evidence rises by less than ``tol`` nats per observed entry
-            (``0``: run all iterations).
+        tol: relative tolerance of the convergence rule of :mod:`~ppl_rnn.inference.em_common` (with an exact
+            objective: stop when the exact log-evidence changes by at most ``tol * max(|log p(y)|, n_obs)``
+            per iteration; ``0``: run all iterations).
         learn_initial: also update the initial-state mean and covariance.
         progress: show a progress bar.
 
@@ -222,40 +230,17 @@ class KalmanEM(InferenceMethod):
     def _fit(self, model, data, seed):
         require(model, "linear_gaussian", needed_by="KalmanEM", alternative=_ALT)
         require(model, "set_linear_gaussian", needed_by="KalmanEM", alternative=_ALT)
-        t0 = time.perf_counter()
-        rec = TraceRecorder()
-        n_obs = max(data.num_observed, 1)
-        converged = False
-        last_ll = None
-        good = model.copy()
-        it = tqdm(range(self.num_iterations + 1), disable=not self.progress, desc="KalmanEM")
 
-        def last_good(snapshot=None):
-            return FitResult(model=snapshot, trace=rec.dataset(), posterior=None,
-                             wall_time_s=time.perf_counter() - t0, converged=False, method=self.name,
-                             evidence_kind="exact")
+        def evaluate(k):
+            p, f, s = kalman_estep(model, data)
+            ll = float(f.log_evidence.sum())
+            return EMStep(value=ll, scalars={"log_evidence": ll, "objective": ll}, state=(p, s))
 
-        with seeded(seed):
-            for k in it:
-                snap = model.copy()
-                if k == self.num_iterations or converged:
-                    with torch.no_grad():
-                        ll = kalman_filter(model.linear_gaussian(), data.observations, data.mask,
-                                           data.inputs).log_evidence.sum()
-                    check_finite(model, iteration=k, method=self.name, what={"log_evidence": ll},
-                                 last_good=lambda good=good: last_good(good))
-                    rec.record(model, log_evidence=ll, objective=ll)
-                    break
-                ll, _ = kalman_em_step(model, data, learn_initial=self.learn_initial)
-                rec.record(snap, log_evidence=ll, objective=ll)
-                good = snap
-                check_finite(model, iteration=k + 1, method=self.name, what={"log_evidence": ll},
-                             last_good=lambda good=good: last_good(good))
-                if last_ll is not None and self.tol > 0 and float(ll - last_ll) / n_obs < self.tol:
-                    converged = True
-                last_ll = ll
-        post = KalmanSmoother().infer_prepared(model, data, None)
-        trace = rec.dataset(attrs={"method": self.name, "evidence_kind": "exact"})
-        return FitResult(model=model, trace=trace, posterior=post, wall_time_s=time.perf_counter() - t0,
-                         converged=converged, method=self.name, evidence_kind="exact",
-                         diagnostics={"num_iterations": rec.n - 1})
+        def update(k, step):
+            kalman_mstep(model, data, *step.state, learn_initial=self.learn_initial)
+
+        loop = EMLoop(method=self.name, evidence_kind="exact", num_iterations=self.num_iterations,
+                      rule=ConvergenceRule(self.tol), n_obs=data.num_observed, progress=self.progress,
+                      desc="KalmanEM")
+        return loop.run(model, evaluate=evaluate, update=update, seed=seed,
+                        posterior=lambda step: KalmanSmoother().infer_prepared(model, data, None))

@@ -50,19 +50,16 @@ when these matter; mean-field EM is fast (no sampling) and a good initialiser.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import torch
-from tqdm.auto import tqdm
 
 from ppl_rnn.capabilities import require
 from ppl_rnn.errors import ModelCapabilityError
+from ppl_rnn.gaussian import kalman_update
 from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive_int
-from ppl_rnn.results import FitResult, Posterior
-from ppl_rnn.rng import seeded
+from ppl_rnn.results import Posterior
 
-from .em_common import TraceRecorder, check_finite
-from .kalman import kalman_update
+from .em_common import ConvergenceRule, EMLoop, EMStep
 from .kalman_em import emission_mstep_diag
 
 _ACT = {"tanh": (torch.tanh, torch.atanh), "identity": (lambda x: x, lambda x: x)}
@@ -156,8 +153,9 @@ class MeanFieldEM(InferenceMethod):
 
     Args:
         num_iterations: maximum EM iterations.
-        tol: stop when the mean-field surrogate changes by less than ``tol`` nats per observed entry
-            (``0``: run all iterations).
+        tol: relative tolerance of the convergence rule of :mod:`~ppl_rnn.inference.em_common` (the
+            surrogate is deterministic: stop when it changes by at most ``tol * max(|surrogate|, n_obs)`` per
+            iteration; ``0``: run all iterations).
         learn_initial: update ``m0``, ``s0``.
         progress: progress bar.
 
@@ -177,43 +175,27 @@ class MeanFieldEM(InferenceMethod):
 
     def _fit(self, model, data, seed):
         _check_model(model)
-        t0 = time.perf_counter()
-        rec = TraceRecorder()
-        n_obs = max(data.num_observed, 1)
-        converged = False
-        prev = None
-        good = model.copy()
-        it = tqdm(range(self.num_iterations + 1), disable=not self.progress, desc="MeanFieldEM")
 
-        def last_good(snapshot):
-            return FitResult(model=snapshot, trace=rec.dataset(), posterior=None,
-                             wall_time_s=time.perf_counter() - t0, converged=False, method=self.name,
-                             evidence_kind="approximation")
+        def evaluate(k):
+            z, S, ll = meanfield_estep(model, data)
+            obj = float(ll.sum())
+            return EMStep(value=obj, scalars={"log_evidence": obj, "objective": obj}, state=(z, S, ll))
 
-        with seeded(seed):
-            for k in it:
-                z, S, ll = meanfield_estep(model, data)
-                obj = float(ll.sum())
-                check_finite(model, iteration=k, method=self.name, what={"objective": obj},
-                             last_good=lambda good=good: last_good(good))
-                rec.record(model, log_evidence=obj, objective=obj)
-                good = model.copy()
-                if prev is not None and self.tol > 0 and abs(obj - prev) / n_obs < self.tol:
-                    converged = True
-                if k == self.num_iterations or converged:
-                    break
-                prev = obj
-                meanfield_mstep(model, data, z, S, learn_initial=self.learn_initial)
-                check_finite(model, iteration=k + 1, method=self.name,
-                             last_good=lambda good=good: last_good(good))
-        post = Posterior(kind="filtering", mean=z, var=torch.diagonal(S, dim1=-2, dim2=-1), log_evidence=ll.sum(-1),
-                         evidence_kind="approximation", method=self.name, cov=S, diagnostics={"log_lik": ll})
-        trace = rec.dataset(attrs={"method": self.name, "evidence_kind": "approximation",
-                                   "objective": "mean-field log-likelihood surrogate"})
-        return FitResult(model=model, trace=trace, posterior=post, wall_time_s=time.perf_counter() - t0,
-                         converged=converged, method=self.name, evidence_kind="approximation",
-                         diagnostics={"num_iterations": rec.n - 1,
-                                      "objective": "sum_t log N(y_t; C h~_t + d, C Q C^T + R) (mean-field)"})
+        def update(k, step):
+            meanfield_mstep(model, data, *step.state[:2], learn_initial=self.learn_initial)
+
+        def posterior(step):
+            z, S, ll = step.state
+            return Posterior(kind="filtering", mean=z, var=torch.diagonal(S, dim1=-2, dim2=-1),
+                             log_evidence=ll.sum(-1), evidence_kind="approximation", method=self.name, cov=S,
+                             diagnostics={"log_lik": ll})
+
+        loop = EMLoop(method=self.name, evidence_kind="approximation", num_iterations=self.num_iterations,
+                      rule=ConvergenceRule(self.tol), n_obs=data.num_observed, progress=self.progress,
+                      desc="MeanFieldEM")
+        return loop.run(model, evaluate=evaluate, update=update, seed=seed, posterior=posterior,
+                        attrs={"objective": "mean-field log-likelihood surrogate"},
+                        diagnostics={"objective": "sum_t log N(y_t; C h~_t + d, C Q C^T + R) (mean-field)"})
 
 
 __all__ = ["MeanFieldEM", "meanfield_estep", "meanfield_mstep"]

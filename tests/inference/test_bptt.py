@@ -84,3 +84,47 @@ def test_divergence_and_errors(float64):
 
     with pytest.raises(ModelCapabilityError):
         pr.fit(NoNoise(), y, method=BPTT(num_steps=2))
+
+
+def _long_oscillation(T=800):
+    """A breathing-like float32 series (period ~80 steps, small noise) of T steps."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.arange(T, dtype=torch.float32)
+    return (torch.sin(2 * torch.pi * t / 80) + 0.05 * torch.randn(T, generator=g)).unsqueeze(-1)
+
+
+def test_default_bptt_first_gradient_is_finite_on_a_long_series():
+    """Bug 8: with m0 = b = 0 the default network starts at h = 0 and the full-BPTT gradient grows like
+    rho(W)^T (rho = 1.14 for ElmanSSM(8, seed=0)): at T = 800 it overflowed float32 (NaN at the first
+    step). The default (truncation + gradient clipping) trains."""
+    m = ElmanSSM(8)
+    assert m.W.dtype == torch.float32
+    assert float(torch.linalg.eigvals(m.W.detach()).abs().max()) > 1.1
+    y = _long_oscillation()
+    r = pr.fit(m, y, method=BPTT(num_steps=6, lr=0.02), seed=0)
+    obj = r.trace.objective.values
+    assert np.isfinite(obj).all() and obj[-1] > obj[0] + 500
+
+
+def test_bptt_first_gradient_real_breathing_series():
+    """Bug 8 on the real series of the report: 800 steps of the breathing trace, default ElmanSSM(8)."""
+    datasets = pytest.importorskip("ppl_rnn.workbench.datasets")
+    try:
+        d = datasets.load("respiration")
+    except ImportError:
+        pytest.skip("the respiration data needs the 'data' extra")
+    y = d.values[0, 20000:20800].float()
+    r = pr.fit(ElmanSSM(8), y, method=BPTT(num_steps=5, lr=0.02), seed=0)
+    obj = r.trace.objective.values
+    assert np.isfinite(obj).all() and obj[-1] > obj[0]
+
+
+def test_full_bptt_overflow_error_says_what_applies():
+    """Full BPTT (truncation=None, no clipping) still overflows float32 here; the error names the cause and
+    fixes that apply (truncation, float64), not particles."""
+    with pytest.raises(DivergenceError) as ei:
+        pr.fit(ElmanSSM(8), _long_oscillation(), method=BPTT(num_steps=3, truncation=None, max_grad_norm=None),
+               seed=0)
+    msg = str(ei.value)
+    assert "truncation" in msg and "float64" in msg and "particles" not in msg
+    assert ei.value.last_good is not None
