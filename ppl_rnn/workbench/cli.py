@@ -110,6 +110,13 @@ def _add_model_args(p):
                         "from; see ElmanSSM) (default: gaussian)")
 
 
+def _add_yardstick_args(p, defaults: bool = True):
+    p.add_argument("--se-tol", type=float, default=0.01 if defaults else None,
+                   help="target Monte Carlo standard error of the held-out log-evidence per step, nats (default: 0.01)")
+    p.add_argument("--max-particles", type=int, default=32000 if defaults else None,
+                   help="cap of the yardstick's particles per run (default: 32000)")
+
+
 def _add_out(p, cmd):
     p.add_argument("--out", default=None, help=f"run directory (default: runs/{cmd}-<timestamp>)")
 
@@ -169,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="seed of the fit (default: 0)")
         p.add_argument("--num-particles", type=int, default=500,
                        help="particles per run in the yardstick filter's first round (raised until its standard "
-                            "error is below 0.01 nats/step; default: 500)")
+                            "error is below --se-tol; default: 500)")
+        _add_yardstick_args(p)
         p.add_argument("--horizon" if name == "forecast" else "--horizons", type=int if name == "forecast" else _ints,
                        default=15 if name == "forecast" else [1, 10],
                        help="forecast steps (default: 15)" if name == "forecast" else "forecast leads (default: 1,10)")
@@ -187,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "a TOML config (command-line flags override it):\n"
                               "  [data]\n  name = \"unkelbach-synthetic\"\n  train_steps = 1000\n"
                               "  [model]\n  hidden = 4\n"
-                              "  [compare]\n  seeds = [0, 1]\n  horizons = [1, 5, 10]\n  num_particles = 500\n"
+                              "  [compare]\n  seeds = [0, 1]\n  horizons = [1, 5, 10]\n  num_particles = 500\n  se_tol = 0.01\n"
                               "  [methods.MCEM]\n  type = \"mcem\"\n  num_iterations = 10\n"
                               "  [methods.\"AR(5)\"]\n  type = \"linear_ar\"\n  order = 5\n\n" + _methods_help())
     p.add_argument("--config", type=Path, default=None, help="TOML file describing the comparison")
@@ -200,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--horizons", type=_ints, default=None, help="forecast leads (default: 1,10)")
     p.add_argument("--num-particles", type=int, default=None,
                    help="particles per run in the yardstick filter's first round (default: 500)")
+    _add_yardstick_args(p, defaults=False)
     p.add_argument("--executor", choices=("local", "dask"), default=None, help="local (default) or dask")
     p.add_argument("--address", default=None, help="dask scheduler address, e.g. tcp://host:8786")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster workers for --executor dask (default: 2)")
@@ -346,7 +355,8 @@ def _fit_and_score(args, out):
     f = fit(model, tr, method=method, seed=args.seed)
     horizons = [args.horizon] if hasattr(args, "horizon") else args.horizons
     horizons = sorted({1, *horizons})
-    ev = evaluate(f.model, tr, te, horizons=horizons, num_particles=args.num_particles, seed=args.seed)
+    ev = evaluate(f.model, tr, te, horizons=horizons, num_particles=args.num_particles, se_tol=args.se_tol,
+                  max_particles=args.max_particles, seed=args.seed)
     ev.to_netcdf(out / "evaluation.nc", engine="h5netcdf")
     torch.save(f.model, out / "model.pt")
     if f.trace is not None:
@@ -487,6 +497,8 @@ def cmd_compare(args) -> None:
     seeds = args.seeds or cmp_c.get("seeds", [0])
     horizons = args.horizons or cmp_c.get("horizons", [1, 10])
     num_particles = args.num_particles or cmp_c.get("num_particles", 500)
+    se_tol = args.se_tol if args.se_tol is not None else cmp_c.get("se_tol", 0.01)
+    max_particles = args.max_particles or cmp_c.get("max_particles", 32000)
     executor = args.executor or cmp_c.get("executor", "local")
     address = args.address or cmp_c.get("address")
     out = _out_dir(args, "compare")
@@ -495,6 +507,7 @@ def cmd_compare(args) -> None:
     _print(f"comparing {len(methods)} methods x {len(seeds)} seeds on {data}: train {tuple(tr.shape)}, "
            f"test {tuple(te.shape)}; cells in {out}/cells")
     ds = compare(model, tr, te, methods=methods, seeds=seeds, horizons=horizons, num_particles=num_particles,
+                 se_tol=se_tol, max_particles=max_particles,
                  executor=None if executor == "local" else executor, address=address,
                  n_workers=args.workers, out=out, progress=True)
     plots.plot_comparison(ds, reference=tuple(reference), path=out / "comparison.png")
@@ -526,7 +539,8 @@ def main(argv=None) -> int:
     """Entry point of ``ppl-rnn``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for k in ("steps", "sequences", "hidden", "workers", "num_particles", "horizon", "max_steps", "train_steps"):
+    for k in ("steps", "sequences", "hidden", "workers", "num_particles", "horizon", "max_steps", "train_steps",
+              "max_particles"):
         v = getattr(args, k, None)
         if v is not None and (not isinstance(v, int) or v < 1):
             _die(f"--{k.replace('_', '-')} must be a positive integer; found {v!r}")

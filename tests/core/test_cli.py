@@ -36,6 +36,7 @@ def test_help_teaches(capsys):
     ["fit", "--method", "linear_ar", "--set", "bogus=1", "--max-steps", "300"],
     ["fit", "--method", "ekf-em", "--max-steps", "300"],  # one spelling: ekf_em
     ["fit", "--method", "kalman_filter", "--max-steps", "300"],  # a filter, not a training method
+    ["fit", "--method", "linear_ar", "--se-tol", "-1", "--max-steps", "300"],
     ["frobnicate"],
 ])
 def test_bad_arguments_one_line_exit_2(argv, capsys, tmp_path):
