@@ -76,3 +76,23 @@ def test_traces_ess_and_comparison(setup, tmp_path):
     dots = ax1.lines[0]
     np.testing.assert_allclose(sorted(dots.get_xdata()), [-0.6, -0.5])
     assert torch.is_tensor(sim.states)
+
+
+def test_comparison_draws_se_bars_and_several_models(tmp_path):
+    from matplotlib.container import ErrorbarContainer
+
+    v = np.array([[[-0.5, -0.6], [-0.9, -0.8]], [[-0.4, -0.45], [-1.0, -1.1]]])  # (model, method, seed)
+    ds = xr.Dataset(
+        {"heldout_logev_per_step": (("model", "method", "seed"), v),
+         "heldout_logev_per_step_se": (("model", "method", "seed"), np.full_like(v, 0.01)),
+         "crps": (("model", "method", "seed", "horizon"), np.full(v.shape + (1,), 0.3)),
+         "error": (("model", "method", "seed"), np.full(v.shape, "", dtype=object).astype(str))},
+        coords={"model": ["elman", "gru"], "method": ["MCEM", "AR"], "seed": [0, 1], "horizon": [1]})
+    fig = plots.plot_comparison(ds, reference=("AR",), path=tmp_path / "c.png")
+    _png(tmp_path / "c.png")
+    ax1 = fig.axes[0]
+    assert [t.get_text() for t in ax1.get_yticklabels()] == ["elman / MCEM", "elman / AR", "gru / MCEM", "gru / AR"]
+    bars = [c for c in ax1.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 4
+    seg = bars[0].lines[2][0].get_segments()  # horizontal bars: x from value - 2 SE to value + 2 SE
+    np.testing.assert_allclose(sorted(s[1, 0] - s[0, 0] for s in seg), [0.04, 0.04])
