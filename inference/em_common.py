@@ -56,7 +56,7 @@ import torch
 import xarray as xr
 
 from ppl_rnn.errors import ConfigurationError, DegenerateWeightsError, DivergenceError
-from ppl_rnn.method import check_positive_float, check_positive_int
+from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive_int
 from ppl_rnn.results import FitResult, params_snapshot
 from ppl_rnn.rng import seeded
 
@@ -294,3 +294,17 @@ class EMLoop:
         if not (s > 0):
             return not math.isfinite(s)
         return step.value < prev - self.reject_se * s
+
+
+class ClosedFormEM(InferenceMethod):
+    """Options shared by the deterministic EM trainers (KalmanEM, MeanFieldEM): ``num_iterations``, ``tol``
+    (the rule's relative tolerance; ``None``: the class's ``default_tol``), ``learn_initial``, ``progress``."""
+
+    default_tol = 1e-7
+
+    def __init__(self, *, num_iterations: int = 100, tol: float | None = None, learn_initial: bool = True,
+                 progress: bool = False):
+        self.num_iterations = check_positive_int(num_iterations, "num_iterations")
+        self.tol = check_positive_float(self.default_tol if tol is None else tol, "tol", allow_zero=True)
+        self.learn_initial = bool(learn_initial)
+        self.progress = bool(progress)

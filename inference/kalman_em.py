@@ -40,10 +40,9 @@ from __future__ import annotations
 import torch
 
 from ppl_rnn.capabilities import require
-from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive_int
 from ppl_rnn.model import LinearGaussianParams
 
-from .em_common import ConvergenceRule, EMLoop, EMStep
+from .em_common import ClosedFormEM, ConvergenceRule, EMLoop, EMStep
 from .kalman import KalmanSmoother, kalman_filter, rts_smoother
 
 
@@ -202,7 +201,7 @@ def kalman_em_step(model, data, *, learn_initial: bool = True):
 _ALT = "use MonteCarloEM (or EKFEM) for a nonlinear model"
 
 
-class KalmanEM(InferenceMethod):
+class KalmanEM(ClosedFormEM):
     """Exact EM (Kalman smoother E-step, closed-form M-step) for linear-Gaussian models; see module docstring.
 
     Args:
@@ -220,12 +219,7 @@ class KalmanEM(InferenceMethod):
 
     name = "kalman_em"
 
-    def __init__(self, *, num_iterations: int = 100, tol: float = 1e-7, learn_initial: bool = True,
-                 progress: bool = False):
-        self.num_iterations = check_positive_int(num_iterations, "num_iterations")
-        self.tol = check_positive_float(tol, "tol", allow_zero=True)
-        self.learn_initial = bool(learn_initial)
-        self.progress = bool(progress)
+    default_tol = 1e-7
 
     def _fit(self, model, data, seed):
         require(model, "linear_gaussian", needed_by="KalmanEM", alternative=_ALT)

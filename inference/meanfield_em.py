@@ -56,10 +56,9 @@ import torch
 from ppl_rnn.capabilities import require
 from ppl_rnn.errors import ModelCapabilityError
 from ppl_rnn.gaussian import kalman_update
-from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive_int
 from ppl_rnn.results import Posterior
 
-from .em_common import ConvergenceRule, EMLoop, EMStep
+from .em_common import ClosedFormEM, ConvergenceRule, EMLoop, EMStep
 from .kalman_em import emission_mstep_diag
 
 _ACT = {"tanh": (torch.tanh, torch.atanh), "identity": (lambda x: x, lambda x: x)}
@@ -147,7 +146,7 @@ def meanfield_mstep(model, data, z, S, *, clip: float = 1e-6, learn_initial: boo
     model.set_elman_form(dataclasses.replace(f, **new))
 
 
-class MeanFieldEM(InferenceMethod):
+class MeanFieldEM(ClosedFormEM):
     """Mean-field EM of Ma & Ji (1998) for :class:`~ppl_rnn.models.ElmanSSM` (module docstring: the
     approximation, the objective reported and when it fails).
 
@@ -166,12 +165,7 @@ class MeanFieldEM(InferenceMethod):
 
     name = "meanfield_em"
 
-    def __init__(self, *, num_iterations: int = 100, tol: float = 1e-6, learn_initial: bool = True,
-                 progress: bool = False):
-        self.num_iterations = check_positive_int(num_iterations, "num_iterations")
-        self.tol = check_positive_float(tol, "tol", allow_zero=True)
-        self.learn_initial = bool(learn_initial)
-        self.progress = bool(progress)
+    default_tol = 1e-6
 
     def _fit(self, model, data, seed):
         _check_model(model)
