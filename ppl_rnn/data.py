@@ -195,4 +195,7 @@ def prepare(model, observations, inputs=None, *, dtype: torch.dtype | None = Non
 def model_dtype(model) -> torch.dtype:
     for p in model.parameters():
         return p.dtype
+    for b in model.buffers():  # models with fixed parameters only (the AR reference models)
+        if b.is_floating_point():
+            return b.dtype
     return torch.get_default_dtype()

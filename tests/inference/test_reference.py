@@ -57,3 +57,17 @@ def test_aic_max_order_is_capped_for_short_series_and_options_are_checked():
         LinearAR(order="bic")
     with pytest.raises(ConfigurationError, match="max_order"):
         LinearAR(order="aic", max_order=0)
+
+
+def test_a_float64_reference_model_takes_float64_data_without_a_cast():
+    """The AR model has buffers only: its dtype comes from them (no float32 cast, no PrecisionWarning)."""
+    import warnings
+
+    from ppl_rnn.data import PrecisionWarning, model_dtype, prepare
+
+    y = _ar_series([0.5], 200, seed=3)
+    fit = pr.fit(ElmanSSM(2, 1).double(), y, method=LinearAR(order=2))
+    assert model_dtype(fit.model) == torch.float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)
+        assert prepare(fit.model, y).observations.dtype == torch.float64
