@@ -116,6 +116,7 @@ def test_cli_and_demo_do_not_import_each_other():
     assert "inspect" not in imports(cli)
 
 
+@pytest.mark.slow  # about 30 s: the whole demo pipeline at tiny settings
 def test_demo_quick_writes_report_with_winner_and_figures(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--workers", "1", "--no-respiration", "--out", str(out)]) == 0
