@@ -87,6 +87,13 @@ def gaussian_factor(d) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
     return None
 
 
+def _apply(C: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``C h`` for ``C (D,H)`` (one matrix product) or ``C (..., D, H)`` (batched) and ``h (..., H)``."""
+    if C.dim() == 2:
+        return h @ C.T
+    return (C @ h.unsqueeze(-1)).squeeze(-1)
+
+
 @dataclass
 class _Step:
     """What the draw needs from :meth:`FullyAdaptedProposal.predictive` (shapes in its docstring)."""
@@ -160,7 +167,7 @@ class FullyAdaptedProposal:
         y_off = torch.where(mask_t, y_t - off, 0.0)  # (B,D)
         Ct = C * mf.unsqueeze(-1)  # (B,D,H) observed rows only
         G = Ct * factor.unsqueeze(-2) if diagonal else Ct @ factor  # (...,B,D,H)
-        e = (y_off - (C @ mu.unsqueeze(-1)).squeeze(-1)) * mf  # (P,B,D)
+        e = (y_off - _apply(C, mu)) * mf  # (P,B,D)
         n_obs = mf.sum(-1)  # (B,)
         R = R.to(mu.dtype)
         if D == 1:
@@ -206,7 +213,7 @@ class FullyAdaptedProposal:
         hp = torch.add(mu, noise, out=out) if out is not None and mu.shape == shape else mu + noise  # h'
         v = torch.randn((num, B, D), dtype=mu.dtype, device=mu.device)
         v = v * step.R_chol[0, 0] if D == 1 else v @ step.R_chol.T
-        delta = (step.y_off - (step.C @ hp.unsqueeze(-1)).squeeze(-1) - v) * step.mf  # M (y - y')
+        delta = (step.y_off - _apply(step.C, hp) - v) * step.mf  # M (y - y')
         if D == 1:
             x = G[..., 0, :] * (delta / s.unsqueeze(-1))  # G^T S~^{-1} delta, (N,B,H)
         else:
