@@ -98,3 +98,33 @@ def test_mcem_from_linear_start_never_ends_below_it_breathing(float64):
         pytest.skip("the respiration data needs the 'data' extra")
     tr, te = d.split()
     _never_below_start(tr.values[0], torch.cat([tr.values, te.values], 1)[0], H=3, iters=5, N=200)
+
+
+class _Sabotaged(ElmanSSM):
+    """Its second M-step multiplies the observation noise by 30: the evidence falls by far more than 3 SE."""
+
+    calls = 0
+
+    def closed_form_mstep(self, *args, **kwargs):
+        out = super().closed_form_mstep(*args, **kwargs)
+        type(self).calls += 1
+        if type(self).calls == 2:
+            self.r = 30.0 * self.r.detach()
+        return out
+
+
+def test_mcem_rejects_a_falling_iteration_and_raises_particles(float64):
+    y = _sharp_series(60)
+    _Sabotaged.calls = 0
+    m = _Sabotaged(2, 1, activation="identity", seed=5)
+    r = pr.fit(m, y, method=MonteCarloEM(smoother=ParticleSmoother(100, 20), num_iterations=3, tol=0), seed=0)
+    tr = r.trace
+    rej = tr.rejected.values
+    assert rej.sum() == 1
+    i = int(np.argmax(rej))
+    np.testing.assert_allclose(tr.r.values[i], 30.0 * tr.r.values[i - 1], rtol=0.5)  # the sabotaged step...
+    np.testing.assert_allclose(tr.r.values[i + 1], tr.r.values[i - 1])  # ...undone: theta_k evaluated again
+    np.testing.assert_array_equal(tr.num_particles.values[i + 1:], 200)  # with twice the particles
+    assert (tr.log_evidence_se.values[rej == 0] > 0).all()
+    assert float(r.model.r.detach()) < 5 * tr.r.values[i - 1]
+    assert r.diagnostics["num_iterations"] == 3
