@@ -246,7 +246,7 @@ def test_history_and_smoother_on_sharp_model(float64):
     exact = sm.mean[0]
     yr = y.expand(8, -1, -1).clone()
     for backward in ("simulation", "mcmc", "marginal"):
-        post = pr.infer(model, yr, method=ParticleSmoother(512, 64, backward=backward), seed=1)
+        post = pr.infer(model, yr, method=ParticleSmoother(256, 64, backward=backward), seed=1)
         m = post.mean.detach()
         se = m.std(0) / math.sqrt(8) + 1e-4
         z = ((m.mean(0) - exact) / se).abs()
