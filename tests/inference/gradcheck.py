@@ -31,3 +31,14 @@ def central_difference(fn, params, direction, eps: float = 1e-5) -> float:
 def directional(grads, direction) -> float:
     """:math:`\\nabla f \\cdot v` (``None`` gradients count as 0)."""
     return float(sum((g * v).sum() for g, v in zip(grads, direction, strict=True) if g is not None))
+
+
+def assert_gradient_matches(value: torch.Tensor, reference, params, *, seeds=(0, 1, 2), rtol: float = 1e-6) -> None:
+    """The autograd gradient of the scalar ``value`` (built from ``params``) equals, along each random direction,
+    the central finite difference of ``reference()`` (the same function, or an independent computation of it)."""
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    for seed in seeds:
+        v = random_direction(params, seed)
+        fd = central_difference(reference, params, v)
+        g = directional(grads, v)
+        assert abs(g - fd) < rtol * (1 + abs(fd)), (seed, g, fd)
