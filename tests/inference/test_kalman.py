@@ -272,6 +272,17 @@ def test_huge_observations_raise_data_error_naming_scale_and_fix():
         assert torch.isfinite(post.log_evidence).all()
 
 
+def test_non_finite_model_raises_divergence_error_not_data_error():
+    """A non-finite log-likelihood whose cause is not the data's scale (here a NaN offset in the model) raises a
+    DivergenceError naming the sequence and step, not -inf/NaN and not a DataError about the data."""
+    m = ElmanSSM(2, 1, activation="identity", seed=0)
+    m.b = torch.tensor([float("nan"), 0.0])
+    y = torch.randn(8, 1, generator=torch.Generator().manual_seed(0))
+    for method in (KalmanFilter(), KalmanSmoother(), pr.inference.ExtendedKalmanFilter()):
+        with pytest.raises(pr.DivergenceError, match="sequence 0 at step 1.*not the cause"):
+            pr.infer(m, y, method=method)
+
+
 def test_float64_data_for_float32_model_warn_once(monkeypatch):
     """Data follow the model's dtype; float64 data for a float32 model say so once per process."""
     import ppl_rnn.data as data_mod
