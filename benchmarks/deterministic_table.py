@@ -30,7 +30,8 @@ from ppl_rnn.workbench.evaluate import evaluate
 
 
 def score(model, train, test, a):
-    ev = evaluate(model, train, test, horizons=(1, 10), num_particles=a.eval_particles, num_samples=200, seed=0)
+    ev = evaluate(model, train, test, horizons=(1, 10), num_particles=a.eval_particles,
+                  max_particles=a.eval_max_particles, num_replicates=a.eval_replicates, num_samples=200, seed=0)
     return {"heldout": float(ev.heldout_logev_per_step), "heldout_se": float(ev.heldout_logev_per_step_se),
             "crps1": float(ev.crps.sel(horizon=1)), "crps10": float(ev.crps.sel(horizon=10)),
             "rmse1": float(ev.rmse.sel(horizon=1)), "rmse10": float(ev.rmse.sel(horizon=10)),
@@ -50,14 +51,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     add_common_args(ap)
     ap.set_defaults(eval_particles=1000)
-    ap.add_argument("--bptt-steps", type=int, default=200)
+    ap.add_argument("--eval-max-particles", type=int, default=4000, help="evaluate's max_particles")
+    ap.add_argument("--eval-replicates", type=int, default=4, help="evaluate's num_replicates (the SE)")
+    ap.add_argument("--bptt-steps", type=int, default=150)
     ap.add_argument("--rtrl-epochs", type=int, default=3)
-    ap.add_argument("--generations", type=int, default=100, help="generations of each global search")
+    ap.add_argument("--generations", type=int, default=60, help="generations of each global search")
     ap.add_argument("--population", type=int, default=24, help="population of the genetic, annealing and swarm searches")
     ap.add_argument("--only", default=None, help="comma-separated subset: bptt,rtrl,cma,genetic,annealing,swarm")
     a = ap.parse_args(argv)
     if a.quick:
         a.bptt_steps, a.rtrl_epochs, a.generations, a.population, a.eval_particles = 5, 1, 3, 8, 200
+        a.eval_max_particles, a.eval_replicates = 200, 2
     torch.set_num_threads(a.threads)
     torch.set_default_dtype(torch.float64)
     ds = load("unkelbach-synthetic", seed=a.seed, dtype=torch.float64)

@@ -31,7 +31,7 @@ maximum-likelihood value given the rollout's residuals (the closed-form maximise
 **Cost** — the product :math:`(\partial f/\partial h)\,S_{t-1}` costs :math:`H^2P` multiply-adds per step and sequence
 (:math:`P\approx H^2` for a dense Elman network, i.e. :math:`O(H^4)`), and the sensitivities take :math:`BHP` floats;
 BPTT costs :math:`O(P)` per step but stores the :math:`T` states. :class:`RTRL` refuses a problem whose per-step
-cost :math:`B H^2 P` exceeds ``max_step_cost`` (default :math:`10^7`; a hidden size of about 50 for one sequence)
+cost :math:`B H^2 P` exceeds ``max_step_cost`` (default :math:`10^7`: a dense Elman network of up to about 55 hidden units, one sequence)
 with a :class:`~ppl_rnn.ConfigurationError` that names the cost.
 
 The fitted model gets the process noise and the initial spread of :class:`BPTT` (``noise_floor``, through

@@ -144,3 +144,17 @@ def test_roulette_selection_also_learns(float64):
     fit = pr.fit(_init(), _sine(), method=GlobalSearch(strategy="genetic", selection="roulette",
                                                        population_size=16, max_generations=40), seed=0)
     assert fit.diagnostics["best_mse"] < 0.5 * fit.diagnostics["initial_mse"]
+
+
+def test_scale_matrix_model_gets_the_residual_covariance(float64):
+    """LinearGaussianSSM (observation noise as a Cholesky factor): the fitted R is the residual covariance of the
+    noise-free rollout at the best weights."""
+    m = LinearGaussianSSM(2, 2, seed=3)
+    y = m.simulate(30, 2, seed=0).observations
+    fit = pr.fit(m, y, method=GlobalSearch(strategy="genetic", population_size=8, max_generations=10), seed=0)
+    assert fit.diagnostics["best_mse"] < fit.diagnostics["initial_mse"]
+    data = prepare(m, y)
+    fw = FlatWeights(fit.model, needed_by="test")
+    r = (fw.predictions(fw.vector(), data).detach() - data.observations).reshape(-1, 2)
+    L = fit.model.noise_scales()["obs"].detach()
+    torch.testing.assert_close(L @ L.T, r.T @ r / r.shape[0] + 1e-8 * torch.eye(2), rtol=1e-6, atol=1e-9)
