@@ -40,7 +40,7 @@ import torch
 
 from ppl_rnn.capabilities import require
 from ppl_rnn.errors import DataError, DivergenceError
-from ppl_rnn.gaussian import gaussian_sampler, kalman_update, matvec, symmetrize
+from ppl_rnn.gaussian import gaussian_sampler, kalman_update, matvec, smoother_gain, symmetrize
 from ppl_rnn.method import InferenceMethod
 from ppl_rnn.model import LinearGaussianParams
 from ppl_rnn.results import Posterior
@@ -125,12 +125,6 @@ class KalmanSmootherResult:
     gain: torch.Tensor
 
 
-def _gain(At, Pf, Pp):
-    r""":math:`J = P_f A^\top (P^-)^{-1}` (a solve with the Cholesky factor of :math:`P^-`)."""
-    Lp = torch.linalg.cholesky(Pp)
-    return torch.cholesky_solve((Pf @ At.transpose(-1, -2)).transpose(-1, -2), Lp).transpose(-1, -2)
-
-
 def rts_smoother(A: torch.Tensor, f: KalmanFilterResult) -> KalmanSmootherResult:
     """Rauch-Tung-Striebel smoother. ``A``: ``(H,H)`` or per-step ``(B,T,H,H)`` (the EKF's Jacobians,
     where ``A[:, t]`` maps ``h_{t-1}`` to ``h_t``)."""
@@ -145,7 +139,7 @@ def rts_smoother(A: torch.Tensor, f: KalmanFilterResult) -> KalmanSmootherResult
     with threads_for(step_work(B, H)):
         for t in range(T - 2, -1, -1):
             Pf, Pp = fPs[t], pPs[t + 1]
-            J = _gain(As[t + 1], Pf, Pp)
+            J = smoother_gain(As[t + 1], Pf, Pp)
             ms[t] = fms[t] + matvec(J, ms[t + 1] - pms[t + 1])
             Ps[t] = symmetrize(Pf + J @ (Ps[t + 1] - Pp) @ J.transpose(-1, -2))
             Js[t] = J
@@ -174,7 +168,7 @@ def ffbs_sample(A, f: KalmanFilterResult, num: int, jitter: float = 0.0) -> torc
         out[-1] = h
         for t in range(T - 2, -1, -1):
             Pf, Pp = fPs[t], pPs[t + 1]
-            J = _gain(As[t + 1], Pf, Pp)
+            J = smoother_gain(As[t + 1], Pf, Pp)
             mean = fms[t] + matvec(J, h - pms[t + 1])
             cov = Pf - J @ Pp @ J.transpose(-1, -2)
             h = draw(mean, cov + 1e-12 * eye)

@@ -45,6 +45,9 @@ observation (:math:`S` a scalar: no factorisation, an autograd graph of element-
 takes the scalar path where it applies and otherwise adds growing diagonal jitter to :math:`R` (with a
 warning) if :math:`S` does not factorise.
 
+**Smoothing.** :func:`smoother_gain`: the gain :math:`J` of the backward conditional :math:`h_t\mid h_{t+1}`
+(RTS smoother, forward-filter backward-sample, the EKF guide).
+
 **Sampling.** :func:`gaussian_sampler`: reparameterised draws :math:`m + L\varepsilon`, :math:`LL^\top=P`.
 """
 
@@ -320,6 +323,18 @@ def safe_update(m_pred, P_pred, y, mask, C, offset, R, *, t: int | None = None, 
     )
 
 
+def smoother_gain(A: torch.Tensor, P_filt: torch.Tensor, P_pred: torch.Tensor,
+                  chol_pred: torch.Tensor | None = None) -> torch.Tensor:
+    r"""The backward (RTS) gain :math:`J = P_tA^\top(P^-_{t+1})^{-1}` of :math:`h_{t+1} = Ah_t + \text{noise}`,
+    :math:`P^-_{t+1} = AP_tA^\top + Q`: conditioning the filtered :math:`h_t\sim N(m_t,P_t)` on :math:`h_{t+1}`,
+
+    .. math:: h_t\mid h_{t+1} \sim N\big(m_t + J(h_{t+1}-m^-_{t+1}),\ P_t - JP^-_{t+1}J^\top\big).
+
+    A solve with the Cholesky factor of :math:`P^-_{t+1}` (``chol_pred`` if the caller has it), batched."""
+    L = torch.linalg.cholesky(P_pred) if chol_pred is None else chol_pred
+    return torch.cholesky_solve((P_filt @ A.transpose(-1, -2)).transpose(-1, -2), L).transpose(-1, -2)
+
+
 # ---- sampling -----------------------------------------------------------------------------------------
 def gaussian_sampler(mean: torch.Tensor, cov: torch.Tensor) -> Callable[[int], torch.Tensor]:
     r"""``num -> (num, ...)`` reparameterised draws :math:`m + L\varepsilon` from :math:`N(m, P)`
@@ -340,5 +355,5 @@ def gaussian_sampler(mean: torch.Tensor, cov: torch.Tensor) -> Callable[[int], t
 __all__ = [
     "LOG_2PI", "NumericalJitterWarning", "symmetrize", "matvec", "matmul", "psd_cholesky", "jitter_scale",
     "ensure_pd", "cholesky_pd", "gaussian_moments", "linearize", "masked_observation", "kalman_update",
-    "scalar_update", "safe_update", "gaussian_sampler",
+    "scalar_update", "safe_update", "smoother_gain", "gaussian_sampler",
 ]

@@ -30,7 +30,7 @@ from pyro.distributions import TorchDistribution, constraints
 from pyro.nn import PyroParam
 
 from ppl_rnn.errors import ModelCapabilityError
-from ppl_rnn.gaussian import cholesky_pd, gaussian_moments, matvec
+from ppl_rnn.gaussian import cholesky_pd, gaussian_moments, matvec, smoother_gain
 from ppl_rnn.method import check_positive_float
 
 from ..ekf import extended_kalman_filter
@@ -87,7 +87,7 @@ class EKFGuide(StateGuide):
             return hs
         Pf, Pp, F = f.filt_cov[:, :-1], f.pred_cov[:, 1:], f.transition_jacobian[:, 1:]
         Lp = _chol(Pp, "EKF guide predicted covariance")
-        J = torch.cholesky_solve((Pf @ F.transpose(-1, -2)).transpose(-1, -2), Lp).transpose(-1, -2)
+        J = smoother_gain(F, Pf, Pp, Lp)
         c = f.filt_mean[:, :-1] - matvec(J, f.pred_mean[:, 1:])
         L = scale * _chol(Pf - J @ Pp @ J.transpose(-1, -2), "EKF guide conditional covariance")
         hld = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
