@@ -45,6 +45,7 @@ def _sharp_series(T=300, seed=0):
     return true.simulate(T, 1, seed=seed).observations[0]
 
 
+@pytest.mark.slow
 def test_linear_start_is_the_embedded_kalman_em_fit(float64):
     y = _sharp_series(200)
     m = ElmanSSM(2, 1, seed=3)
