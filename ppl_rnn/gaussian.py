@@ -166,9 +166,12 @@ def gaussian_moments(d, *, role: str = "distribution", model=None, method: str =
     if isinstance(d, (MultivariateNormal, LowRankMultivariateNormal)):
         return d.loc, d.covariance_matrix
     who = f"{type(model).__name__}.{role}()" if model is not None else role
+    found = type(d).__name__
+    if isinstance(d, Independent):
+        found = f"{type(d.base_dist).__name__}(...).to_event({d.reinterpreted_batch_ndims})"
     raise ModelCapabilityError(
         f"{method} needs Gaussian conditionals with a differentiable mean: every {role} must be "
-        f"Normal(loc, scale).to_event(1) or MultivariateNormal; {who} returned {type(d).__name__}"
+        f"Normal(loc, scale).to_event(1) or MultivariateNormal; {who} returned {found}"
         f"{'' if not hasattr(d, 'event_shape') else f' with event_shape {tuple(d.event_shape)}'}. "
         "Use ParticleFilter / ParticleSmoother (any distributions), or return a Gaussian from that method."
     )
