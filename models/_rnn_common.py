@@ -171,10 +171,12 @@ class GaussianRNNBase(StateSpaceModel):
 
     def _weight_names(self) -> tuple[str, ...]:
         noise = set(NOISE_ROLES.values())
-        return tuple(n for n in self._pyro_params if n not in noise)
+        return tuple(n for n, (c, _) in self._pyro_params.items() if n not in noise and c is constraints.real)
 
     def weights(self) -> torch.Tensor:
-        """Every trained parameter except the noise scales, flattened in declaration order (detached copy)."""
+        """Every unconstrained trained parameter except the noise scales, flattened in declaration order (detached
+        copy), so any real vector is a valid :meth:`set_weights` argument. Constrained network parameters (a CTRNN's
+        time constants, a Jordan context's self-connections) are left out."""
         return pack_params(self, self._weight_names())
 
     @torch.no_grad()

@@ -219,9 +219,6 @@ class LSTMSSM(GaussianRNNBase):
             self.q_c.copy_(v[self.units:])
         GaussianRNNBase.set_noise_scales(self, **scales)
 
-    def _weight_names(self) -> tuple[str, ...]:
-        return tuple(n for n in super()._weight_names() if n != "q_h")
-
     def __repr__(self) -> str:
         return (f"LSTMSSM(units={self.units}, obs_dim={self.obs_dim}, input_dim={self.input_dim}, "
                 f"noise_on={self.noise_on!r})")

@@ -131,6 +131,8 @@ def test_capabilities_agree_with_the_conditionals(name, float64):
         torch.testing.assert_close(m.weights(), w + 0.1)
         assert not torch.allclose(m.transition(3, h, u).mean, tr.mean) or not torch.allclose(
             m.emission(3, h, u).mean, em.mean)
+        m.set_weights(3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(1), dtype=w.dtype))
+        assert torch.isfinite(m.transition(3, h, u).mean).all()  # any real vector is a valid network
         m.set_weights(w)
         torch.testing.assert_close(m.transition(3, h, u).mean, tr.mean)
     if "perturb" in caps:
