@@ -387,8 +387,9 @@ def compare(model, train, test, *, methods: Mapping[str, InferenceMethod], seeds
         ds = per_model[0]
         ds.attrs.update(model=type(model).__name__, model_fingerprint=model_fps[""])
     else:
-        ds = xr.concat(per_model, dim="model", data_vars="different", coords="minimal", compat="equals",
-                       combine_attrs="drop_conflicts").assign_coords(model=list(models))
+        ds = xr.concat([d.drop_vars("y_test") for d in per_model], dim="model", data_vars="all", coords="minimal",
+                       compat="equals", combine_attrs="drop_conflicts").assign_coords(model=list(models))
+        ds["y_test"] = per_model[0]["y_test"]  # the data are the same for every model
         ds.attrs["evidence_method"] = ", ".join(sorted({e for d in per_model
                                                          for e in str(d.attrs["evidence_method"]).split(", ") if e}))
         ds.attrs["model_classes"] = ", ".join(f"{ml}={type(m).__name__}" for ml, m in models.items())

@@ -213,7 +213,9 @@ def test_several_models_grid_model_by_method_by_seed(problem, tmp_path):
     CountingFit.calls = 0
     ds = pr.compare(models, tr, te, methods=methods, seeds=[0, 1], horizons=[1, 2], num_samples=10, out=tmp_path,
                     progress=False)
-    assert ds.heldout_logev_per_step.dims == ("model", "method", "seed")
+    for v in ("heldout_logev_per_step", "crps", "own_evidence_kind", "onestep_log_lik"):  # equal or not across models
+        assert ds[v].dims[:2] == ("model", "method"), v
+    assert ds.y_test.dims == ("sequence", "time", "obs")
     assert list(ds.model.values) == ["linear", "tanh"] and CountingFit.calls == 4
     assert (ds.error == "").all() and np.isfinite(ds.heldout_logev_per_step).all()
     # the same method on different models differs; the AR reference ignores the initial model
