@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ppl_rnn.capabilities import capability
 from ppl_rnn.inference import BPTT, EKFEM, SVI, ParticleSmoother
 
 import ppl_rnn as pr
+from ppl_rnn.capabilities import capability
 from ppl_rnn.errors import ModelCapabilityError
 
 from .test_suite import SPECS, data
@@ -73,3 +73,14 @@ def test_bptt_where_the_noise_can_be_set(name):
     assert all(torch.isfinite(p).all() for p in fit.model.parameters())
     le = torch.as_tensor(fit.trace.log_evidence.values)
     assert torch.isfinite(le).all() and le[-1] > le[0]  # three Adam steps raise the deterministic likelihood
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_common_yardstick_scores_every_model(name):
+    """pr.evaluate (held-out log-evidence by a particle filter, forecast CRPS) takes every suite model."""
+    m = SPECS[name][0](0)
+    y = m.simulate(20, 2, seed=0).observations
+    ds = pr.evaluate(m, y[:, :14], y[:, 14:], horizons=(1, 2), num_particles=100, max_particles=100,
+                     num_replicates=2, se_tol=None, num_samples=10, seed=0)
+    assert torch.isfinite(torch.as_tensor(float(ds.heldout_logev_per_step)))
+    assert torch.isfinite(torch.as_tensor(ds.crps.values)).all()
