@@ -8,6 +8,31 @@ yardstick, :func:`ppl_rnn.workbench.evaluate.evaluate` (held-out log-evidence pe
 a particle filter at the fitted parameters, rolling-origin CRPS / RMSE on the 500 test steps). The data come from
 a network *with* process noise (q = 0.15), so the table shows what deterministic training costs there.
 
+Measured (noise seed 0, init seed 1, default budget, 2 shared cores, about 9 minutes; held-out log-evidence per
+test step with its SE, 4 filter replicates, at most 4000 particles each):
+
+| model / training method | held-out log-evidence (nats/step ± SE) | CRPS 1-step | CRPS 10-step | RMSE 10-step | 90% coverage 10-step | training MSE (noise-free one-step) | fit wall time (s) |
+|---|---|---|---|---|---|---|---|
+| true generating model | 0.021 ± 0.003 | 0.1346 | 0.2711 | 0.4816 | 0.88 | 0.6183 | - |
+| initial network (untrained) | -1.002 ± 0.030 | 0.1903 | 0.4141 | 0.6586 | 0.54 | 0.3103 | - |
+| BPTT, 150 Adam steps | -0.812 ± 0.000 | 0.3016 | 0.3049 | 0.5320 | 0.80 | 0.2606 | 226 |
+| RTRL (online), 3 passes | -0.778 ± 0.000 | 0.2999 | 0.3030 | 0.5337 | 0.88 | 0.2674 | 36 |
+| CMA-ES (cma), 60 generations | -0.775 ± 0.000 | 0.2990 | 0.3021 | 0.5321 | 0.87 | 0.2663 | 41 |
+| genetic algorithm, 60 generations x 24 | -0.775 ± 0.000 | 0.2990 | 0.3020 | 0.5320 | 0.88 | 0.2658 | 27 |
+| simulated annealing, 60 steps x 24 chains | -0.775 ± 0.000 | 0.2990 | 0.3021 | 0.5321 | 0.87 | 0.2662 | 26 |
+| particle swarm, 60 generations x 24 | -0.775 ± 0.000 | 0.2990 | 0.3021 | 0.5321 | 0.87 | 0.2660 | 32 |
+
+What it shows: under process noise the deterministic network is the wrong model, whatever trains it. All six
+methods lower the training error of the noise-free rollout (0.310 to 0.26-0.27; the true network run without
+noise scores 0.62, worse than a constant) and reach the same held-out score, about 0.8 nats/step below the true
+model. With the process noise at a 1e-4 floor the filter cannot correct the state from the observations, so the
+one-step forecast is a free run: its CRPS (0.30) equals the 10-step one and is worse than the untrained
+*stochastic* network's (0.19). The trained networks fit roughly the series' mean and explain the oscillation as
+observation noise (hence the good 90% coverage); the held-out gain over the untrained network comes from that
+calibrated noise. BPTT trails slightly because its observation noise is still being learned by Adam after 150
+steps (the others set it in closed form). The SE of about 1e-6 reflects the degenerate filter (every particle
+follows the same deterministic path), not a precise model.
+
     python benchmarks/deterministic_table.py            # prints the markdown table (minutes on one core)
     python benchmarks/deterministic_table.py --quick    # small settings (smoke test)
 """
