@@ -1,0 +1,62 @@
+"""The demo's breathing section (tiny settings) and its linear-special-case row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ppl_rnn.inference import KalmanEM
+from ppl_rnn.models import ElmanSSM
+
+import ppl_rnn as pr
+from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
+from ppl_rnn.workbench.demo import (
+    LINEAR_ROW,
+    NETWORK_ROW,
+    LinearSpecialCase,
+    breathing_methods,
+    linear_or_nonlinear,
+    run_demo,
+)
+
+
+def test_linear_special_case_fits_the_identity_network():
+    """KalmanEM through LinearSpecialCase on a tanh network = KalmanEM on the same weights with identity
+    activation (exact evidence identical), and the tanh model given is untouched."""
+    net = ElmanSSM(2, 1, seed=3).double()
+    y = net.simulate(120, seed=0).observations.double()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fit = pr.fit(net, y, method=LinearSpecialCase(KalmanEM(num_iterations=5, tol=0.0)), seed=0)
+    assert fit.model.activation == "identity" and fit.model.dtype == torch.float64
+    direct = ElmanSSM(2, 1, activation="identity").double()
+    direct.load_state_dict(net.state_dict())
+    ref = pr.fit(direct, y, method=KalmanEM(num_iterations=5, tol=0.0), seed=0)
+    torch.testing.assert_close(fit.trace["objective"].values, ref.trace["objective"].values)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ConfigurationError):
+        LinearSpecialCase("kalman_em")
+
+
+def test_linear_special_case_names_the_missing_capability():
+    from ppl_rnn.inference.reference import LinearAR
+
+    ar = pr.fit(ElmanSSM(2, 1).double(), torch.randn(1, 60, 1, dtype=torch.float64),
+                method=LinearAR(order=2)).model
+    with pytest.raises(ModelCapabilityError, match="linear_special_case"):
+        pr.fit(ar, torch.randn(1, 60, 1, dtype=torch.float64), method=LinearSpecialCase(KalmanEM()))
+
+
+def test_breathing_section_quick(tmp_path):
+    pytest.importorskip("biopeaks")
+    methods = breathing_methods(quick=True)
+    assert set(methods) == {"AR(p by AIC)", "persistence", LINEAR_ROW, NETWORK_ROW}
+    assert methods["AR(p by AIC)"].order == "aic" and methods[NETWORK_ROW].init == "linear"
+    res = run_demo(tmp_path, quick=True, workers=1, synthetic=False, echo=lambda *a: None)
+    ds = res["respiration"]
+    assert set(map(str, ds.method.values)) == set(methods)
+    assert not any(str(e) for e in ds.error.values.ravel()), ds.error.values
+    text = (tmp_path / "report.md").read_text()
+    assert "regular breathing" in text and "730-770 s" in text
+    assert "Linear or nonlinear?" in text and "AR(p by AIC)" in text
+    para = linear_or_nonlinear(ds, steps_label=lambda h: f"{h * 0.04:.2g} s")
+    assert para.startswith("**Linear or nonlinear?**") and ("linear model is enough" in para
+                                                            or "earns its keep" in para)
