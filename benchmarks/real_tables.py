@@ -1,0 +1,352 @@
+"""Real-data tables of issue 10: breathing-motion forecasting and the Santa Fe laser.
+
+    .venv/bin/python benchmarks/real_tables.py [--problem breathing|laser|all] [--seeds 0 1 2]
+        [--cache DIR] [--stage fit|score|table|all] [--quick]
+
+Every row is scored by the library's one yardstick, :func:`ppl_rnn.workbench.evaluate.evaluate` (exact Kalman
+for the linear rows; for the networks ``R = 8`` independent particle-filter runs with the library's default
+proposal, particles raised until the Monte Carlo SE of the held-out log-evidence is below 0.01 nats/step),
+on data preprocessed from the training part only (:mod:`ppl_rnn.workbench.datasets`).
+
+(a) **Breathing** (``respiration``, the regular window ``REGULAR_BREATHING_WINDOW`` = 730-910 s of the
+    recording, 25 Hz, robust-scaled on the training part): 120 s (3000 steps) of training, the next 60 s
+    (1500 steps) held out; leads 5/10/15 steps = 0.2/0.4/0.6 s. Rows: AR(p) with p by AIC on the training
+    part (``LinearAR(order="aic", max_order=30)``); KalmanEM's linear state-space model
+    (``ElmanSSM(6, activation="identity")``, exact EM, ``--kem-iterations``); the tanh network
+    (``ElmanSSM(6)``) trained by Monte Carlo EM from the **linear warm start**: the KalmanEM row's fit of the
+    same seed, embedded in tanh's linear regime (``embed_linear(..., gain=0.1)``, what
+    ``MonteCarloEM(init="linear")`` does, here reusing the KalmanEM row instead of fitting it twice).
+(b) **Santa Fe laser** (``santafe-laser``, standard-scaled on the training part): steps 0-999 train, 1000-1499
+    test; leads 1..10. Rows: AR(p by AIC); KalmanEM hidden 8; MCEM tanh networks hidden 8 and 16 from the
+    default random start (``ElmanSSM(H, seed=seed)``), at several iteration counts (checkpoints).
+
+Fits are run in chunks (KalmanEM 50 iterations, MCEM ``--chunk`` iterations, each chunk a fresh
+``pr.fit`` from the previous chunk's model with seed ``1000 * seed + iterations done``) and every chunk is
+saved under ``--cache``, so long runs can be resumed, stopped at any checkpoint and scored at several
+iteration counts. ``--stage fit`` only trains, ``score`` only scores what is cached, ``table`` prints.
+The tables measured for the README are in ``benchmarks/README.md`` (with the machine and settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from ppl_rnn.inference import KalmanEM, MonteCarloEM, ParticleSmoother
+from ppl_rnn.inference.reference import LinearAR
+from ppl_rnn.models import ElmanSSM
+
+import ppl_rnn as pr
+from ppl_rnn.capabilities import capability
+from ppl_rnn.workbench import datasets
+from ppl_rnn.workbench.evaluate import evaluate
+
+KEM_CHUNK = 50
+
+
+# ---------------------------------------------------------------------------------------------
+# problems
+
+
+def load_problem(name: str, quick: bool = False):
+    """``(train, test, horizons, lead_label)`` as float64 tensors ``(1, T, 1)``."""
+    if name == "breathing":
+        if quick:
+            rec = datasets.load("respiration", window=(730.0, 40.0), train_s=30.0, dtype=torch.float64)
+        else:
+            rec = datasets.load("respiration", window=datasets.REGULAR_BREATHING_WINDOW,
+                                train_s=datasets.REGULAR_BREATHING_TRAIN_S, dtype=torch.float64)
+        tr, te = rec.split()
+        return tr.values, te.values, (5, 10, 15), lambda k: f"{k * 0.04:.1f} s"
+    if name == "laser":
+        n_tr, n_te = (300, 100) if quick else (1000, 500)
+        rec = datasets.load("santafe-laser", scale="standard", train_steps=n_tr, dtype=torch.float64)
+        y = rec.values
+        return y[:, :n_tr], y[:, n_tr:n_tr + n_te], tuple(range(1, 11)), lambda k: f"{k}"
+    raise ValueError(name)
+
+
+def rows_for(problem: str, args) -> list[dict]:
+    """The rows of a problem: key, label, kind, hidden size, iteration checkpoints to score."""
+    if problem == "breathing":
+        H = args.breathing_hidden
+        return [
+            dict(key="ar", label="AR(p by AIC)", kind="ar"),
+            dict(key=f"kem_h{H}", label=f"KalmanEM linear SSM (h{H})", kind="kem", H=H, its=[args.kem_iterations]),
+            dict(key=f"mcem_h{H}", label=f"MCEM tanh (h{H}, linear start)", kind="mcem_linear", H=H,
+                 its=sorted(set(args.mcem_iterations)), base=f"kem_h{H}", base_it=args.kem_iterations),
+        ]
+    rows = [dict(key="ar", label="AR(p by AIC)", kind="ar"),
+            dict(key="kem_h8", label="KalmanEM linear SSM (h8)", kind="kem", H=8, its=[args.laser_kem_iterations])]
+    for H in args.laser_hidden:
+        rows.append(dict(key=f"mcem_h{H}", label=f"MCEM tanh (h{H}, random start)", kind="mcem", H=H,
+                         its=sorted(set(args.laser_iterations))))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# fitting with checkpoints
+
+
+def _path(cache: Path, problem: str, key: str, seed: int, it: int | None = None) -> Path:
+    return cache / problem / (f"{key}_s{seed}" + ("" if it is None else f"_it{it}") + ".pt")
+
+
+def _save(path: Path, model, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": model.state_dict(), "meta": meta}, path)
+
+
+def _load(path: Path):
+    d = torch.load(path, weights_only=False)
+    m = d["meta"]
+    model = ElmanSSM(m["H"], 1, activation=m["activation"]).double()
+    model.load_state_dict(d["state"])
+    return model, m
+
+
+def _latest(cache, problem, key, seed, upto):
+    best = None
+    for p in (cache / problem).glob(f"{key}_s{seed}_it*.pt"):
+        k = int(p.stem.rsplit("_it", 1)[1])
+        if k <= upto and (best is None or k > best[0]):
+            best = (k, p)
+    return best
+
+
+def default_proposal() -> str:
+    from ppl_rnn.inference.proposals import get_proposal
+
+    from ppl_rnn.errors import ConfigurationError
+
+    try:
+        get_proposal("auto")
+        return "auto"
+    except ConfigurationError:
+        return "ekf"
+
+
+def fit_row(problem, row, seed, y, args, log=print):
+    cache = Path(args.cache)
+    kind = row["kind"]
+    if kind == "ar":
+        return
+    target = max(row["its"])
+    have = _latest(cache, problem, row["key"], seed, target)
+    if have is not None and have[0] >= target:
+        return
+    if kind == "kem":
+        chunk = KEM_CHUNK
+        if have is None:
+            model, done = ElmanSSM(row["H"], 1, activation="identity", seed=seed).double(), 0
+        else:
+            done, model = have[0], _load(have[1])[0]
+        while done < target:
+            t0 = time.perf_counter()
+            n = min(chunk, target - done)
+            fit = pr.fit(model, y, method=KalmanEM(num_iterations=n, tol=0), seed=seed)
+            model, done = fit.model, done + n
+            _save(_path(cache, problem, row["key"], seed, done), model,
+                  dict(H=row["H"], activation="identity", iterations=done, method="KalmanEM"))
+            log(f"[{problem}] {row['label']} seed {seed}: {done} iterations ({time.perf_counter() - t0:.0f} s), "
+                f"exact log-evidence/step {float(fit.trace['objective'].values[-1]) / y.shape[1]:+.4f}")
+        return
+    # MCEM
+    prop = args.proposal or default_proposal()
+    if have is None:
+        if kind == "mcem_linear":
+            base = _path(cache, problem, row["base"], seed, row["base_it"])
+            if not base.exists():
+                raise SystemExit(f"{base} is missing: fit the KalmanEM row first (same --cache).")
+            lin, _ = _load(base)
+            model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed).double()
+            capability(model, "embed_linear")(capability(lin, "linear_gaussian")(), gain=0.1)
+        else:
+            model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed).double()
+        done = 0
+        _save(_path(cache, problem, row["key"], seed, 0), model,
+              dict(H=row["H"], activation="tanh", iterations=0, method="start", proposal=prop))
+    else:
+        done, model = have[0], _load(have[1])[0]
+    while done < target:
+        t0 = time.perf_counter()
+        n = min(args.chunk, target - done)
+        method = MonteCarloEM(num_iterations=n, tol=0.0, smoother=ParticleSmoother(
+            num_particles=args.num_particles, num_paths=100, backward="mcmc", proposal=prop))
+        fit = pr.fit(model, y, method=method, seed=1000 * seed + done)
+        model, done = fit.model, done + n
+        _save(_path(cache, problem, row["key"], seed, done), model,
+              dict(H=row["H"], activation="tanh", iterations=done, method="MonteCarloEM", proposal=prop,
+                   num_particles=args.num_particles, num_paths=100))
+        log(f"[{problem}] {row['label']} seed {seed}: {done} iterations ({time.perf_counter() - t0:.0f} s), "
+            f"r = {float(model.r.detach()[0]):.4g}")
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+def _score_model(model, tr, te, hs, args) -> dict:
+    t0 = time.perf_counter()
+    ev = evaluate(model, tr, te, horizons=hs, num_particles=args.eval_particles, max_particles=args.max_particles,
+                  num_replicates=8, se_tol=0.01, num_samples=args.samples, seed=0)
+    return {"logev": float(ev.heldout_logev_per_step), "se": float(ev.heldout_logev_per_step_se),
+            "se_ok": int(ev.se_ok), "min_ess": float(ev.min_ess),
+            "particles": int(ev.attrs.get("num_particles", 0)), "evidence": ev.attrs["evidence_method"],
+            "rmse": ev.rmse.values.tolist(), "crps": ev.crps.values.tolist(),
+            "cov90": ev.coverage_90.values.tolist(), "eval_s": time.perf_counter() - t0}
+
+
+def score_row(problem, row, seed, tr, te, hs, args, log=print) -> list[tuple[int | None, dict]]:
+    """Score every checkpoint of the row (cached in ``*.score.json``)."""
+    cache = Path(args.cache)
+    out = []
+    if row["kind"] == "ar":
+        sp = cache / problem / f"ar_s{seed}.score.json"
+        if sp.exists():
+            return [(None, json.loads(sp.read_text()))]
+        fit = pr.fit(ElmanSSM(1, 1).double(), tr, method=LinearAR(order="aic", max_order=30))
+        s = _score_model(fit.model, tr, te, hs, args)
+        s["order"] = int(fit.diagnostics["order"][0])
+        sp.parent.mkdir(parents=True, exist_ok=True)
+        sp.write_text(json.dumps(s))
+        return [(None, s)]
+    for it in row["its"]:
+        p = _path(cache, problem, row["key"], seed, it)
+        if not p.exists():
+            continue
+        sp = p.with_suffix(".score.json")
+        if sp.exists():
+            out.append((it, json.loads(sp.read_text())))
+            continue
+        model, meta = _load(p)
+        s = _score_model(model, tr, te, hs, args)
+        s.update({k: meta.get(k) for k in ("proposal", "num_particles")})
+        s["r"] = float(model.r.detach()[0])
+        sp.write_text(json.dumps(s))
+        log(f"[{problem}] scored {p.name}: {s['logev']:+.3f} ± {s['se']:.3f} ({s['eval_s']:.0f} s)")
+        out.append((it, s))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the tables
+
+
+def _fmt_logev(vals, ses):
+    m = float(np.mean(vals))
+    mc = math.sqrt(sum(s * s for s in ses)) / len(ses)
+    if len(vals) > 1:
+        spread = float(np.std(vals, ddof=1) / math.sqrt(len(vals)))
+        return f"{m:+.3f} ± {mc:.3f} (seeds ± {spread:.3f})"
+    return f"{m:+.3f} ± {mc:.3f}"
+
+
+def table(problem, rows, seeds, hs, lab, args) -> str:
+    tr, te, _, _ = load_problem(problem, args.quick)
+    res = {}  # (label, it) -> {seed: score}
+    for row in rows:
+        for s in seeds:
+            for it, sc in score_row(problem, row, s, tr, te, hs, args):
+                name = row["label"] + ("" if it is None or len(row["its"]) == 1 else f" @{it} it")
+                if row["kind"] == "ar":
+                    name = f"AR({sc['order']}) by AIC"
+                elif len(row["its"]) == 1:
+                    name += f" ({it} it)"
+                res.setdefault(name, {})[s] = sc
+    metric = "crps"
+    lines = [f"## {problem}: train {tr.shape[1]} steps, test {te.shape[1]} steps; seeds {list(seeds)}",
+             "held-out log-evidence per test step (mean over seeds ± Monte Carlo SE of that mean; seeds ± = "
+             "between-seed SE), " + ("CRPS and RMSE" if problem == "breathing" else "CRPS") + " per lead "
+             "(mean over seeds; lower is better)", ""]
+    head = "| method | seeds | log-ev/step | " + " | ".join(f"CRPS {lab(k)}" for k in hs)
+    if problem == "breathing":
+        head += " | " + " | ".join(f"RMSE {lab(k)}" for k in hs)
+    else:
+        head += " | RMSE 1 | RMSE 5 | RMSE 10"
+    lines += [head + " |", "|" + "---|" * (head.count("|") - 0)]
+    for name, by_seed in res.items():
+        sc = list(by_seed.values())
+        flag = "" if all(x["se_ok"] for x in sc) else " (SE above tol)"
+        cells = [name, ",".join(str(s) for s in by_seed), _fmt_logev([x["logev"] for x in sc], [x["se"] for x in sc])
+                 + flag]
+        crps = np.mean([x[metric] for x in sc], 0)
+        rmse = np.mean([x["rmse"] for x in sc], 0)
+        cells += [f"{v:.4f}" for v in crps]
+        idx = range(len(hs)) if problem == "breathing" else [0, 4, 9]
+        cells += [f"{rmse[i]:.4f}" for i in idx]
+        lines.append("| " + " | ".join(cells) + " |")
+    # margins: each network row minus the best linear row, paired by seed where both have it
+    lin = {n: v for n, v in res.items() if n.startswith(("AR(", "KalmanEM"))}
+    if lin:
+        best = max(lin, key=lambda n: np.mean([x["logev"] for x in lin[n].values()]))
+        lines += ["", f"Margins against the best linear row ({best}), log-ev/step, paired by seed where possible:"]
+        for name, by_seed in res.items():
+            if name in lin:
+                continue
+            d = []
+            for s, x in by_seed.items():
+                ref = lin[best].get(s) or next(iter(lin[best].values()))
+                d.append((x["logev"] - ref["logev"], math.hypot(x["se"], ref["se"]),
+                          np.array(x["crps"]) - np.array(ref["crps"])))
+            m = np.mean([a for a, _, _ in d])
+            mc = math.sqrt(sum(b * b for _, b, _ in d)) / len(d)
+            spread = np.std([a for a, _, _ in d], ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+            dc = np.mean([c for _, _, c in d], 0)
+            lines.append(f"- {name}: {m:+.3f} nats/step (MC SE {mc:.3f}, between seeds {spread:.3f}); CRPS "
+                         f"difference per lead {', '.join(f'{v:+.4f}' for v in dc)} "
+                         f"({'better' if (dc < 0).all() else 'not better'} at every lead)")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--problem", choices=["breathing", "laser", "all"], default="all")
+    p.add_argument("--stage", choices=["fit", "score", "table", "all"], default="all")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--laser-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--cache", default="/tmp/ppl_rnn_real_tables")
+    p.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
+    p.add_argument("--breathing-hidden", type=int, default=6)
+    p.add_argument("--kem-iterations", type=int, default=150)
+    p.add_argument("--mcem-iterations", type=int, nargs="+", default=[0, 10, 30])
+    p.add_argument("--laser-hidden", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--laser-iterations", type=int, nargs="+", default=[60, 120])
+    p.add_argument("--laser-kem-iterations", type=int, default=200)
+    p.add_argument("--chunk", type=int, default=5, help="MCEM iterations per saved checkpoint")
+    p.add_argument("--num-particles", type=int, default=500, help="particles of MCEM's E-step smoother")
+    p.add_argument("--proposal", default=None, help="E-step proposal (default: 'auto' where registered, else 'ekf')")
+    p.add_argument("--eval-particles", type=int, default=500)
+    p.add_argument("--max-particles", type=int, default=16000)
+    p.add_argument("--samples", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.kem_iterations, args.mcem_iterations, args.laser_kem_iterations = 4, [0, 2], 4
+        args.laser_iterations, args.laser_hidden, args.chunk = [2], [4], 2
+        args.num_particles, args.eval_particles, args.max_particles, args.samples = 100, 100, 200, 30
+    problems = ["breathing", "laser"] if args.problem == "all" else [args.problem]
+    for prob in problems:
+        tr, te, hs, lab = load_problem(prob, args.quick)
+        seeds = args.seeds if prob == "breathing" else args.laser_seeds
+        rows = rows_for(prob, args)
+        if args.stage in ("fit", "all"):
+            for s in seeds:
+                for row in rows:
+                    fit_row(prob, row, s, tr, args)
+        if args.stage in ("score", "all"):
+            for s in seeds:
+                for row in rows:
+                    score_row(prob, row, s, tr, te, hs, args)
+        if args.stage in ("table", "all", "score"):
+            print(table(prob, rows, seeds, hs, lab, args), flush=True)
+
+
+if __name__ == "__main__":
+    main()
