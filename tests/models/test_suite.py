@@ -168,7 +168,7 @@ def test_particle_filter_and_mcem_run(name):
     assert post.mean.shape == (B, T, m.hidden_dim)
     assert torch.isfinite(post.log_evidence).all() and torch.isfinite(post.mean).all()
     fit = pr.fit(m, sim.observations, inputs=u, seed=0,
-                 method=MonteCarloEM(num_iterations=2, smoother=ParticleSmoother(100, 10, backward="mcmc")))
+                 method=MonteCarloEM(num_iterations=2, smoother=ParticleSmoother(64, 8, backward="mcmc")))
     assert torch.isfinite(torch.as_tensor(fit.trace.log_evidence.values)).all()
     assert all(torch.isfinite(p).all() for p in fit.model.parameters())
     assert fit.model is not m
