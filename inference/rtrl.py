@@ -288,7 +288,7 @@ class _Sensitivities:
             return h, self._loss(0, h, th)
 
         (h, ell), (S, g) = vmap(lambda e: jvp(F0, (theta,), (e,)))(self.eye)
-        return h[0], S, ell[0], g
+        return h[0].contiguous(), S, ell[0], g
 
     def advance(self, t, h, S, theta):
         """``(h_t, S_t, l_t, g_t)`` from ``(h_{t-1}, S_{t-1})`` at weights ``theta``."""
@@ -299,7 +299,7 @@ class _Sensitivities:
             return h_new, self._loss(t, h_new, th)
 
         (h_new, ell), (S_new, g) = vmap(lambda s, e: jvp(F, (h, theta), (s, e)))(S, self.eye)
-        return h_new[0], S_new, ell[0], g
+        return h_new[0].contiguous(), S_new, ell[0], g
 
 
 def rtrl_gradient(model, data) -> tuple[torch.Tensor, torch.Tensor]:

@@ -158,3 +158,16 @@ def test_scale_matrix_model_gets_the_residual_covariance(float64):
     r = (fw.predictions(fw.vector(), data).detach() - data.observations).reshape(-1, 2)
     L = fit.model.noise_scales()["obs"].detach()
     torch.testing.assert_close(L @ L.T, r.T @ r / r.shape[0] + 1e-8 * torch.eye(2), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["jordan", "echo_state", "gru", "lstm", "ctrnn", "mtrnn", "second_order", "stacked"])
+def test_every_suite_model_with_a_weight_vector_is_searched_vectorised(float64, name):
+    from tests.inference.test_rtrl import _suite
+
+    m = _suite()[name]()
+    u = torch.randn(1, 15, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = m.simulate(15, 1, inputs=u, seed=0).observations
+    fit = pr.fit(m, y, inputs=u, method=GlobalSearch(strategy="swarm", population_size=6, max_generations=3),
+                 seed=0)
+    assert fit.diagnostics["vectorised"] and fit.diagnostics["best_mse"] <= fit.diagnostics["initial_mse"]
+    assert fit.model.noise_scales()["process"].detach().max() <= 1e-4 * (1 + 1e-9)

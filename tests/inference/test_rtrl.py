@@ -180,3 +180,42 @@ def test_options_are_validated():
                 {"max_step_cost": 0}):
         with pytest.raises(ConfigurationError):
             RTRL(**bad)
+
+
+def _suite():
+    from ppl_rnn.models import (
+        CTRNNSSM,
+        GRUSSM,
+        LSTMSSM,
+        EchoStateSSM,
+        JordanSSM,
+        MultipleTimescalesSSM,
+        SecondOrderSSM,
+        StackedSSM,
+    )
+
+    return {"jordan": lambda: JordanSSM(3, 2, 1, seed=1), "echo_state": lambda: EchoStateSSM(6, 2, 1, seed=1),
+            "gru": lambda: GRUSSM(3, 2, 1, seed=1), "lstm": lambda: LSTMSSM(2, 2, 1, seed=1),
+            "ctrnn": lambda: CTRNNSSM(3, 2, 1, dt=0.5, tau=[1.0, 2.0, 4.0], seed=1),
+            "mtrnn": lambda: MultipleTimescalesSSM(2, 2, 2, 1, seed=1),
+            "second_order": lambda: SecondOrderSSM(3, 2, 1, seed=1), "stacked": lambda: StackedSSM((3, 2), 2, 1, seed=1)}
+
+
+@pytest.mark.parametrize("name", ["jordan", "echo_state", "gru", "lstm", "ctrnn", "mtrnn", "second_order", "stacked"])
+def test_rtrl_gradient_equals_bptt_gradient_on_the_model_suite(float64, name):
+    """Nothing model-specific: every suite model that declares weights/set_weights gets BPTT's gradient."""
+    m = _suite()[name]()
+    u = torch.randn(2, 10, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = m.simulate(10, 2, inputs=u, seed=0).observations.clone()
+    y[1, 3, 0] = float("nan")
+    data = prepare(m, y, u)
+    _, g = rtrl_gradient(m, data)
+    expected, _ = _bptt_gradient(m, data)
+    torch.testing.assert_close(g, expected, rtol=1e-9, atol=1e-6)
+
+
+def test_a_suite_model_without_weights_gets_a_capability_error(float64):
+    from ppl_rnn.models import DeepMarkovSSM
+
+    with pytest.raises(ModelCapabilityError, match="weights"):
+        pr.fit(DeepMarkovSSM(2, 2, seed=1), torch.zeros(5, 2), method=RTRL(num_epochs=1))
