@@ -171,7 +171,8 @@ class GaussianRNNBase(StateSpaceModel):
 
     def _weight_names(self) -> tuple[str, ...]:
         noise = set(NOISE_ROLES.values())
-        return tuple(n for n, (c, _) in self._pyro_params.items() if n not in noise and c is constraints.real)
+        real = type(constraints.real)  # by type: model.copy() (a deepcopy) copies the constraint objects
+        return tuple(n for n, (c, _) in self._pyro_params.items() if n not in noise and type(c) is real)
 
     def weights(self) -> torch.Tensor:
         """Every unconstrained trained parameter except the noise scales, flattened in declaration order (detached
