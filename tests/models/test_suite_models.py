@@ -213,3 +213,11 @@ def test_everything_is_deterministic_in_seed():
         sa = a.simulate(5, seed=0).observations
         assert torch.equal(sa, b.simulate(5, seed=0).observations)
         assert not torch.equal(sa, c.simulate(5, seed=0).observations)
+
+
+def test_weights_survive_a_copy():
+    """model.copy() (a deepcopy, as every fit makes) keeps the same weight vector (constraint objects are copied)."""
+    for m in (CTRNNSSM(3, seed=1), JordanSSM(2, seed=1), EchoStateSSM(4, seed=1), LSTMSSM(2, seed=1)):
+        w = m.weights()
+        assert w.numel() > 0
+        torch.testing.assert_close(m.copy().weights(), w)
