@@ -69,9 +69,9 @@ from .resampling import multinomial
 from .smc import (
     ParticleFilter,
     ParticleFilterRecord,
-    _diag_normal,
-    _fast_context,
+    diag_normal,
     exp_clamp_bounds,
+    fast_context,
     take,
     weighted_draws,
 )
@@ -103,7 +103,7 @@ def _pair_log_f(model, t: int, h_prev: torch.Tensor, h_next: torch.Tensor, u_t, 
         diag = loc_scale(t, h_prev, u_t)
     else:
         tr = model.transition(t, h_prev, u_t)
-        diag = _diag_normal(tr)
+        diag = diag_normal(tr)
     if diag is not None:
         loc, scale = diag
         scale = scale.expand(N, B, H)
@@ -168,7 +168,7 @@ def backward_simulation(model, data: Data, record: ParticleFilterRecord, num_pat
     X, LW = record.particles, record.log_weights
     T, N, B, H = X.shape
     out = X.new_empty((P, B, T, H))
-    with _fast_context(model), threads_for(B * P * N):
+    with fast_context(model), threads_for(B * P * N):
         h = weighted_draws(X[-1], LW[-1], P)
         out[:, :, -1] = h
         ls = capability(model, "transition_loc_scale")
@@ -217,7 +217,7 @@ def backward_mcmc(model, data: Data, record: ParticleFilterRecord, num_paths: in
         z = (h_next - loc).div_(scale)
         return (z * z).sum(-1).mul_(-0.5) - scale.log().sum(-1)
 
-    with _fast_context(model), threads_for(P * B * H):
+    with fast_context(model), threads_for(P * B * H):
         idx = multinomial(LW[-1], P)  # (P,B) indices into X[T-1]
         h = _gather(X[-1], idx)
         out[:, :, -1] = h
@@ -278,7 +278,7 @@ def ffbsm(model, data: Data, record: ParticleFilterRecord,
     lws = [None] * T
     cross = [torch.zeros(B, H, H, dtype=X.dtype, device=X.device)] * T
     expect: dict[str, list] = {k: [None] * T for k in functions}
-    with _fast_context(model), threads_for(N * N * B):
+    with fast_context(model), threads_for(N * N * B):
         lws[-1] = LW[-1] - torch.logsumexp(LW[-1], 0)  # normalised, whatever the record holds
         for t in range(T - 2, -1, -1):
             u = input_at(data.inputs, t + 1)

@@ -55,7 +55,7 @@ class Proposal(Protocol):
                 u_t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
-def _draw(d, shape=()) -> torch.Tensor:
+def draw(d, shape=()) -> torch.Tensor:
     """A draw from ``d``: ``rsample`` where available (the same distribution, and for a Gaussian a fused
     ``loc + scale * eps``, about 3x faster than ``sample`` at small N); the filter runs under no_grad."""
     return d.rsample(shape) if d.has_rsample else d.sample(shape)
@@ -75,8 +75,8 @@ class BootstrapProposal:
             n = self.num_particles
             if n is None:
                 raise ConfigurationError("BootstrapProposal needs num_particles to draw h_0.")
-            return _draw(model.initial_batched(u_t, (y_t.shape[0],)), (n,)), None
-        return _draw(model.transition(t, h_prev, u_t)), None
+            return draw(model.initial_batched(u_t, (y_t.shape[0],)), (n,)), None
+        return draw(model.transition(t, h_prev, u_t)), None
 
     def setup(self, model, data, num_particles):
         self.num_particles = num_particles
@@ -131,4 +131,4 @@ def get_proposal(spec) -> Proposal:
     )
 
 
-__all__ = ["Proposal", "BootstrapProposal", "register_proposal", "get_proposal", "available_proposals"]
+__all__ = ["Proposal", "BootstrapProposal", "register_proposal", "get_proposal", "available_proposals", "draw"]

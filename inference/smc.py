@@ -59,7 +59,7 @@ from ppl_rnn.rng import seeded
 from ppl_rnn.scope import threads_for
 
 from .complete_data import cached_params
-from .proposals import BootstrapProposal, _draw, get_proposal
+from .proposals import BootstrapProposal, draw, get_proposal
 from .resampling import get_resampler, multinomial, systematic, systematic_from_weights
 
 _DTYPES = {None: None, "float32": torch.float32, "float64": torch.float64,
@@ -174,7 +174,7 @@ def _denormals_flushed_to_zero():
 
 
 @contextlib.contextmanager
-def _fast_context(model=None):
+def fast_context(model=None):
     """No autograd, no distribution argument validation, no cyclic GC, denormals flushed to zero and cached
     parameters inside the particle loops."""
     with torch.no_grad(), pyro.validation_enabled(False), _gc_paused(), _denormals_flushed_to_zero():
@@ -193,7 +193,7 @@ _INDEPENDENT_TYPES = frozenset({torch.distributions.Independent, pyro.distributi
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def _diag_normal(d):
+def diag_normal(d):
     """``(loc, scale)`` when ``d`` is exactly ``Independent(Normal, 1)`` (a diagonal Gaussian over the last
     dim, e.g. ``Normal(loc, scale).to_event(1)``; subclasses excluded), else None. ``loc`` and ``scale`` are
     broadcast to the full batch-and-event shape by ``Normal``."""
@@ -330,7 +330,7 @@ def run_particle_filter(
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="particle filter", leave=False)
-    with _fast_context(model), threads_for(N * B * H):
+    with fast_context(model), threads_for(N * B * H):
         for t in steps:
             u_t = input_at(u, t)
             y_t = y_steps[t]
@@ -363,9 +363,9 @@ def run_particle_filter(
                     g = tr_ls(t, h_prev, u_t)
                 else:
                     d = model.transition(t, h_prev, u_t)
-                    g = _diag_normal(d)
+                    g = diag_normal(d)
                 if g is None:
-                    h = _draw(d)
+                    h = draw(d)
                 else:
                     loc, scale = g
                     shape = loc.shape if loc.shape == slot.shape else torch.broadcast_shapes(loc.shape, scale.shape)
@@ -384,7 +384,7 @@ def run_particle_filter(
                 if em_ls is not None:
                     e = em_ls(t, h, u_t)
                 else:
-                    e = _diag_normal(model.emission(t, h, u_t)) if fast_obs else None
+                    e = diag_normal(model.emission(t, h, u_t)) if fast_obs else None
                 if e is None:
                     inc = model.observation_log_prob(t, h, y_t, None if step_full[t] else mask[:, t], u_t)
                     a = lw_prev + inc
@@ -485,7 +485,7 @@ def _run_adapted(model, data, N, prop, resample, resample_w, ess_threshold, keep
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="particle filter (adapted)", leave=False)
-    with _fast_context(model):
+    with fast_context(model):
         for t in steps:
             u_t = input_at(u, t)
             k = t - t0
@@ -644,4 +644,5 @@ class ParticleFilter(InferenceMethod):
         )
 
 
-__all__ = ["ParticleFilter", "ParticleFilterRecord", "run_particle_filter", "weighted_draws", "take"]
+__all__ = ["ParticleFilter", "ParticleFilterRecord", "run_particle_filter", "weighted_draws", "take", "diag_normal",
+           "fast_context", "exp_clamp_bounds"]
