@@ -40,7 +40,7 @@ from .data import model_dtype, validate_inputs, validate_observations
 from .errors import ConfigurationError, DataError
 from .masking import PartiallyObserved, masked_log_prob
 from .rng import seeded
-from .scope import library_scope, local_param_ready
+from .scope import local_param_ready
 
 
 @dataclass(frozen=True)
@@ -165,11 +165,12 @@ class StateSpaceModel(PyroModule):
         self.input_dim = input_dim
 
     def __call__(self, *args, **kwargs):
-        """Run the Pyro program with this model's parameters kept on the module (Pyro's
-        ``module_local_params`` inside :func:`ppl_rnn.scope.library_scope`), whatever the global setting."""
-        with library_scope():
-            local_param_ready(self)
-            return super().__call__(*args, **kwargs)
+        """Run the Pyro program. Pyro's ``module_local_params`` decides where parameters live: the library's
+        own calls (verbs, evaluate, compare) switch it on for their duration (:mod:`ppl_rnn.scope`); a user's
+        own Pyro code (``pyro.infer.SVI`` with an ``AutoNormal`` guide, ``Predictive``) runs under the user's
+        setting, as for any ``PyroModule``."""
+        local_param_ready(self)
+        return super().__call__(*args, **kwargs)
 
     # ---- the three conditionals ------------------------------------------------------------
     def initial(self, u0: torch.Tensor | None) -> dist.Distribution:  # pragma: no cover - abstract

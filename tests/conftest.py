@@ -1,3 +1,4 @@
+import pyro
 import pytest
 import torch
 
@@ -13,3 +14,11 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_param_store():
+    """Each test starts with an empty Pyro param store (a test that uses Pyro's global store on purpose must
+    not leak parameters into the next one)."""
+    pyro.clear_param_store()
+    yield

@@ -180,48 +180,25 @@ def test_import_is_light_and_changes_no_global_setting():
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
-def test_models_keep_parameters_local_under_a_global_pyro_setting(float64):
-    """Two models with equal parameter names stay independent when Pyro's global param store is in use."""
+@pytest.mark.parametrize("local", [False, True], ids=["global-store", "module-local"])
+def test_users_own_pyro_svi_works_under_either_setting_and_library_calls_stay_local(float64, local):
+    """A user's ``pyro.infer.SVI`` with ``AutoNormal`` on a suite model runs under the user's own Pyro setting;
+    the library's calls (here ``pr.fit`` with SVI) put nothing in the global param store either way."""
     import pyro
-    from pyro import poutine
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro.infer.autoguide import AutoNormal
+    from pyro.optim import Adam
 
     pyro.clear_param_store()
-    a, b = ElmanSSM(2, 1, seed=0), ElmanSSM(2, 1, seed=1)
-    y = a.simulate(5, seed=0).observations
-    with pyro.settings.context(module_local_params=False):
-        ta = poutine.trace(a).get_trace(y)
-        tb = poutine.trace(b).get_trace(y)
-    assert len(pyro.get_param_store()) == 0
-    assert not torch.allclose(ta.nodes["W"]["value"], tb.nodes["W"]["value"])
-
-
-@pytest.mark.parametrize("model", [ElmanSSM(3, 2, 1, seed=0), LinearGaussianSSM(2, 2, 1)], ids=["elman", "lg"])
-def test_weights_round_trip_and_noise_scales(model):
-    v = model.weights()
-    m = model.copy()
-    m.set_weights(v + 1.0)
-    torch.testing.assert_close(m.weights(), v + 1.0)
-    assert not torch.equal(m.weights(), model.weights())
-    with pytest.raises(ConfigurationError, match="entries"):
-        m.set_weights(v[:-1])
-    scales = model.noise_scales()
-    assert set(scales) == {"initial", "process", "obs"}
-    m.set_noise_scales(process=2.0 * scales["process"])
-    torch.testing.assert_close(m.noise_scales()["process"], 2.0 * scales["process"])
-    torch.testing.assert_close(m.noise_scales()["obs"], scales["obs"])
-
-
-def test_embed_linear_behaves_like_the_linear_model_in_tanhs_linear_regime(float64):
-    """The embedded tanh network's exact-limit: with a small gain its particle-filter log-evidence matches the
-    linear model's exact Kalman log-evidence (the embedding of the linear warm start)."""
-    lin = ElmanSSM(2, 1, activation="identity", process_noise=0.2, obs_noise=0.3, weight_scale=0.5, seed=4)
-    assert float(torch.linalg.eigvals(lin.W.detach()).abs().max()) < 1  # stationary: the regime stays linear
-    y = lin.simulate(80, 2, seed=1).observations
-    exact = pr.infer(lin, y, method=pr.inference.KalmanFilter()).log_evidence
-    net = ElmanSSM(2, 1, seed=9)
-    net.embed_linear(lin.linear_gaussian(), gain=0.01)
-    est = pr.infer(net, y, method=ParticleFilter(4000), seed=0).log_evidence
-    assert (est - exact).abs().max() < 0.5, (est, exact)
-    assert capability(net, "linear_gaussian") is None
-    spec = net.linear_special_case()
-    assert capability(spec, "linear_gaussian") is not None and spec.hidden_dim == 2
+    with pyro.settings.context(module_local_params=local):
+        a, b = ElmanSSM(2, 1, seed=0), ElmanSSM(2, 1, seed=1)
+        y = a.simulate(20, seed=0).observations
+        svi = SVI(a, AutoNormal(a), Adam({"lr": 0.02}), Trace_ELBO())
+        losses = [svi.step(y) for _ in range(30)]
+        assert losses[-1] < losses[0]
+        n_store = len(pyro.get_param_store())
+        assert (n_store == 0) == local
+        pr.fit(b, y, method=pr.inference.SVI(guide="mean_field", num_steps=3), seed=0)
+        assert len(pyro.get_param_store()) == n_store
+        assert pyro.settings.get("module_local_params") == local
+    pyro.clear_param_store()

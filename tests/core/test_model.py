@@ -127,11 +127,16 @@ def test_copy_is_independent():
 
 
 def test_param_store_untouched(float64):
+    """Under module-local parameters (what the library's own calls switch on) tracing a model leaves Pyro's
+    global param store empty; the caller's setting is restored."""
     pyro.clear_param_store()
     model = ElmanSSM(2, 1, seed=0)
     y = model.simulate(5, seed=0).observations
-    poutine.trace(model).get_trace(y)
+    before = pyro.settings.get("module_local_params")
+    with pyro.settings.context(module_local_params=True):
+        poutine.trace(model).get_trace(y)
     assert len(pyro.get_param_store()) == 0
+    assert pyro.settings.get("module_local_params") == before
 
 
 def test_verbs_check_model_and_method():
