@@ -38,9 +38,11 @@ for the exponential-family blocks is exactly the averaging of sufficient statist
 each (the smoother's proposal, resampling and dtype), run as one batched filter on :math:`R` copies of the
 data (about the cost of one filter pass without history): with :math:`\mathrm{sd}_R` the standard deviation
 of their :math:`R` estimates, :math:`s_k = \mathrm{sd}_R\sqrt{(N/R)/N} = \mathrm{sd}_R/\sqrt R`, since the
-variance of :math:`\log\hat Z` falls like :math:`1/N`. With :math:`N/R` particles a filter is further from
-that regime, so :math:`s_k` errs on the large side (fewer rejections, later stops). An exact E-step
-(``KalmanSmoother``) has :math:`s_k = 0`.
+variance of :math:`\log\hat Z` falls like :math:`1/N`. Measured against the spread of 20 independent
+N = 400 filters (sharp simulated series of ``tests/inference/test_mcem_warm_start.py``, T = 300, the warm
+start): mean :math:`s_k` 1.06 nats against an empirical sd of 1.34 (fully adapted filter), 1450 against 2290
+(bootstrap filter, lost track): :math:`s_k` runs about 20-40 % low (four runs, Jensen bias of the smaller
+filters), which the 3-SE rejection threshold absorbs. An exact E-step (``KalmanSmoother``) has :math:`s_k = 0`.
 
 **Rejection.** An iteration whose estimate falls by more than ``reject_se`` (3) standard errors of the
 difference, :math:`\hat\ell_{k+1} < \hat\ell_k - 3\sqrt{s_k^2+s_{k+1}^2}`, or whose E-step degenerates, is
