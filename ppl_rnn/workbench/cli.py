@@ -1,16 +1,21 @@
-"""The ``ppl-rnn`` command line: simulate, fit, forecast, compare, demo.
+"""The ``ppl-rnn`` command line: simulate, fit, forecast, compare, demo, models.
 
 Every command writes a run directory (netCDF results, PNG figures, ``report.md``) and prints a readable
 table. Bad arguments give a one-line error and exit status 2. Ctrl-C stops cleanly: finished comparison
 cells stay in ``<out>/cells`` and a rerun of the same command resumes from them.
 
 The method names (``--method`` / ``--methods`` / ``type =`` in a TOML config) are the training and reference
-methods of the one registry, :mod:`ppl_rnn.inference.registry` (``ppl-rnn --help`` lists them).
+methods of the one registry, :mod:`ppl_rnn.inference.registry` (``ppl-rnn --help`` lists them). The model
+names (``--model`` / ``model = "..."`` in a TOML config) are those of :data:`ppl_rnn.models.MODELS`
+(``ppl-rnn models`` lists them, each with the first sentence of its class docstring); ``compare`` takes several
+(``--model elman,gru`` or ``--model elman --model gru``) and then compares model x method x seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,7 +23,7 @@ from pathlib import Path
 from ppl_rnn.errors import ConfigurationError, PplRnnError
 from ppl_rnn.inference.registry import describe, is_reference, make_method, method_names
 
-__all__ = ["main", "build_parser", "CLI_KINDS"]
+__all__ = ["main", "build_parser", "CLI_KINDS", "make_model", "model_names", "describe_models"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -36,6 +41,135 @@ def _make(name: str, *, progress: bool = False, **options):
         raise ConfigurationError(f"{name!r} is a filter/smoother, not a training method; choose one of: "
                                  f"{', '.join(method_names(CLI_KINDS))}.")
     return make_method(name, progress=progress, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# model names: ppl_rnn.models.MODELS (name -> class); how the CLI's model options map onto each class
+
+#: per model: what ``--hidden N`` sets, and its default N (the state dimension follows from it)
+MODEL_SIZES = {
+    "elman": ("hidden units", 4),
+    "jordan": ("hidden units (plus one context unit per observed dimension)", 4),
+    "echo_state": ("reservoir units", 20),
+    "gru": ("hidden units", 4),
+    "lstm": ("units (state (h, c): 2N)", 2),
+    "ctrnn": ("neurons", 4),
+    "mtrnn": ("neurons, max(1, N//3) of them slow (N >= 2)", 6),
+    "second_order": ("hidden units", 4),
+    "stacked": ("bottom-layer units, a second layer of max(1, N//2)", 4),
+    "deep_markov": ("latent dimensions", 4),
+    "linear_gaussian": ("state dimensions", 2),
+}
+_ALL = frozenset(MODEL_SIZES)
+#: the CLI's model options beyond --hidden / --model-seed, and the models that take each
+MODEL_OPTIONS = {
+    "activation": frozenset({"elman", "jordan", "second_order", "stacked"}),
+    "weight_init": frozenset({"elman"}),
+    "layers": frozenset({"stacked"}),
+    "emission": frozenset({"deep_markov"}),
+    "process_noise": _ALL - {"deep_markov"},
+    "obs_noise": _ALL,
+    "weight_scale": frozenset({"elman", "jordan", "gru", "lstm", "ctrnn", "mtrnn", "second_order",
+                               "stacked"}),  # ppl-rnn simulate's --weight-scale
+}
+#: the [model] keys of a TOML config
+MODEL_KEYS = ("name", "hidden", "model_seed", *MODEL_OPTIONS)
+#: defaults that differ from the class's own: the Elman network keeps the CLI's long-standing start
+_CLI_DEFAULTS = {"elman": {"process_noise": 0.3, "obs_noise": 0.3}}
+
+
+def _registry():
+    from ppl_rnn.models import MODELS
+
+    return MODELS
+
+
+def model_names(text) -> list[str]:
+    """Model names from ``"gru"``, ``"elman,gru"`` or a list of such; an unknown name is a
+    :class:`ConfigurationError` saying ``Did you mean ...?`` and listing the choices."""
+    items = [text] if isinstance(text, str) else list(text or [])
+    names = [n.strip() for t in items for n in str(t).split(",") if n.strip()]
+    known = list(_registry())
+    for n in names:
+        if n not in known:
+            close = difflib.get_close_matches(n.lower().replace("-", "_"), known, n=1, cutoff=0.5)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigurationError(f"unknown model {n!r}.{hint} Choose one of: {', '.join(known)} "
+                                     "(ppl-rnn models lists them).")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigurationError(f"model {dup[0]!r} is named twice; name each model once.")
+    return names
+
+
+def _summary(cls) -> str:
+    """The first sentence of a class docstring, without its '(module docstring)' pointer."""
+    doc = " ".join((cls.__doc__ or cls.__name__).split())
+    first = re.split(r"(?<=\.)\s", doc, maxsplit=1)[0]
+    return re.sub(r"\s*\((see )?(the )?module docstring\)", "", first).rstrip(".")
+
+
+def describe_models() -> str:
+    """One line per model of the suite: name, class, first sentence of its docstring, what --hidden sets."""
+    reg = _registry()
+    w = max(map(len, reg)) + 2
+    lines = []
+    for name, cls in reg.items():
+        size, n = MODEL_SIZES.get(name, ("hidden dimensions", 4))
+        opts = [f"--{k.replace('_', '-')}" for k, takers in MODEL_OPTIONS.items() if name in takers
+                and k != "weight_scale"]
+        lines.append(f"  {name:<{w}}{cls.__name__}: {_summary(cls)}")
+        lines.append(f"  {'':<{w}}--hidden N = {size} (default {n}); also {', '.join(opts)}")
+    return "\n".join(lines)
+
+
+def make_model(name: str, options=None, obs_dim: int = 1, *, strict: bool = True):
+    """The model ``name`` of :data:`ppl_rnn.models.MODELS` with the CLI's model options (``hidden``,
+    ``model_seed`` and :data:`MODEL_OPTIONS`; a dict or an argparse namespace; ``None`` = the model's default).
+
+    ``strict``: an option the model does not take is an error (False: such options are ignored; ``compare``
+    with several models hands each shared option only to the models that take it)."""
+    names = model_names(name)
+    if len(names) != 1:
+        raise ConfigurationError(f"this command takes one model; found {', '.join(names) or 'none'} (compare takes "
+                                 "several).")
+    name = names[0]
+    g = {k: v for k, v in (options if isinstance(options, dict) else vars(options or argparse.Namespace())).items()
+         if v is not None}
+    for k in MODEL_OPTIONS:
+        if strict and k in g and name not in MODEL_OPTIONS[k]:
+            raise ConfigurationError(f"--{k.replace('_', '-')} does not apply to model {name!r}; it applies to: "
+                                     f"{', '.join(m for m in MODEL_SIZES if m in MODEL_OPTIONS[k])}.")
+    g = {**_CLI_DEFAULTS.get(name, {}), **g}
+    kw = {k: g[k] for k in MODEL_OPTIONS if k in g and name in MODEL_OPTIONS[k] and k != "layers"}
+    for k in ("process_noise", "obs_noise", "weight_scale"):
+        if k in kw:
+            kw[k] = float(kw[k])
+    if name == "elman" and "weight_scale" not in kw:
+        kw["weight_scale"] = 1.1 if kw.get("weight_init") == "rotation" else 0.9
+    seed = int(g.get("model_seed", 1))
+    n = int(g.get("hidden", MODEL_SIZES.get(name, ("", 4))[1]))
+    cls = _registry()[name]
+    if name == "mtrnn":
+        if n < 2:
+            raise ConfigurationError(f"--hidden for mtrnn is fast + slow neurons and must be >= 2; found {n}.")
+        return cls(n - max(1, n // 3), max(1, n // 3), obs_dim=obs_dim, seed=seed, **kw)
+    if name == "stacked":
+        layers = g.get("layers")
+        if strict and layers is not None and "hidden" in g:
+            raise ConfigurationError("give stacked either --hidden or --layers, not both.")
+        return cls(tuple(int(x) for x in (layers or (n, max(1, n // 2)))), obs_dim=obs_dim, seed=seed, **kw)
+    if name == "linear_gaussian":
+        import torch
+
+        eye = lambda k: torch.eye(k, dtype=torch.float64)  # noqa: E731
+        cov = {}
+        if "process_noise" in kw:
+            cov["Q"] = kw["process_noise"] ** 2 * eye(n)
+        if "obs_noise" in kw:
+            cov["R"] = kw["obs_noise"] ** 2 * eye(obs_dim)
+        return cls(n, obs_dim, seed=seed, **cov)
+    return cls(n, obs_dim=obs_dim, seed=seed, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,17 +231,33 @@ def _add_data_args(p):
                    help="training steps; the rest is the held-out test part (default: the data set's split, or 80%%)")
 
 
-def _add_model_args(p):
-    g = p.add_argument_group("model (a stochastic Elman network, ppl_rnn.models.ElmanSSM)")
-    g.add_argument("--hidden", type=int, default=4, help="hidden units (default: 4)")
-    g.add_argument("--activation", choices=("tanh", "identity"), default="tanh", help="default: tanh")
+def _add_model_args(p, several: bool = False):
+    g = p.add_argument_group("model (ppl_rnn.models; `ppl-rnn models` lists them; an option a model does not take is "
+                             "an error)")
+    if several:
+        g.add_argument("--model", action="append", default=None, metavar="NAME[,NAME...]",
+                       help="model name(s), repeatable or comma-separated; several models compare model x method x "
+                            "seed (default: elman)")
+    else:
+        g.add_argument("--model", default="elman", metavar="NAME",
+                       help="model name (default: %(default)s; see `ppl-rnn models`)")
+    g.add_argument("--hidden", type=int, default=None,
+                   help="the model's size: hidden units, reservoir units, ... (default per model; see `ppl-rnn models`)")
+    g.add_argument("--activation", choices=("tanh", "identity"), default=None,
+                   help="elman, jordan, second_order, stacked (default: tanh)")
     g.add_argument("--model-seed", type=int, default=1, help="seed of the random initial weights (default: 1)")
-    g.add_argument("--process-noise", type=float, default=0.3, help="initial process-noise scale q (default: 0.3)")
-    g.add_argument("--obs-noise", type=float, default=0.3, help="initial observation-noise scale r (default: 0.3)")
-    g.add_argument("--weight-init", choices=("gaussian", "rotation"), default="gaussian",
-                   help="random recurrent weights: gaussian (scale 0.9/sqrt(hidden)) or rotation (a random rotation "
-                        "near the identity, gain 1.1: slow oscillatory modes, what the synthetic benchmark trains "
-                        "from; see ElmanSSM) (default: gaussian)")
+    g.add_argument("--process-noise", type=float, default=None,
+                   help="initial process-noise scale q (default: 0.3 for elman, the model's own default otherwise)")
+    g.add_argument("--obs-noise", type=float, default=None,
+                   help="initial observation-noise scale r (default: 0.3 for elman, the model's own default otherwise)")
+    g.add_argument("--weight-init", choices=("gaussian", "rotation"), default=None,
+                   help="elman: random recurrent weights gaussian (scale 0.9/sqrt(hidden)) or rotation (a random "
+                        "rotation near the identity, gain 1.1: slow oscillatory modes, what the synthetic benchmark "
+                        "trains from; see ElmanSSM) (default: gaussian)")
+    g.add_argument("--layers", type=_ints, default=None, metavar="N1,N2,...",
+                   help="stacked: layer sizes, bottom first (default: --hidden N and N//2)")
+    g.add_argument("--emission", choices=("gaussian", "student_t", "bernoulli"), default=None,
+                   help="deep_markov: the emission family (default: gaussian)")
 
 
 def _add_yardstick_args(p, defaults: bool = True):
@@ -125,48 +275,59 @@ def _methods_help() -> str:
     return "method names (ppl_rnn.inference.registry):\n" + describe(CLI_KINDS)
 
 
+def _models_help() -> str:
+    return "model names (ppl_rnn.models.MODELS; details: ppl-rnn models): " + ", ".join(_registry())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ppl-rnn",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Stochastic recurrent networks as Pyro programs: simulate, fit, forecast and compare inference "
-                    "methods on one model with one yardstick (held-out log-evidence by a particle filter, forecast "
+                    "methods and models (architectures) with one yardstick (held-out log-evidence by a particle filter, forecast "
                     "CRPS and interval coverage).",
         epilog="examples:\n"
                "  ppl-rnn demo                                   # the full comparison (< 10 min on 2 cores)\n"
                "  ppl-rnn demo --quick                           # a 1-minute version\n"
                "  ppl-rnn simulate --hidden 4 --steps 500 --out runs/sim\n"
                "  ppl-rnn fit --data unkelbach-synthetic --method mcem --set num_iterations=10\n"
+               "  ppl-rnn fit --model gru --hidden 6 --method mcem --set num_iterations=10\n"
+               "  ppl-rnn models                                 # the model suite, one line each\n"
                "  ppl-rnn forecast --data respiration --max-steps 2000 --method ekf_em --horizon 15\n"
                "  ppl-rnn compare --methods mcem,svi_markov_gaussian,bptt,linear_ar --seeds 0,1 --horizons 1,10\n"
-               "  ppl-rnn compare --config comparison.toml --executor dask\n\n" + _methods_help() +
+               "  ppl-rnn compare --model elman,gru,echo_state --methods mcem,linear_ar --seeds 0,1\n"
+               "  ppl-rnn compare --config comparison.toml --executor dask\n\n" + _models_help() + "\n\n" +
+               _methods_help() +
                "\n\nEvery command writes a run directory with netCDF results, PNG figures and report.md.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("simulate", help="draw states and observations from a random Elman network",
+    p = sub.add_parser("simulate", help="draw states and observations from a random network of the suite",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Simulate a stochastic Elman network h_t = tanh(W h_{t-1} + b) + e_t, "
-                                   "y_t = C h_t + d + v_t with random weights.",
-                       epilog="example:\n  ppl-rnn simulate --hidden 4 --steps 500 --sequences 2 --seed 0 --out runs/sim")
+                       description="Simulate a model of the suite with random weights; by default a stochastic "
+                                   "Elman network h_t = tanh(W h_{t-1} + b) + e_t, y_t = C h_t + d + v_t.",
+                       epilog="examples:\n  ppl-rnn simulate --hidden 4 --steps 500 --sequences 2 --seed 0 --out runs/sim\n"
+                              "  ppl-rnn simulate --model lstm --steps 300\n\n" + _models_help())
     _add_model_args(p)
     p.add_argument("--steps", type=int, default=500, help="time steps (default: 500)")
     p.add_argument("--sequences", type=int, default=1, help="independent sequences (default: 1)")
     p.add_argument("--obs-dim", type=int, default=1, help="observed dimensions (default: 1)")
-    p.add_argument("--weight-scale", type=float, default=1.5, help="scale of the recurrent weights (default: 1.5)")
+    p.add_argument("--weight-scale", type=float, default=None,
+                   help="scale of the recurrent weights (default: 1.5 for elman, the model's own default otherwise)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     _add_out(p, "simulate")
 
     for name, hlp, extra in (
         ("fit", "train the model with one method and score it on the held-out part",
-         "  ppl-rnn fit --data unkelbach-synthetic --method svi_markov_gaussian --set num_steps=300 --set lr=0.02"),
+         "  ppl-rnn fit --data unkelbach-synthetic --method svi_markov_gaussian --set num_steps=300 --set lr=0.02\n"
+         "  ppl-rnn fit --model echo_state --hidden 30 --method mcem --set num_iterations=20"),
         ("forecast", "train, then forecast the steps after the training part with intervals",
          "  ppl-rnn forecast --data respiration --max-steps 2000 --method ekf_em --horizon 15"),
     ):
         p = sub.add_parser(name, help=hlp, description=hlp[0].upper() + hlp[1:] + ".",
                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog="example:\n" + extra + "\n\n" + _methods_help())
+                           epilog="example:\n" + extra + "\n\n" + _models_help() + "\n\n" + _methods_help())
         _add_data_args(p)
         _add_model_args(p)
         p.add_argument("--method", default="mcem", metavar="NAME",
@@ -185,22 +346,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="fit every method with every seed and score all with one yardstick",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Compare inference methods on one model: each method and seed fits a fresh copy; "
-                                   "each fit is scored by the same evaluator. Finished cells are saved at once; a "
+                       description="Compare inference methods on one model or several (--model elman,gru): each "
+                                   "model, method and seed fits a fresh copy; each fit is scored by the same "
+                                   "evaluator. Finished cells are saved at once; a "
                                    "rerun resumes.",
                        epilog="examples:\n"
                               "  ppl-rnn compare --methods mcem,meanfield_em,svi_markov_gaussian,ekf_em,bptt,linear_ar,"
                               "persistence\n"
+                              "  ppl-rnn compare --model elman,gru,lstm --hidden 4 --methods mcem,linear_ar\n"
                               "  ppl-rnn compare --config comparison.toml --executor dask\n\n"
                               "a TOML config (command-line flags override it):\n"
                               "  [data]\n  name = \"unkelbach-synthetic\"\n  train_steps = 1000\n"
-                              "  [model]\n  hidden = 4\n"
+                              "  [model]            # options shared by the models\n  name = [\"elman\", \"gru\"]"
+                              "   # or a top-level model = \"gru\" (without a [model] table)\n  hidden = 4\n"
+                              "  [models.\"GRU-8\"]   # optional: a labelled model with its own options\n"
+                              "  type = \"gru\"\n  hidden = 8\n"
                               "  [compare]\n  seeds = [0, 1]\n  horizons = [1, 5, 10]\n  num_particles = 500\n  se_tol = 0.01\n"
                               "  [methods.MCEM]\n  type = \"mcem\"\n  num_iterations = 10\n"
-                              "  [methods.\"AR(5)\"]\n  type = \"linear_ar\"\n  order = 5\n\n" + _methods_help())
+                              "  [methods.\"AR(5)\"]\n  type = \"linear_ar\"\n  order = 5\n\n" + _models_help()
+                              + "\n\n" + _methods_help())
     p.add_argument("--config", type=Path, default=None, help="TOML file describing the comparison")
     _add_data_args(p)
-    _add_model_args(p)
+    _add_model_args(p, several=True)
     p.add_argument("--methods", default=None,
                    help="comma-separated method names (default with no config: "
                         f"{','.join(DEFAULT_COMPARE)})")
@@ -227,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "processes (default: 2; 1 = in-process)")
     p.add_argument("--no-respiration", action="store_true", help="skip the breathing trace")
     _add_out(p, "demo")
+
+    sub.add_parser("models", help="list the model suite (name, class, one line from its docstring, --hidden)",
+                   description="The models --model accepts (ppl_rnn.models.MODELS), with the first sentence of each "
+                               "class's docstring and what --hidden sets.")
     return parser
 
 
@@ -280,17 +451,6 @@ def load_data(name_or_path: str, *, seed: int = 0, max_steps: int | None = None,
     return y[:, :ts], y[:, ts:], None
 
 
-def make_model(args_or_dict, obs_dim: int = 1):
-    from ppl_rnn.models import ElmanSSM
-
-    g = args_or_dict if isinstance(args_or_dict, dict) else vars(args_or_dict)
-    return ElmanSSM(int(g.get("hidden", 4)), obs_dim, activation=g.get("activation", "tanh"),
-                    process_noise=float(g.get("process_noise", 0.3)), obs_noise=float(g.get("obs_noise", 0.3)),
-                    weight_init=g.get("weight_init", "gaussian"),
-                    weight_scale=1.1 if g.get("weight_init", "gaussian") == "rotation" else 0.9,
-                    seed=int(g.get("model_seed", 1)))
-
-
 def _print(text: str) -> None:
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
@@ -304,20 +464,19 @@ def cmd_simulate(args) -> None:
     import numpy as np
     import xarray as xr
 
-    from ppl_rnn.models import ElmanSSM
-
     from . import plots
     from .report import write_report
 
+    opts = vars(args).copy()
+    if args.model == "elman" and args.weight_scale is None:
+        opts["weight_scale"] = 1.5  # the long-standing simulate default: lively dynamics
+    m = make_model(args.model, opts, args.obs_dim)
     out = _out_dir(args, "simulate")
-    m = ElmanSSM(args.hidden, args.obs_dim, activation=args.activation, process_noise=args.process_noise,
-                 obs_noise=args.obs_noise, weight_scale=args.weight_scale, weight_init=args.weight_init,
-                 seed=args.model_seed)
     sim = m.simulate(args.steps, args.sequences, seed=args.seed)
     y, h = sim.observations.double().numpy(), sim.states.double().numpy()
     ds = xr.Dataset({"observations": (("sequence", "time", "obs"), y), "states": (("sequence", "time", "hidden"), h)},
-                    attrs={"model": repr(m.__class__.__name__), "seed": args.seed, "hidden": args.hidden,
-                           "activation": args.activation})
+                    attrs={"model": repr(m.__class__.__name__), "model_name": args.model, "seed": args.seed,
+                           "hidden": m.hidden_dim, "activation": str(getattr(m, "activation", ""))})
     ds.to_netcdf(out / "simulation.nc", engine="h5netcdf")
 
     class _P:  # states plotted as a "posterior" with zero variance
@@ -333,7 +492,7 @@ def cmd_simulate(args) -> None:
         rows.append(f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.3f} |")
         lines.append(f"{r[0]:8d}  {r[1]:8.3f}  {r[2]:8.3f}  {r[3]:8.3f}")
     write_report(out / "report.md", title="ppl-rnn simulate", sections=[
-        {"heading": "Simulation", "text": f"ElmanSSM(hidden={args.hidden}, activation={args.activation}), "
+        {"heading": "Simulation", "text": f"{type(m).__name__} ({args.model}, state dimension {m.hidden_dim}), "
          f"{args.steps} steps, {args.sequences} sequence(s), noise seed {args.seed}.\n\n" + "\n".join(rows),
          "figures": [("hidden states", "states.png"), ("observations", "observations.png")]}])
     _print("\n".join(lines))
@@ -348,10 +507,12 @@ def _fit_and_score(args, out):
     from . import plots
     from .evaluate import evaluate
 
+    model_names(args.model)  # an unknown name fails before the data are loaded
     tr, te, rec = load_data(args.data, seed=args.data_seed, max_steps=args.max_steps, train_steps=args.train_steps)
-    model = make_model(args, tr.shape[-1])
+    model = make_model(args.model, args, tr.shape[-1])
     method = _make(args.method, progress=True, **_settings(args.set))
-    _print(f"fitting {args.method} on {tuple(tr.shape)} training steps ...")
+    _print(f"fitting {args.model} ({type(model).__name__}, state dimension {model.hidden_dim}) with {args.method} "
+           f"on {tuple(tr.shape)} training steps ...")
     f = fit(model, tr, method=method, seed=args.seed)
     horizons = [args.horizon] if hasattr(args, "horizon") else args.horizons
     horizons = sorted({1, *horizons})
@@ -404,7 +565,7 @@ def cmd_fit(args) -> None:
     figs = [("one-step-ahead predictive on the held-out part", "onestep.png")]
     if (out / "trace.png").exists():
         figs.insert(0, ("training trace (the method's own objective)", "trace.png"))
-    write_report(out / "report.md", title=f"ppl-rnn fit: {args.method} on {args.data}", sections=[
+    write_report(out / "report.md", title=f"ppl-rnn fit: {args.model} by {args.method} on {args.data}", sections=[
         {"heading": "Score on the held-out part (the common yardstick)",
          "text": md + f"\n\nFit time {f.wall_time_s:.1f} s; own objective kind: {f.evidence_kind}.", "figures": figs}])
     _print(txt)
@@ -437,7 +598,7 @@ def cmd_forecast(args) -> None:
         lines.append(f"{k + 1:>4}  {md_:8.3f}  [{lo:8.3f}, {hi:8.3f}]  {obs:8.3f}")
         rows.append(f"| {k + 1} | {md_:.3f} | [{lo:.3f}, {hi:.3f}] | {obs:.3f} |")
     md, _ = _eval_table(ev, args.method)
-    write_report(out / "report.md", title=f"ppl-rnn forecast: {args.method} on {args.data}", sections=[
+    write_report(out / "report.md", title=f"ppl-rnn forecast: {args.model} by {args.method} on {args.data}", sections=[
         {"heading": f"Forecast of the {K} steps after the training part", "text": "\n".join(rows),
          "figures": [("forecast with 50%/90% intervals", "forecast.png")]},
         {"heading": "Rolling-origin score on the held-out part", "text": md}])
@@ -461,14 +622,20 @@ def _load_toml(path: Path) -> dict:
 
 def cmd_compare(args) -> None:
     from . import plots
-    from .compare import compare, load_cell_trace
+    from .compare import compare, flatten_models, load_cell_trace
     from .report import comparison_table, text_table, verdict, write_report
 
     cfg = _load_toml(args.config) if args.config else {}
-    unknown = set(cfg) - {"data", "model", "compare", "methods"}
+    unknown = set(cfg) - {"data", "model", "models", "compare", "methods"}
     if unknown:
-        _die(f"unknown table(s) {sorted(unknown)} in {args.config}; allowed: data, model, compare, methods")
-    data_c, model_c, cmp_c = cfg.get("data", {}), dict(cfg.get("model", {})), cfg.get("compare", {})
+        _die(f"unknown table(s) {sorted(unknown)} in {args.config}; allowed: data, model (or a top-level "
+             "model = \"NAME\"), models, compare, methods")
+    data_c, model_c, cmp_c = cfg.get("data", {}), cfg.get("model", {}), cfg.get("compare", {})
+    model_c = {"name": model_c} if isinstance(model_c, (str, list)) else dict(model_c)  # model = "gru"
+    extra = sorted(set(model_c) - set(MODEL_KEYS))
+    if extra:
+        raise ConfigurationError(f"unknown key {extra[0]!r} in [model] of {args.config}; allowed: "
+                                 f"{', '.join(MODEL_KEYS)}")
     parser_defaults = build_parser()._subparsers._group_actions[0].choices["compare"]
     given = lambda k: getattr(args, k) != parser_defaults.get_default(k)  # noqa: E731
     data = args.data if given("data") or "name" not in data_c and "path" not in data_c else data_c.get(
@@ -476,9 +643,39 @@ def cmd_compare(args) -> None:
     seed = args.data_seed if given("data_seed") else data_c.get("seed", 0)
     max_steps = args.max_steps if args.max_steps is not None else data_c.get("max_steps")
     train_steps = args.train_steps if args.train_steps is not None else data_c.get("train_steps")
-    for k in ("hidden", "activation", "model_seed", "process_noise", "obs_noise"):
-        if given(k) or k not in model_c:
+    for k in MODEL_KEYS[1:]:
+        if hasattr(args, k) and (given(k) or k not in model_c):  # (weight_scale: only in a config)
             model_c[k] = getattr(args, k)
+    # the models: --model (repeatable, comma-separated) > [models.LABEL] tables > [model] name > elman
+    model_specs = cfg.get("models", {})
+    if args.model or not model_specs:
+        model_specs = {n: {"type": n} for n in model_names(args.model or model_c.get("name") or "elman")}
+    elif not isinstance(model_specs, dict) or not all(isinstance(v, dict) for v in model_specs.values()):
+        raise ConfigurationError(f"[models] in {args.config} must hold tables such as [models.GRU] with "
+                                 "type = \"gru\"")
+    shared = {k: v for k, v in model_c.items() if k != "name" and v is not None}
+    for k in MODEL_OPTIONS:  # with several models, a shared option goes to the models that take it (at least one)
+        types = [s.get("type") for s in model_specs.values()]
+        if k in shared and not any(t in MODEL_OPTIONS[k] for t in types):
+            raise ConfigurationError(f"--{k.replace('_', '-')} applies to none of the models {', '.join(types)}; "
+                                     f"it applies to: {', '.join(m for m in MODEL_SIZES if m in MODEL_OPTIONS[k])}")
+    models = {}
+    for label, spec in model_specs.items():
+        spec = dict(spec)
+        if "type" not in spec:
+            raise ConfigurationError(f"[models.{label}] needs a type = \"...\" entry (one of: "
+                                     f"{', '.join(_registry())})")
+        t = model_names(spec.pop("type"))[0]
+        extra = sorted(set(spec) - set(MODEL_KEYS[1:]))
+        if extra:
+            raise ConfigurationError(f"unknown key {extra[0]!r} in [models.{label}]; allowed: type, "
+                                     f"{', '.join(MODEL_KEYS[1:])}")
+        own = dict(shared)
+        if len(model_specs) > 1:
+            own = {k: v for k, v in own.items() if k not in MODEL_OPTIONS or t in MODEL_OPTIONS[k]}
+            if t == "stacked" and "layers" in own:
+                own.pop("hidden", None)
+        models[label] = (t, {**own, **spec})
     if args.methods:
         specs = {t: {"type": t} for t in args.methods.split(",") if t}
     elif cfg.get("methods"):
@@ -503,16 +700,24 @@ def cmd_compare(args) -> None:
     address = args.address or cmp_c.get("address")
     out = _out_dir(args, "compare")
     tr, te, rec = load_data(str(data), seed=int(seed), max_steps=max_steps, train_steps=train_steps)
-    model = make_model(model_c, tr.shape[-1])
-    _print(f"comparing {len(methods)} methods x {len(seeds)} seeds on {data}: train {tuple(tr.shape)}, "
+    built = {label: make_model(t, opts, tr.shape[-1]) for label, (t, opts) in models.items()}
+    several = len(built) > 1
+    model = built if several else next(iter(built.values()))
+    what = f"{len(built)} models x " if several else f"{next(iter(models.values()))[0]}: "
+    _print(f"comparing {what}{len(methods)} methods x {len(seeds)} seeds on {data}: train {tuple(tr.shape)}, "
            f"test {tuple(te.shape)}; cells in {out}/cells")
     ds = compare(model, tr, te, methods=methods, seeds=seeds, horizons=horizons, num_particles=num_particles,
                  se_tol=se_tol, max_particles=max_particles,
                  executor=None if executor == "local" else executor, address=address,
                  n_workers=args.workers, out=out, progress=True)
     plots.plot_comparison(ds, reference=tuple(reference), path=out / "comparison.png")
-    traces = {m: load_cell_trace(out, m, seeds[0]) for m in methods if m not in reference}
-    kinds = {str(m): str(k) for m, k in zip(ds.method.values, ds.own_evidence_kind.values, strict=True)}
+    if several:
+        traces = {f"{ml} / {m}": load_cell_trace(out, m, seeds[0], model=ml) for ml in built for m in methods
+                  if m not in reference}
+    else:
+        traces = {m: load_cell_trace(out, m, seeds[0]) for m in methods if m not in reference}
+    flat = flatten_models(ds)
+    kinds = {str(m): str(k) for m, k in zip(flat.method.values, flat.own_evidence_kind.values, strict=True)}
     plots.plot_traces(traces, kinds=kinds, path=out / "traces.png")
     write_report(out / "report.md", title=f"ppl-rnn compare on {data}", sections=[
         {"heading": "Result", "text": verdict(ds, reference=reference)},
@@ -531,8 +736,12 @@ def cmd_demo(args) -> None:
     run_demo(out, quick=args.quick, workers=args.workers, respiration=not args.no_respiration, echo=_print)
 
 
+def cmd_models(args) -> None:
+    _print("models (--model NAME; ppl_rnn.models.MODELS):\n" + describe_models())
+
+
 COMMANDS = {"simulate": cmd_simulate, "fit": cmd_fit, "forecast": cmd_forecast, "compare": cmd_compare,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "models": cmd_models}
 
 
 def main(argv=None) -> int:

@@ -5,8 +5,9 @@ import sys
 
 import pytest
 import xarray as xr
+from ppl_rnn.models import MODELS
 
-from ppl_rnn.workbench.cli import main
+from ppl_rnn.workbench.cli import build_parser, main, make_model
 
 
 def test_help_teaches(capsys):
@@ -129,3 +130,107 @@ def test_demo_quick_writes_report_with_winner_and_figures(tmp_path, capsys):
     assert {"MCEM", "mean-field EM", "SVI (Markov guide)", "SVI (mean-field guide)", "EKF-EM", "BPTT", "AR(5)",
             "persistence", "true network"} == set(ds.method.values)
     assert "held-out log-ev/step" in capsys.readouterr().out
+
+
+# ---- issue 12: every model of the suite by name ----------------------------------------------------------------
+
+
+def test_models_command_lists_every_model_with_its_docstring(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name, cls in MODELS.items():
+        line = next(ln for ln in out.splitlines() if ln.split()[:1] == [name])
+        first = cls.__doc__.split("(")[0].split(".")[0].strip()  # e.g. "Stochastic GRU"
+        assert cls.__name__ in line and first in line, (name, line)
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    help_text = capsys.readouterr().out
+    assert all(name in help_text for name in MODELS)  # the help names them too
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fit_accepts_every_model(name):
+    # the fit command's parser and model builder, then a tiny fit (SVI, 2 steps) of what it built
+    import torch
+    from ppl_rnn.inference.registry import make_method
+
+    import ppl_rnn as pr
+    from ppl_rnn.workbench.cli import MODEL_SIZES
+
+    args = build_parser().parse_args(["fit", "--model", name, "--method", "svi_mean_field", "--model-seed", "3"])
+    model = make_model(args.model, args, obs_dim=2)
+    assert type(model) is MODELS[name] and model.obs_dim == 2
+    default_state = {"jordan": 4 + 2, "lstm": 2 * 2, "stacked": 4 + 2}.get(name, MODEL_SIZES[name][1])
+    assert model.hidden_dim == default_state
+    bigger = make_model(name, {"hidden": 6}, obs_dim=2)
+    assert bigger.hidden_dim == {"jordan": 6 + 2, "lstm": 12, "stacked": 6 + 3}.get(name, 6)
+    y = torch.sin(0.3 * torch.arange(40.0))[:, None].repeat(1, 2) + 0.1 * torch.randn(40, 2,
+                                                                                      generator=torch.Generator().manual_seed(0))
+    if name == "deep_markov":
+        y = torch.sigmoid(y)
+    f = pr.fit(model, y, method=make_method("svi_mean_field", num_steps=2), seed=0)
+    assert type(f.model) is MODELS[name]
+    assert torch.isfinite(torch.as_tensor(f.trace["objective"].values)).all()
+
+
+def test_fit_command_end_to_end_with_a_suite_model(tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "fit"
+    assert main(["fit", "--model", "gru", "--hidden", "3", "--max-steps", "60", "--train-steps", "48", "--method",
+                 "svi_mean_field", "--set", "num_steps=2", "--num-particles", "100", "--max-particles", "100",
+                 "--se-tol", "10", "--horizons", "1", "--out", str(out)]) == 0
+    fitted = torch.load(out / "model.pt", weights_only=False)
+    assert type(fitted) is MODELS["gru"] and fitted.hidden_dim == 3
+    assert "gru" in (out / "report.md").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["fit", "--model", "gur"], ("Did you mean 'gru'?", "echo_state", "linear_gaussian")),
+    (["compare", "--model", "elman,lstn"], ("Did you mean 'lstm'?", "deep_markov")),
+    (["fit", "--model", "hopfield"], ("unknown model 'hopfield'", "mtrnn")),
+    (["fit", "--model", "gru", "--activation", "identity"], ("does not apply to model 'gru'", "elman")),
+    (["compare", "--model", "gru,lstm", "--emission", "student_t"], ("applies to none", "deep_markov")),
+    (["compare", "--model", "gru", "--model", "gru"], ("named twice",)),
+    (["fit", "--model", "elman,gru"], ("takes one model",)),
+])
+def test_unknown_or_misused_model_one_line_exit_2(argv, words, capsys, tmp_path):
+    out = tmp_path / "o"
+    assert main([*argv, "--max-steps", "60", "--method" if argv[0] == "fit" else "--methods", "persistence",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("ppl-rnn: error:")
+    for w in words:
+        assert w in err, (w, err)
+    assert not (out / "evaluation.nc").exists() and not (out / "compare.nc").exists()
+
+
+def test_compare_several_models_by_flag_and_by_config(tmp_path, capsys):
+    from ppl_rnn.workbench.compare import load_cell_model
+
+    p = build_parser()
+    assert p.parse_args(["compare", "--model", "elman", "--model", "gru,lstm"]).model == ["elman", "gru,lstm"]
+    base = ('[data]\nname = "unkelbach-synthetic"\nmax_steps = 60\ntrain_steps = 48\n'
+            '[compare]\nseeds = [0]\nhorizons = [1]\nnum_particles = 100\nmax_particles = 100\nse_tol = 10.0\n'
+            '[methods.svi]\ntype = "svi_mean_field"\nnum_steps = 2\n[methods.persist]\ntype = "persistence"\n')
+    cfg = tmp_path / "two.toml"
+    cfg.write_text('model = ["elman", "gru"]\n' + base)  # a top-level model = ... (no [model] table)
+    out = tmp_path / "two"
+    assert main(["compare", "--config", str(cfg), "--out", str(out)]) == 0
+    ds = xr.load_dataset(out / "compare.nc", engine="h5netcdf")
+    assert list(ds["model"].values) == ["elman", "gru"] and list(ds["method"].values) == ["svi", "persist"]
+    assert ds["heldout_logev_per_step"].dims[:2] == ("model", "method")
+    assert type(load_cell_model(out, "svi", 0, model="gru")) is MODELS["gru"]
+    assert type(load_cell_model(out, "svi", 0, model="elman")) is MODELS["elman"]
+    assert "gru / svi" in (out / "report.md").read_text()
+    assert "2 models x 2 methods" in capsys.readouterr().out
+    # labelled models with their own options; a --model flag overrides the config's models
+    cfg.write_text('[model]\nhidden = 3\n[models.small]\ntype = "gru"\n[models.big]\ntype = "lstm"\nhidden = 5\n'
+                   + base.replace('[methods.persist]\ntype = "persistence"\n', ""))
+    out = tmp_path / "labelled"
+    assert main(["compare", "--config", str(cfg), "--out", str(out)]) == 0
+    ds = xr.load_dataset(out / "compare.nc", engine="h5netcdf")
+    assert list(ds["model"].values) == ["small", "big"]
+    small, big = (load_cell_model(out, "svi", 0, model=m) for m in ("small", "big"))
+    assert type(small) is MODELS["gru"] and small.hidden_dim == 3
+    assert type(big) is MODELS["lstm"] and big.hidden_dim == 10
