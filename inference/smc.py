@@ -426,20 +426,18 @@ def run_particle_filter(
                 hb = hist_h[t0:t + 1] if keep_history else h_block[k_h - k:k_h + 1]
                 _flush_moments(w_block[:k + 1], hb, filt_mean, filt_var, t0)
                 t0 = t + 1
+    return _record(lls, sw2s, flags, dev, filt_mean, filt_var, h, lw.clone() if keep_history else lw, hist_h,
+                   hist_lw, hist_anc, prop_name)
+
+
+def _record(lls, sw2s, flags, dev, filt_mean, filt_var, h, lw, hist_h, hist_lw, hist_anc, prop_name):
+    """The :class:`ParticleFilterRecord` from a filter loop's per-step lists (shared by both loops)."""
     log_lik = torch.stack(lls, 1)
     return ParticleFilterRecord(
-        log_evidence=log_lik.sum(1),
-        log_lik=log_lik,
-        ess=torch.stack(sw2s, 1).reciprocal_(),
+        log_evidence=log_lik.sum(1), log_lik=log_lik, ess=torch.stack(sw2s, 1).reciprocal_(),
         resampled=torch.tensor(flags, dtype=torch.bool, device=dev).T.contiguous(),
-        filt_mean=filt_mean,
-        filt_var=filt_var,
-        final_particles=h.clone(),
-        final_log_weights=lw.clone() if keep_history else lw,
-        particles=hist_h,
-        log_weights=hist_lw,
-        ancestors=hist_anc,
-        proposal=prop_name,
+        filt_mean=filt_mean, filt_var=filt_var, final_particles=h.clone(), final_log_weights=lw,
+        particles=hist_h, log_weights=hist_lw, ancestors=hist_anc, proposal=prop_name,
     )
 
 
@@ -544,21 +542,7 @@ def _run_adapted(model, data, N, prop, resample, resample_w, ess_threshold, keep
                 hb = hist_h[t0:t + 1] if keep_history else h_block[k_h - k:k_h + 1]
                 _flush_moments(w_block[:k + 1], hb, filt_mean, filt_var, t0)
                 t0 = t + 1
-    log_lik = torch.stack(lls, 1)
-    return ParticleFilterRecord(
-        log_evidence=log_lik.sum(1),
-        log_lik=log_lik,
-        ess=torch.stack(sw2s, 1).reciprocal_(),
-        resampled=torch.tensor(flags, dtype=torch.bool, device=dev).T.contiguous(),
-        filt_mean=filt_mean,
-        filt_var=filt_var,
-        final_particles=h.clone(),
-        final_log_weights=lw.clone(),
-        particles=hist_h,
-        log_weights=hist_lw,
-        ancestors=hist_anc,
-        proposal=prop_name,
-    )
+    return _record(lls, sw2s, flags, dev, filt_mean, filt_var, h, lw.clone(), hist_h, hist_lw, hist_anc, prop_name)
 
 
 def take(x: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
