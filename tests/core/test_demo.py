@@ -60,3 +60,40 @@ def test_breathing_section_quick(tmp_path):
     para = linear_or_nonlinear(ds, steps_label=lambda h: f"{h * 0.04:.2g} s")
     assert para.startswith("**Linear or nonlinear?**") and ("linear model is enough" in para
                                                             or "earns its keep" in para)
+
+
+def _fake_compare(logev: dict, crps: dict, se=0.01):
+    """A compare-like Dataset with the fields the report reads (one seed, horizons 5 and 10)."""
+    import numpy as np
+    import xarray as xr
+
+    names = list(logev)
+    M, H = len(names), 2
+    one = lambda v: (("method", "seed"), np.asarray(v, dtype=float).reshape(M, 1))  # noqa: E731
+    per_h = lambda v: (("method", "seed", "horizon"), np.asarray(v, dtype=float).reshape(M, 1, H))  # noqa: E731
+    return xr.Dataset(
+        {"heldout_logev_per_step": one([logev[n] for n in names]),
+         "heldout_logev_per_step_se": one([se] * M), "se_ok": one([1] * M),
+         "wall_time_s": one([1.0] * M), "own_objective": one([0.0] * M),
+         "error": (("method", "seed"), np.asarray([[""]] * M, dtype=object)),
+         "own_evidence_kind": (("method",), np.asarray(["exact"] * M, dtype=object)),
+         "crps": per_h([crps[n] for n in names]), "rmse": per_h([crps[n] for n in names]),
+         "coverage_50": per_h([[0.5, 0.5]] * M), "coverage_90": per_h([[0.9, 0.9]] * M)},
+        coords={"method": names, "seed": [0], "horizon": [5, 10]})
+
+
+def test_linear_or_nonlinear_verdicts():
+    lin = {"AR(p by AIC)": 1.0, LINEAR_ROW: 1.1}
+    good = _fake_compare({**lin, NETWORK_ROW: 1.5},
+                         {"AR(p by AIC)": [0.2, 0.3], LINEAR_ROW: [0.2, 0.3], NETWORK_ROW: [0.1, 0.2]})
+    text = linear_or_nonlinear(good)
+    assert "earns its keep: the network is better" in text and f"best linear model ({LINEAR_ROW})" in text
+    assert "+0.400 nats/step" in text
+    bad = _fake_compare({"AR(p by AIC)": 1.3, LINEAR_ROW: 1.1, NETWORK_ROW: 1.15},
+                        {"AR(p by AIC)": [0.1, 0.2], LINEAR_ROW: [0.2, 0.3], NETWORK_ROW: [0.15, 0.25]})
+    text = linear_or_nonlinear(bad)
+    assert "a linear model is enough, and better" in text and "best linear model (AR(p by AIC))" in text
+    tie = _fake_compare({"AR(p by AIC)": 1.0, LINEAR_ROW: 1.1, NETWORK_ROW: 1.11},
+                        {"AR(p by AIC)": [0.2, 0.3], LINEAR_ROW: [0.2, 0.3], NETWORK_ROW: [0.19, 0.31]})
+    assert "without a clear gain" in linear_or_nonlinear(tie)
+    assert linear_or_nonlinear(_fake_compare({"AR(p by AIC)": 1.0}, {"AR(p by AIC)": [0.2, 0.3]})) == ""
