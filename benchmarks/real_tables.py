@@ -243,8 +243,8 @@ def _fmt_logev(vals, ses):
     mc = math.sqrt(sum(s * s for s in ses)) / len(ses)
     if len(vals) > 1:
         spread = float(np.std(vals, ddof=1) / math.sqrt(len(vals)))
-        return f"{m:+.3f} ± {mc:.3f} (seeds ± {spread:.3f})"
-    return f"{m:+.3f} ± {mc:.3f}"
+        return f"{m:+.3f} ± {mc:.4f} (seeds ± {spread:.3f})"
+    return f"{m:+.3f} ± {mc:.4f}"
 
 
 def table(problem, rows, seeds, hs, lab, args) -> str:
@@ -281,25 +281,25 @@ def table(problem, rows, seeds, hs, lab, args) -> str:
         idx = range(len(hs)) if problem == "breathing" else [0, 4, 9]
         cells += [f"{rmse[i]:.4f}" for i in idx]
         lines.append("| " + " | ".join(cells) + " |")
-    # margins: each network row minus the best linear row, paired by seed where both have it
+    # margins: each network row minus each linear row, paired by seed where both have it
     lin = {n: v for n, v in res.items() if n.startswith(("AR(", "KalmanEM"))}
-    if lin:
-        best = max(lin, key=lambda n: np.mean([x["logev"] for x in lin[n].values()]))
-        lines += ["", f"Margins against the best linear row ({best}), log-ev/step, paired by seed where possible:"]
+    for ref_name in sorted(lin, key=lambda n: -np.mean([x["logev"] for x in lin[n].values()])):
+        lines += ["", f"Margins against {ref_name} (log-ev/step; CRPS per lead, negative = the network is better), "
+                      "paired by seed:"]
         for name, by_seed in res.items():
             if name in lin:
                 continue
             d = []
             for s, x in by_seed.items():
-                ref = lin[best].get(s) or next(iter(lin[best].values()))
+                ref = lin[ref_name].get(s) or next(iter(lin[ref_name].values()))
                 d.append((x["logev"] - ref["logev"], math.hypot(x["se"], ref["se"]),
                           np.array(x["crps"]) - np.array(ref["crps"])))
             m = np.mean([a for a, _, _ in d])
             mc = math.sqrt(sum(b * b for _, b, _ in d)) / len(d)
             spread = np.std([a for a, _, _ in d], ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
             dc = np.mean([c for _, _, c in d], 0)
-            lines.append(f"- {name}: {m:+.3f} nats/step (MC SE {mc:.3f}, between seeds {spread:.3f}); CRPS "
-                         f"difference per lead {', '.join(f'{v:+.4f}' for v in dc)} "
+            lines.append(f"- {name}: {m:+.3f} nats/step (MC SE {mc:.4f}, between seeds {spread:.3f}); CRPS "
+                         f"{', '.join(f'{v:+.4f}' for v in dc)} "
                          f"({'better' if (dc < 0).all() else 'not better'} at every lead)")
     return "\n".join(lines)
 
