@@ -30,7 +30,11 @@ def test_objective_is_zero_noise_kalman_evidence(float64, kind):
         m = LinearGaussianSSM(2, 2, m0=torch.tensor([0.5, -1.0]), seed=2)
     y = torch.randn(2, 25, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y[0, 4, 0] = float("nan")
-    assert set_noise_floor(m, 1e-7)
+    set_noise_floor(m, 1e-7)
+    for role in ("process", "initial"):
+        sc = m.noise_scales()[role].detach()
+        want = torch.full((2,), 1e-7) if sc.dim() == 1 else 1e-7 * torch.eye(2)
+        torch.testing.assert_close(sc, want, rtol=1e-6, atol=1e-12)
     det = deterministic_log_likelihood(m, prepare(m, y))
     exact = pr.infer(m, y, method=KalmanFilter()).log_evidence
     torch.testing.assert_close(det.detach(), exact, rtol=1e-6, atol=1e-6)
