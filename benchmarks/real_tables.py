@@ -20,7 +20,7 @@ on data preprocessed from the training part only (:mod:`ppl_rnn.workbench.datase
     test; leads 1..10. Rows: AR(p by AIC); KalmanEM hidden 8; MCEM tanh networks hidden 8 and 16 from the
     default random start (``ElmanSSM(H, seed=seed)``), at several iteration counts (checkpoints).
 
-Fits are run in chunks (KalmanEM 50 iterations, MCEM ``--chunk`` iterations, each chunk a fresh
+Fits are run in chunks (KalmanEM 50 iterations, MCEM ``--chunk``/``--laser-chunk`` iterations, each chunk a fresh
 ``pr.fit`` from the previous chunk's model with seed ``1000 * seed + iterations done``) and every chunk is
 saved under ``--cache``, so long runs can be resumed, stopped at any checkpoint and scored at several
 iteration counts. ``--stage fit`` only trains, ``score`` only scores what is cached, ``table`` prints.
@@ -313,13 +313,15 @@ def main(argv=None):
     p.add_argument("--cache", default="/tmp/ppl_rnn_real_tables")
     p.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
     p.add_argument("--breathing-hidden", type=int, default=6)
-    p.add_argument("--kem-iterations", type=int, default=150)
-    p.add_argument("--mcem-iterations", type=int, nargs="+", default=[0, 10, 30])
+    p.add_argument("--kem-iterations", type=int, default=50)
+    p.add_argument("--mcem-iterations", type=int, nargs="+", default=[10, 30, 50, 100])
     p.add_argument("--laser-hidden", type=int, nargs="+", default=[8, 16])
-    p.add_argument("--laser-iterations", type=int, nargs="+", default=[60, 120])
+    p.add_argument("--laser-iterations", type=int, nargs="+", default=[60, 120, 260])
     p.add_argument("--laser-kem-iterations", type=int, default=200)
-    p.add_argument("--chunk", type=int, default=5, help="MCEM iterations per saved checkpoint")
-    p.add_argument("--num-particles", type=int, default=500, help="particles of MCEM's E-step smoother")
+    p.add_argument("--chunk", type=int, default=5, help="breathing: MCEM iterations per saved checkpoint")
+    p.add_argument("--num-particles", type=int, default=300, help="breathing: particles of MCEM's E-step smoother")
+    p.add_argument("--laser-chunk", type=int, default=20, help="laser: MCEM iterations per saved checkpoint")
+    p.add_argument("--laser-num-particles", type=int, default=500, help="laser: particles of MCEM's E-step")
     p.add_argument("--proposal", default=None, help="E-step proposal (default: 'auto' where registered, else 'ekf')")
     p.add_argument("--eval-particles", type=int, default=500)
     p.add_argument("--max-particles", type=int, default=16000)
@@ -331,15 +333,18 @@ def main(argv=None):
         args.kem_iterations, args.mcem_iterations, args.laser_kem_iterations = 4, [0, 2], 4
         args.laser_iterations, args.laser_hidden, args.chunk = [2], [4], 2
         args.num_particles, args.eval_particles, args.max_particles, args.samples = 100, 100, 200, 30
+        args.laser_chunk, args.laser_num_particles = 2, 100
     problems = ["breathing", "laser"] if args.problem == "all" else [args.problem]
     for prob in problems:
         tr, te, hs, lab = load_problem(prob, args.quick)
         seeds = args.seeds if prob == "breathing" else args.laser_seeds
         rows = rows_for(prob, args)
         if args.stage in ("fit", "all"):
+            a = args if prob == "breathing" else argparse.Namespace(
+                **{**vars(args), "chunk": args.laser_chunk, "num_particles": args.laser_num_particles})
             for s in seeds:
                 for row in rows:
-                    fit_row(prob, row, s, tr, args)
+                    fit_row(prob, row, s, tr, a)
         if args.stage in ("score", "all"):
             for s in seeds:
                 for row in rows:
