@@ -21,7 +21,8 @@ from ppl_rnn.models import ElmanSSM, LinearGaussianSSM
 import ppl_rnn as pr
 from ppl_rnn.data import prepare
 from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
-from ppl_rnn.model import StateSpaceModel
+
+from .toy_models import NoWeights
 
 
 def _sine(T=60):
@@ -104,31 +105,12 @@ def test_reproducible_and_leaves_the_callers_rng_alone(float64):
     assert np.array_equal(np.random.get_state()[1], state) and torch.equal(torch.get_rng_state(), tstate)
 
 
-class _NoWeights(StateSpaceModel):
-    def __init__(self):
-        super().__init__(1, 1)
-        self.a = torch.nn.Parameter(torch.zeros(1))
-
-    def initial(self, u0):
-        import pyro.distributions as dist
-
-        return dist.Normal(torch.zeros(1), 1.0).to_event(1)
-
-    def transition(self, t, h_prev, u_t):
-        import pyro.distributions as dist
-
-        return dist.Normal(self.a * h_prev, 1.0).to_event(1)
-
-    def emission(self, t, h, u_t):
-        import pyro.distributions as dist
-
-        return dist.Normal(h, 1.0).to_event(1)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_model_without_weight_vector_gets_a_capability_error(float64, strategy):
     with pytest.raises(ModelCapabilityError, match=r"GlobalSearch\(strategy=.*needs the model capability weights"):
-        pr.fit(_NoWeights(), torch.zeros(5, 1), method=GlobalSearch(strategy=strategy, max_generations=1))
+        pr.fit(NoWeights(), torch.zeros(5, 1), method=GlobalSearch(strategy=strategy, max_generations=1))
 
 
 def test_options_are_validated():

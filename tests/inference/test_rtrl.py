@@ -20,7 +20,8 @@ from ppl_rnn.models import ElmanSSM, LinearGaussianSSM
 import ppl_rnn as pr
 from ppl_rnn.data import prepare
 from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
-from ppl_rnn.model import StateSpaceModel
+
+from .toy_models import NoWeights
 
 
 def _problem(kind):
@@ -140,25 +141,6 @@ def test_cost_guard_names_the_cost(float64):
     assert RTRL(max_step_cost=1e9).check_cost(1, 60, m.weights().numel(), 5) == 60 * 60 * m.weights().numel()
 
 
-class _NoWeights(StateSpaceModel):
-    def __init__(self):
-        super().__init__(1, 1)
-        self.a = torch.nn.Parameter(torch.zeros(1))
-
-    def initial(self, u0):
-        import pyro.distributions as dist
-
-        return dist.Normal(torch.zeros(1), 1.0).to_event(1)
-
-    def transition(self, t, h_prev, u_t):
-        import pyro.distributions as dist
-
-        return dist.Normal(self.a * h_prev, 1.0).to_event(1)
-
-    def emission(self, t, h, u_t):
-        import pyro.distributions as dist
-
-        return dist.Normal(h, 1.0).to_event(1)
 
 
 class _NewTransition(ElmanSSM):
@@ -168,7 +150,7 @@ class _NewTransition(ElmanSSM):
         return super().transition(t, 0.5 * h_prev, u_t)
 
 
-@pytest.mark.parametrize("model", [_NoWeights, lambda: _NewTransition(2, 1)])
+@pytest.mark.parametrize("model", [NoWeights, lambda: _NewTransition(2, 1)])
 def test_models_without_weight_vector_get_a_capability_error(float64, model):
     y = torch.zeros(5, 1, dtype=torch.float64)
     with pytest.raises(ModelCapabilityError, match=r"RTRL needs the model capability weights.*use BPTT"):
