@@ -3,7 +3,7 @@
 Two problems, one model class (a stochastic Elman network, :class:`ppl_rnn.models.ElmanSSM`, tanh), the
 same random initial weights for every method, and the one yardstick of :mod:`ppl_rnn.workbench.evaluate`:
 
-1. ``unkelbach-synthetic``: 1000 training and 500 test steps from a fixed 4-unit stochastic Elman network
+1. ``unkelbach-synthetic``: 500 training and 250 test steps from a fixed 4-unit stochastic Elman network
    with process noise (the setting of Unkelbach, Yi & Schmidhuber 2009). The generating network itself is
    scored too ("true network"): the ceiling.
 2. ``respiration``: a breathing-belt trace at 25 Hz, the regular-breathing window of the recording
