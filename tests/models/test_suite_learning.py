@@ -19,6 +19,15 @@ def _per_step(model, y, u=None):
     return float(post.log_evidence.sum()) / (y.shape[0] * y.shape[1])
 
 
+def _gradient_em_scores(true, start):
+    """Simulate 6 sequences of 100 steps from ``true``, fit ``start`` on 4 by MCEM (8 iterations, gradient
+    M-step), and score the truth, the start and the fit on the other 2 (nats/step)."""
+    y = true.simulate(100, 6, seed=3).observations
+    fit = pr.fit(start, y[:4], seed=0, method=MonteCarloEM(
+        num_iterations=8, gradient_steps=25, lr=0.02, smoother=ParticleSmoother(300, 30, backward="mcmc")))
+    return tuple(_per_step(m, y[4:]) for m in (true, start, fit.model))
+
+
 def test_echo_state_readout_learning():
     """Same reservoir, random readout, wrong observation noise at the start; the closed-form M-step (readout + noise)
     reaches the generating network (measured: start -2.46, fit 0.057, true 0.098 nats/step, 10 iterations).
@@ -49,10 +58,7 @@ def test_ctrnn_learning_reaches_the_generating_network():
     4x the noise. Measured: start -0.24, fit 0.643, true 0.647 nats/step (gradient M-step, 8 iterations)."""
     true = CTRNNSSM(3, 1, dt=0.5, tau=[1.0, 2.0, 4.0], weight_scale=3.0, seed=2, process_noise=0.05, obs_noise=0.1)
     start = CTRNNSSM(3, 1, dt=0.5, tau=2.0, weight_scale=3.0, seed=7, process_noise=0.2, obs_noise=0.3)
-    y = true.simulate(100, 6, seed=3).observations
-    fit = pr.fit(start, y[:4], seed=0, method=MonteCarloEM(
-        num_iterations=8, gradient_steps=25, lr=0.02, smoother=ParticleSmoother(300, 30, backward="mcmc")))
-    le_true, le_start, le_fit = (_per_step(m, y[4:]) for m in (true, start, fit.model))
+    le_true, le_start, le_fit = _gradient_em_scores(true, start)
     assert le_fit > le_start + 0.5
     assert abs(le_fit - le_true) < 0.1
 
@@ -64,10 +70,7 @@ def test_mtrnn_learning_reaches_the_generating_network():
                                  obs_noise=0.1)
     start = MultipleTimescalesSSM(2, 2, 1, tau_fast=2.0, tau_slow=10.0, weight_scale=3.0, seed=8, process_noise=0.2,
                                   obs_noise=0.3)
-    y = true.simulate(100, 6, seed=3).observations
-    fit = pr.fit(start, y[:4], seed=0, method=MonteCarloEM(
-        num_iterations=8, gradient_steps=25, lr=0.02, smoother=ParticleSmoother(300, 30, backward="mcmc")))
-    le_true, le_start, le_fit = (_per_step(m, y[4:]) for m in (true, start, fit.model))
+    le_true, le_start, le_fit = _gradient_em_scores(true, start)
     assert le_fit > le_start + 0.5
     assert abs(le_fit - le_true) < 0.1
 
@@ -77,9 +80,6 @@ def test_jordan_learning_reaches_the_generating_network():
     start -1.05, fit 0.613, true 0.694 nats/step (gradient M-step, 8 iterations)."""
     true = JordanSSM(3, 1, seed=2, weight_scale=2.0, process_noise=0.05, obs_noise=0.1, context_decay=0.8)
     start = JordanSSM(3, 1, seed=9, weight_scale=2.0, process_noise=0.2, obs_noise=0.3)
-    y = true.simulate(100, 6, seed=3).observations
-    fit = pr.fit(start, y[:4], seed=0, method=MonteCarloEM(
-        num_iterations=8, gradient_steps=25, lr=0.02, smoother=ParticleSmoother(300, 30, backward="mcmc")))
-    le_true, le_start, le_fit = (_per_step(m, y[4:]) for m in (true, start, fit.model))
+    le_true, le_start, le_fit = _gradient_em_scores(true, start)
     assert le_fit > le_start + 1.0
     assert abs(le_fit - le_true) < 0.1
