@@ -46,11 +46,14 @@ import time
 import torch
 from ppl_rnn.inference import BPTT, RTRL, GlobalSearch
 from ppl_rnn.inference.rtrl import FlatWeights, squared_errors
-from synthetic_table import add_common_args, initial_network  # same folder: the shared pieces
+from synthetic_table import (  # same folder: the shared pieces
+    add_common_args,
+    initial_network,
+    synthetic_split,
+)
 
 import ppl_rnn as pr
 from ppl_rnn.data import prepare
-from ppl_rnn.workbench.datasets import load
 from ppl_rnn.workbench.evaluate import evaluate
 
 
@@ -87,13 +90,7 @@ def main(argv=None):
     if a.quick:
         a.bptt_steps, a.rtrl_epochs, a.generations, a.population, a.eval_particles = 5, 1, 3, 8, 200
         a.eval_max_particles, a.eval_replicates = 200, 2
-    torch.set_num_threads(a.threads)
-    torch.set_default_dtype(torch.float64)
-    ds = load("unkelbach-synthetic", seed=a.seed, dtype=torch.float64)
-    tr, te = ds.split()
-    train, test = tr.values, te.values
-    if a.quick:
-        train, test = train[:, :200], test[:, :50]
+    train, test, true_model = synthetic_split(a, quick_steps=(200, 50))
     T1 = train.shape[1]
     init = initial_network(a)
     gs = dict(max_generations=a.generations, patience=a.generations, progress=a.progress)
@@ -111,7 +108,7 @@ def main(argv=None):
     }
     if a.only:
         methods = {k: methods[k] for k in a.only.split(",")}
-    rows = [("true generating model", score(ds.true_model, train, test, a), train_mse(ds.true_model, train),
+    rows = [("true generating model", score(true_model, train, test, a), train_mse(true_model, train),
              float("nan")),
             ("initial network (untrained)", score(init, train, test, a), train_mse(init, train), float("nan"))]
     print(f"# scored truth and initial network: {rows[0][1]} {rows[1][1]}", flush=True)

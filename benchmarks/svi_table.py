@@ -30,13 +30,16 @@ import argparse
 import json
 import time
 
-import torch
 from ppl_rnn.inference import EKFEM, SVI, ParticleFilter
 from ppl_rnn.inference.guides import AmortizedGuide, EKFGuide, MarkovGaussianGuide, MeanFieldGuide
-from synthetic_table import add_common_args, initial_network, score  # same folder: the shared pieces
+from synthetic_table import (  # same folder: the shared pieces
+    add_common_args,
+    initial_network,
+    score,
+    synthetic_split,
+)
 
 import ppl_rnn as pr
-from ppl_rnn.workbench.datasets import load
 
 KEYS = ("ekf_em", "svi_meanfield", "svi_markov", "svi_amortized", "svi_ekf")
 
@@ -99,13 +102,7 @@ def main(argv=None):
         a.ekfem_iters, a.ekfem_samples, a.ekfem_mstep = 2, 2, 3
         a.mf_steps = a.markov_steps = a.amortized_steps = a.ekf_steps = 3
         a.rnn_dim, a.elbo_particles, a.eval_particles = 4, 4, 500
-    torch.set_num_threads(a.threads)
-    torch.set_default_dtype(torch.float64)
-    ds = load("unkelbach-synthetic", seed=a.seed, dtype=torch.float64)
-    tr, te = ds.split()
-    train, test = tr.values, te.values
-    if a.quick:
-        train, test = train[:, :100], test[:, :40]
+    train, test, true_model = synthetic_split(a, quick_steps=(100, 40))
     T1 = train.shape[1]
     ms = methods(a)
     keys = KEYS if a.only is None else tuple(a.only.split(","))
@@ -114,8 +111,8 @@ def main(argv=None):
         ap.error(f"--only: unknown {bad}; choose from {','.join(KEYS)}")
     rows = []
     if not a.no_truth:
-        t = score(ds.true_model, train, test, a)
-        tl = float(pr.infer(ds.true_model, train, method=ParticleFilter(a.eval_particles), seed=0).log_evidence.sum())
+        t = score(true_model, train, test, a)
+        tl = float(pr.infer(true_model, train, method=ParticleFilter(a.eval_particles), seed=0).log_evidence.sum())
         rows.append(("true generating model", t, tl / T1, "estimate, PF", float("nan")))
         print(f"# done truth: {t}", flush=True)
     for k in keys:

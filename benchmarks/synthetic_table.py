@@ -67,6 +67,19 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--progress", action="store_true")
 
 
+def synthetic_split(a, quick_steps: tuple[int, int] | None = None):
+    """Threads and float64 as ``a`` asks; the ``unkelbach-synthetic`` train and test values (cut to
+    ``quick_steps`` = (train, test) steps under ``--quick``) and the generating network."""
+    torch.set_num_threads(a.threads)
+    torch.set_default_dtype(torch.float64)
+    ds = load("unkelbach-synthetic", seed=a.seed, dtype=torch.float64)
+    tr, te = ds.split()
+    train, test = tr.values, te.values
+    if a.quick and quick_steps is not None:
+        train, test = train[:, :quick_steps[0]], test[:, :quick_steps[1]]
+    return train, test, ds.true_model
+
+
 def initial_network(a) -> ElmanSSM:
     """The one random initial network every method of the tables starts from."""
     if a.init_weight_scale is None:
@@ -91,11 +104,7 @@ def main(argv=None):
     if a.quick:
         a.mcem_iters, a.mf_iters, a.bptt_steps, a.eval_particles = 3, 5, 10, 1000
         a.mcem_restarts, a.mcem_restart_iters = min(a.mcem_restarts, 2), 2
-    torch.set_num_threads(a.threads)
-    torch.set_default_dtype(torch.float64)
-    ds = load("unkelbach-synthetic", seed=a.seed, dtype=torch.float64)
-    tr, te = ds.split()
-    train, test = tr.values, te.values
+    train, test, true_model = synthetic_split(a)
     T1 = train.shape[1]
     init = initial_network(a)
     n = max(a.mcem_iters - 1, 1)
@@ -115,8 +124,8 @@ def main(argv=None):
     if a.only:
         methods = {keys[k]: methods[keys[k]] for k in a.only.split(",")}
     rows = []
-    t = score(ds.true_model, train, test, a)
-    tl = float(pr.infer(ds.true_model, train, method=ParticleFilter(a.eval_particles), seed=0).log_evidence.sum())
+    t = score(true_model, train, test, a)
+    tl = float(pr.infer(true_model, train, method=ParticleFilter(a.eval_particles), seed=0).log_evidence.sum())
     rows.append(("true generating model", t, tl / T1, "estimate, PF", float("nan")))
     for name, method in methods.items():
         t0 = time.perf_counter()
