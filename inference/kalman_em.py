@@ -31,6 +31,13 @@ M-step (closed form; every sum over sequences ``b`` and steps ``t``):
 Every step maximises the expected complete-data log-likelihood exactly, so the exact log-evidence
 :math:`\log p(y\mid\theta_k)` in the trace is non-decreasing (up to floating-point round-off; use float64).
 
+**AR start** (``init="ar"``): before the first iteration the model is set (capability
+``set_linear_gaussian``) to least-squares AR(:math:`\lfloor H/D\rfloor`) fits in companion form
+(:func:`~ppl_rnn.inference.reference.ar_start`): EM then begins at the AR reference's likelihood and only
+climbs. On regular breathing (``benchmarks/real_tables.py``: 3000 training steps at 25 Hz, 1500 held out)
+hidden 27 from AR(27) went from the AR's held-out +3.326 to +3.340 nats/step in 25 iterations, where
+hidden 6 and 10 from random starts had reached +3.17 (50 iterations) and +3.31 (150).
+
 Supported models (by the parameters they expose, not their class): ``ElmanSSM(activation="identity")``
 (``W, b, U, C, d, q, r, m0, s0``) and ``LinearGaussianSSM`` (``A, B, b, C, D, d, Q_tril, R_tril, m0, P0_tril``).
 """
@@ -40,10 +47,12 @@ from __future__ import annotations
 import torch
 
 from ppl_rnn.capabilities import require
+from ppl_rnn.method import check_choice
 from ppl_rnn.model import LinearGaussianParams
 
 from .em_common import ClosedFormEM, ConvergenceRule, EMLoop, EMStep
 from .kalman import KalmanSmoother, kalman_filter, rts_smoother
+from .reference import ar_start
 
 
 def _ones(B, T, dtype):
@@ -199,6 +208,7 @@ def kalman_em_step(model, data, *, learn_initial: bool = True):
 
 
 _ALT = "use MonteCarloEM (or EKFEM) for a nonlinear model"
+INITS = ("model", "ar")
 
 
 class KalmanEM(ClosedFormEM):
@@ -210,6 +220,8 @@ class KalmanEM(ClosedFormEM):
             objective: stop when the exact log-evidence changes by at most ``tol * max(|log p(y)|, n_obs)``
             per iteration; ``0``: run all iterations).
         learn_initial: also update the initial-state mean and covariance.
+        init: ``"model"`` (start from the model as given) or ``"ar"`` (start from least-squares AR fits in
+            companion form; module docstring, "AR start").
         progress: show a progress bar.
 
     ``pr.fit(model, y, method=KalmanEM(...))`` returns a :class:`ppl_rnn.FitResult` whose ``trace`` has, per
@@ -221,9 +233,16 @@ class KalmanEM(ClosedFormEM):
 
     default_tol = 1e-7
 
+    def __init__(self, *, num_iterations: int = 100, tol: float | None = None, learn_initial: bool = True,
+                 init: str = "model", progress: bool = False):
+        super().__init__(num_iterations=num_iterations, tol=tol, learn_initial=learn_initial, progress=progress)
+        self.init = check_choice(init, "init", INITS)
+
     def _fit(self, model, data, seed):
         require(model, "linear_gaussian", needed_by="KalmanEM", alternative=_ALT)
-        require(model, "set_linear_gaussian", needed_by="KalmanEM", alternative=_ALT)
+        set_lg = require(model, "set_linear_gaussian", needed_by="KalmanEM", alternative=_ALT)
+        if self.init == "ar":
+            set_lg(ar_start(data, model.hidden_dim, dtype=model.dtype))
 
         def evaluate(k):
             p, f, s = kalman_estep(model, data)

@@ -23,6 +23,13 @@ complete rows. Dimensions with different orders are padded with zero coefficient
 
 Use them as methods: ``pr.fit(model, y, method=Persistence())`` ignores ``model`` except for its
 ``obs_dim`` and returns a fitted reference model.
+
+**AR start for linear state-space models.** :func:`ar_start` writes least-squares AR(:math:`p`) fits,
+:math:`p = \lfloor H/D\rfloor`, in companion form as a :class:`~ppl_rnn.LinearGaussianParams` of hidden size
+:math:`H` (the :math:`H - pD` remaining states decoupled: zero rows and columns of :math:`A` and :math:`C`, the
+negligible noise). With its negligible observation noise that model's exact log-evidence is the AR fit's
+conditional likelihood, so exact EM started there (``KalmanEM(init="ar")``) begins at the AR reference and
+only climbs.
 """
 
 from __future__ import annotations
@@ -30,15 +37,16 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 import xarray as xr
 from ppl_rnn.models.ar import ARStateSpace
 
 from ppl_rnn.errors import ConfigurationError, DataError
 from ppl_rnn.method import InferenceMethod, check_positive_int
-from ppl_rnn.model import StateSpaceModel
+from ppl_rnn.model import LinearGaussianParams, StateSpaceModel
 from ppl_rnn.results import FitResult
 
-__all__ = ["Persistence", "LinearAR", "FixedModel", "is_reference"]
+__all__ = ["Persistence", "LinearAR", "FixedModel", "is_reference", "ar_start"]
 
 
 def _design(y: np.ndarray, m: np.ndarray, p: int):
@@ -70,6 +78,19 @@ class _Reference(InferenceMethod):
 
     def _fit(self, model, data, seed):
         t0 = time.perf_counter()
+        ref, orders, info, sig = self._fit_ar(data, model.dtype)
+        # training objective: conditional Gaussian log-likelihood of the least-squares residuals (per row)
+        obj = float(-0.5 * np.sum(np.log(2 * np.pi * np.square(sig)) + 1.0))
+        wall = time.perf_counter() - t0
+        trace = xr.Dataset({"objective": (("iteration",), [obj]), "wall_time_s": (("iteration",), [wall])},
+                           coords={"iteration": [0]})
+        return FitResult(model=ref, trace=trace, posterior=None, wall_time_s=wall, converged=True,
+                         method=self.name, evidence_kind="approximation",
+                         diagnostics={"phi": ref.phi, "c": ref.c, "sigma": ref.sigma, "order": orders,
+                                      "order_selection": info})
+
+    def _fit_ar(self, data, dt):
+        """Least-squares fits per output dimension: ``(ARStateSpace, orders, order facts, sigmas)``."""
         y = data.observations.double().numpy()
         m = data.mask.numpy()
         D = y.shape[-1]
@@ -90,17 +111,8 @@ class _Reference(InferenceMethod):
             info.append(facts)
         pmax = max(orders)
         phi = [np.concatenate([ph, np.zeros(pmax - len(ph))]) for ph in phi]
-        dt = model.dtype
         ref = ARStateSpace(np.array(phi), np.array(c), np.array(sig), np.array(scale), np.array(level), dtype=dt)
-        # training objective: conditional Gaussian log-likelihood of the least-squares residuals (per row)
-        obj = float(-0.5 * np.sum(np.log(2 * np.pi * np.square(sig)) + 1.0))
-        wall = time.perf_counter() - t0
-        trace = xr.Dataset({"objective": (("iteration",), [obj]), "wall_time_s": (("iteration",), [wall])},
-                           coords={"iteration": [0]})
-        return FitResult(model=ref, trace=trace, posterior=None, wall_time_s=wall, converged=True,
-                         method=self.name, evidence_kind="approximation",
-                         diagnostics={"phi": ref.phi, "c": ref.c, "sigma": ref.sigma, "order": orders,
-                                      "order_selection": info})
+        return ref, orders, info, sig
 
 
 class Persistence(_Reference):
@@ -158,6 +170,35 @@ class LinearAR(_Reference):
         resid = z - A @ coef
         dof = max(len(z) - A.shape[1], 1)
         return coef[:-1], float(coef[-1]), float(np.sqrt(resid @ resid / dof))
+
+
+def ar_start(data, hidden_dim: int, *, dtype=None) -> LinearGaussianParams:
+    """Companion-form AR(``hidden_dim // D``) least-squares fits on ``data`` (a validated
+    :class:`ppl_rnn.data.Data`) padded to ``hidden_dim`` states (module docstring, "AR start"); no input
+    terms (``B = None``). Raises :class:`ConfigurationError` when ``hidden_dim < D``."""
+    D = data.observations.shape[-1]
+    p = int(hidden_dim) // D
+    if p < 1:
+        raise ConfigurationError(
+            f"an AR start needs at least one lag per output: hidden_dim is {hidden_dim} and the data have {D} "
+            f"outputs. Use a model with hidden_dim >= {D}, or start from the model as given (init='model').")
+    dt = dtype or data.observations.dtype
+    lg = LinearAR(order=p)._fit_ar(data, dt)[0].linear_gaussian()
+    H, n = int(hidden_dim), p * D
+    tiny = float(lg.Q.diagonal()[1:].min()) if n > 1 else 1e-6 * float(lg.Q[0, 0])
+
+    def pad(M, rows, cols, fill_diag=0.0):
+        out = torch.zeros(rows, cols, dtype=dt)
+        out[:M.shape[0], :M.shape[1]] = M.to(dt)
+        for i in range(M.shape[0], min(rows, cols)):
+            out[i, i] = fill_diag
+        return out
+
+    pad_v = torch.zeros(H - n, dtype=dt)
+    return LinearGaussianParams(
+        A=pad(lg.A, H, H), b=torch.cat([lg.b.to(dt), pad_v]), Q=pad(lg.Q, H, H, tiny), C=pad(lg.C, D, H),
+        d=lg.d.to(dt), R=lg.R.to(dt), m0=torch.cat([lg.m0.to(dt), pad_v]), P0=pad(lg.P0, H, H, tiny),
+        diagonal_noise=True)
 
 
 def is_reference(method) -> bool:

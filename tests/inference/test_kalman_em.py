@@ -98,3 +98,26 @@ def test_errors(float64):
         KalmanEM(tol=-1.0)
     with pytest.raises(ConfigurationError):
         KalmanEM(num_iterations=0)
+    with pytest.raises(ConfigurationError, match="init"):
+        KalmanEM(init="zeros")
+
+
+@pytest.mark.parametrize("H, D, p", [(3, 1, 3), (5, 2, 2)])
+def test_ar_start_begins_at_the_ar_fit_and_climbs(float64, H, D, p):
+    """``init="ar"``: iteration 0 is the companion form of least-squares AR(H // D) fits, padded to H states
+    (one decoupled state when H = 5, D = 2), so its exact log-evidence is the AR reference model's (computed
+    by the independent path LinearAR -> ARStateSpace -> Kalman filter); EM then only climbs."""
+    from ppl_rnn.inference.reference import LinearAR
+
+    true = ElmanSSM(2, D, activation="identity", process_noise=0.3, obs_noise=0.05, seed=1)
+    y = true.simulate(200, 2, seed=0).observations.clone()
+    y[0, 30:33, 0] = float("nan")
+    fit = pr.fit(ElmanSSM(H, D, activation="identity", seed=4), y, method=KalmanEM(num_iterations=5, tol=0, init="ar"))
+    ar = pr.fit(ElmanSSM(1, D), y, method=LinearAR(order=p)).model
+    exact_ar = float(pr.infer(ar, y, method=KalmanFilter()).log_evidence.sum())
+    le = fit.trace.log_evidence.values
+    assert le[0] == pytest.approx(exact_ar, rel=1e-9, abs=1e-6)
+    assert _monotone(le) and le[-1] > le[0] + 1.0
+    if D > 1:  # fewer states than outputs: no lag to put the AR fit in
+        with pytest.raises(ConfigurationError, match="hidden_dim"):
+            pr.fit(ElmanSSM(1, D, activation="identity"), y, method=KalmanEM(num_iterations=1, init="ar"))

@@ -46,17 +46,22 @@ def _sharp_series(T=300, seed=0):
 
 
 @pytest.mark.slow
-def test_linear_start_is_the_embedded_kalman_em_fit(float64):
+@pytest.mark.parametrize("init_linear", ["ar", "model"])
+def test_linear_start_is_the_embedded_kalman_em_fit(float64, init_linear):
+    """The start is KalmanEM's fit (begun at AR fits in companion form by default, or at the model) embedded
+    at the default gain 0.01."""
     y = _sharp_series(200)
     m = ElmanSSM(2, 1, seed=3)
-    r = pr.fit(m, y, method=MonteCarloEM(init="linear", init_iterations=30, num_iterations=1,
+    r = pr.fit(m, y, method=MonteCarloEM(init="linear", init_iterations=30, num_iterations=1, init_linear=init_linear,
                                          smoother=ParticleSmoother(100, 20)), seed=0)
-    lin = pr.fit(m.linear_special_case(), y, method=KalmanEM(num_iterations=30, tol=1e-9), seed=0).model
+    lin = pr.fit(m.linear_special_case(), y, method=KalmanEM(num_iterations=30, tol=1e-9, init=init_linear),
+                 seed=0).model
+    assert r.diagnostics["init_linear"] == init_linear
     start = r.diagnostics["initial_model"]
     np.testing.assert_allclose(r.trace.W.values[0], lin.W.detach().numpy(), rtol=1e-8)
-    np.testing.assert_allclose(start.C.detach().numpy(), lin.C.detach().numpy() / 0.1, rtol=1e-8)
-    np.testing.assert_allclose(start.q.detach().numpy(), 0.1 * lin.q.detach().numpy(), rtol=1e-8)
-    assert r.diagnostics["init"] == "linear" and r.diagnostics["init_gain"] == 0.1
+    np.testing.assert_allclose(start.C.detach().numpy(), lin.C.detach().numpy() / 0.01, rtol=1e-8)
+    np.testing.assert_allclose(start.q.detach().numpy(), 0.01 * lin.q.detach().numpy(), rtol=1e-8)
+    assert r.diagnostics["init"] == "linear" and r.diagnostics["init_gain"] == 0.01
     exact = float(pr.infer(lin, y, method=KalmanFilter()).log_evidence.sum())
     assert r.diagnostics["init_exact_log_evidence"] == pytest.approx(exact, rel=1e-9)
     # the tanh network in its linear regime has nearly the linear fit's evidence (the filter's estimate)
