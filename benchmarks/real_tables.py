@@ -12,10 +12,12 @@ on data preprocessed from the training part only (:mod:`ppl_rnn.workbench.datase
     recording, 25 Hz, robust-scaled on the training part): 120 s (3000 steps) of training, the next 60 s
     (1500 steps) held out; leads 5/10/15 steps = 0.2/0.4/0.6 s. Rows: AR(p) with p by AIC on the training
     part (``LinearAR(order="aic", max_order=30)``); KalmanEM's linear state-space model
-    (``ElmanSSM(6, activation="identity")``, exact EM, ``--kem-iterations``); the tanh network
-    (``ElmanSSM(6)``) trained by Monte Carlo EM from the **linear warm start**: the KalmanEM row's fit of the
-    same seed, embedded in tanh's linear regime (``embed_linear(..., gain=0.1)``, what
-    ``MonteCarloEM(init="linear")`` does, here reusing the KalmanEM row instead of fitting it twice).
+    (``ElmanSSM(H, activation="identity")`` with H the AIC order, exact EM begun at that AR fit in companion
+    form, ``KalmanEM(init="ar")``, ``--kem-iterations``); the tanh network (``ElmanSSM(H)``) trained by Monte
+    Carlo EM from the **linear warm start**: the KalmanEM row's fit embedded in tanh's linear regime
+    (``embed_linear(..., gain=0.01)``, what ``MonteCarloEM(init="linear")`` does by default, here reusing the
+    KalmanEM row instead of fitting it twice). ``--breathing-hidden 6 --kem-init model --init-gain 0.1`` gives
+    the earlier rows (hidden 6, KalmanEM from the random network).
 (b) **Santa Fe laser** (``santafe-laser``, standard-scaled on the training part): steps 0-999 train, 1000-1499
     test; leads 1..10. Rows: AR(p by AIC); KalmanEM hidden 8; MCEM tanh networks hidden 8 and 16 from the
     default random start (``ElmanSSM(H, seed=seed)``), at several iteration counts (checkpoints).
@@ -71,15 +73,28 @@ def load_problem(name: str, quick: bool = False):
     raise ValueError(name)
 
 
+def breathing_hidden(choice, tr) -> int:
+    """The hidden size: an int, or ``"aic"``: the order ``LinearAR(order="aic", max_order=30)`` picks on the
+    training part (the AR start then puts that AR fit in companion form)."""
+    if str(choice) != "aic":
+        return int(choice)
+    fit = pr.fit(ElmanSSM(1, 1).double(), tr, method=LinearAR(order="aic", max_order=30))
+    return int(fit.diagnostics["order"][0])
+
+
 def rows_for(problem: str, args) -> list[dict]:
     """The rows of a problem: key, label, kind, hidden size, iteration checkpoints to score."""
     if problem == "breathing":
         H = args.breathing_hidden
+        ini = "" if args.kem_init == "model" else f"_{args.kem_init}"
+        start = "AR start" if args.kem_init == "ar" else "random start"
         return [
             dict(key="ar", label="AR(p by AIC)", kind="ar"),
-            dict(key=f"kem_h{H}", label=f"KalmanEM linear SSM (h{H})", kind="kem", H=H, its=[args.kem_iterations]),
-            dict(key=f"mcem_h{H}", label=f"MCEM tanh (h{H}, linear start)", kind="mcem_linear", H=H,
-                 its=sorted(set(args.mcem_iterations)), base=f"kem_h{H}", base_it=args.kem_iterations),
+            dict(key=f"kem{ini}_h{H}", label=f"KalmanEM linear SSM (h{H}, {start})", kind="kem", H=H,
+                 its=[args.kem_iterations], init=args.kem_init),
+            dict(key=f"mcem{ini}_h{H}", label=f"MCEM tanh (h{H}, linear start)", kind="mcem_linear", H=H,
+                 its=sorted(set(args.mcem_iterations)), base=f"kem{ini}_h{H}", base_it=args.kem_iterations,
+                 gain=args.init_gain),
         ]
     rows = [dict(key="ar", label="AR(p by AIC)", kind="ar"),
             dict(key="kem_h8", label="KalmanEM linear SSM (h8)", kind="kem", H=8, its=[args.laser_kem_iterations])]
@@ -149,7 +164,8 @@ def fit_row(problem, row, seed, y, args, log=print):
         while done < target:
             t0 = time.perf_counter()
             n = min(chunk, target - done)
-            fit = pr.fit(model, y, method=KalmanEM(num_iterations=n, tol=0), seed=seed)
+            init = row.get("init", "model") if done == 0 else "model"  # the AR start only before iteration 1
+            fit = pr.fit(model, y, method=KalmanEM(num_iterations=n, tol=0, init=init), seed=seed)
             model, done = fit.model, done + n
             _save(_path(cache, problem, row["key"], seed, done), model,
                   dict(H=row["H"], activation="identity", iterations=done, method="KalmanEM"))
@@ -165,7 +181,7 @@ def fit_row(problem, row, seed, y, args, log=print):
                 raise SystemExit(f"{base} is missing: fit the KalmanEM row first (same --cache).")
             lin, _ = _load(base)
             model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed).double()
-            capability(model, "embed_linear")(capability(lin, "linear_gaussian")(), gain=0.1)
+            capability(model, "embed_linear")(capability(lin, "linear_gaussian")(), gain=row["gain"])
         else:
             model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed).double()
         done = 0
@@ -312,8 +328,14 @@ def main(argv=None):
     p.add_argument("--laser-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--cache", default="/tmp/ppl_rnn_real_tables")
     p.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
-    p.add_argument("--breathing-hidden", type=int, default=6)
-    p.add_argument("--kem-iterations", type=int, default=50)
+    p.add_argument("--breathing-hidden", default="aic",
+                   help="breathing: hidden size of the linear SSM and the network (an int, or 'aic': the AR order "
+                        "AIC picks on the training part)")
+    p.add_argument("--kem-init", choices=["ar", "model"], default="ar",
+                   help="breathing: KalmanEM begins at AR fits in companion form ('ar') or at the random model")
+    p.add_argument("--init-gain", type=float, default=0.01,
+                   help="breathing: the embedding gain of the linear warm start (embed_linear)")
+    p.add_argument("--kem-iterations", type=int, default=25)
     p.add_argument("--mcem-iterations", type=int, nargs="+", default=[10, 30, 50, 100])
     p.add_argument("--laser-hidden", type=int, nargs="+", default=[8, 16])
     p.add_argument("--laser-iterations", type=int, nargs="+", default=[60, 120, 260])
@@ -337,6 +359,8 @@ def main(argv=None):
     problems = ["breathing", "laser"] if args.problem == "all" else [args.problem]
     for prob in problems:
         tr, te, hs, lab = load_problem(prob, args.quick)
+        if prob == "breathing":
+            args.breathing_hidden = breathing_hidden(args.breathing_hidden, tr)
         seeds = args.seeds if prob == "breathing" else args.laser_seeds
         rows = rows_for(prob, args)
         if args.stage in ("fit", "all"):
