@@ -230,16 +230,21 @@ def linearize(fn: Callable, x: torch.Tensor, *, role: str = "conditional", model
 
 
 # ---- conditioning on observed entries and the measurement updates --------------------------------------
+def masked_covariance(mf: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    r""":math:`MRM + (I-M)` for a float mask ``mf`` ``(..., D)`` (1 = observed): the observed block of ``R``,
+    unit variance on the missing entries, no cross terms — so a Gaussian density of the residual zeroed on
+    the missing entries is the observed entries' marginal density times :math:`(2\pi)^{-|\bar o|/2}`."""
+    mm = mf.unsqueeze(-1) * mf.unsqueeze(-2)
+    eye_d = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+    return R * mm + torch.diag_embed(1.0 - mf) * eye_d
+
+
 def masked_observation(mask: torch.Tensor, C: torch.Tensor, R: torch.Tensor):
     r"""``(mf, MC, MRM + (I-M))`` for an element mask ``(..., D)`` (True = observed; see module docstring):
     ``mf`` the mask as floats ``(..., D)``, then the observation matrix and noise covariance of the observed
     entries padded with unit-variance pseudo-observations. Multiply the residual by ``mf``."""
     mf = mask.to(C.dtype)
-    Cm = mf.unsqueeze(-1) * C
-    mm = mf.unsqueeze(-1) * mf.unsqueeze(-2)
-    eye_d = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
-    Rm = R * mm + torch.diag_embed(1.0 - mf) * eye_d
-    return mf, Cm, Rm
+    return mf, mf.unsqueeze(-1) * C, masked_covariance(mf, R)
 
 
 def kalman_update(m_pred, P_pred, y, mask, C, offset, R):

@@ -24,6 +24,7 @@ from pyro.distributions import Independent, MultivariateNormal, TorchDistributio
 from torch.distributions import constraints
 
 from .errors import ModelCapabilityError
+from .gaussian import masked_covariance
 
 
 def masked_log_prob(dist, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -38,10 +39,7 @@ def masked_log_prob(dist, y: torch.Tensor, mask: torch.Tensor | None) -> torch.T
         return torch.where(mask, lp, torch.zeros((), dtype=lp.dtype)).sum(-1)
     if isinstance(dist, MultivariateNormal):
         m = mask.to(y.dtype)
-        cov = dist.covariance_matrix
-        mm = m.unsqueeze(-1) * m.unsqueeze(-2)
-        eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
-        cov2 = cov * mm + torch.diag_embed(1.0 - m) * eye
+        cov2 = masked_covariance(m, dist.covariance_matrix)
         diff = (y - dist.loc) * m
         L = torch.linalg.cholesky(cov2)
         sol = torch.linalg.solve_triangular(L, diff.unsqueeze(-1), upper=False).squeeze(-1)
