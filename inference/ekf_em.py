@@ -27,6 +27,7 @@ from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive
 from ppl_rnn.results import Posterior
 
 from .complete_data import cached_params, complete_data_log_likelihood
+from .ekf import extended_kalman_filter
 from .em_common import ConvergenceRule, EMLoop, EMStep
 from .kalman import ffbs_sample, final_state_sampler, rts_smoother
 
@@ -56,8 +57,6 @@ class EKFEM(InferenceMethod):
         self.progress = bool(progress)
 
     def _fit(self, model, data, seed):
-        from .ekf import extended_kalman_filter
-
         n_obs = max(data.num_observed, 1)
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.lr)
 
