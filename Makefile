@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # torch is pinned here (a CPU wheel); pyproject keeps a normal range.
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-fast lint install clean
+.PHONY: demo test test-fast lint install clean notebooks
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# execute the example notebooks with full settings and store their outputs (tests/test_notebooks.py checks)
+notebooks: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python notebooks/make_notebooks.py --execute
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,9 +1,21 @@
-"""Generate the example notebooks (no stored outputs): ``python notebooks/make_notebooks.py``.
+"""Generate the example notebooks, and execute them with full settings so they are stored with outputs.
 
-Every notebook reads ``PPL_RNN_SMALL=1`` in its first cell and then uses tiny settings, so
-``tests/test_notebooks.py`` executes all of them in well under a minute each.
+    python notebooks/make_notebooks.py                 # write the cells (a notebook whose cells changed loses
+                                                       # its outputs; unchanged ones keep theirs)
+    python notebooks/make_notebooks.py --execute [07 ...]   # execute (all, or the given numbers) with full
+                                                       # settings and store the outputs (``make notebooks``)
+
+This file is the source of the cells. Every notebook reads ``PPL_RNN_SMALL=1`` in its first cell and then uses
+tiny settings, so ``tests/test_notebooks.py`` executes all of them in well under three minutes each; the stored
+outputs come from a full-settings run (``--execute``), recorded in the notebook's metadata (``ppl_rnn``) and in
+the first cell's output (``settings: full``). Claims a notebook makes in words are asserted in its code cells.
 """
 
+import argparse
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -13,14 +25,18 @@ HERE = Path(__file__).parent
 
 SETUP = """import os, warnings
 warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", message="IProgress not found")
 SMALL = os.environ.get("PPL_RNN_SMALL") == "1"   # tiny settings for the test suite
+print("settings:", "small" if SMALL else "full")
 import numpy as np
 import torch
 import matplotlib
+# the inline backend shows (and stores as PNG) the figures a cell returns
+%matplotlib inline
 import ppl_rnn as pr
 from ppl_rnn.workbench import plots
 from ppl_rnn.models import ElmanSSM
-torch.manual_seed(0)"""
+_ = torch.manual_seed(0)"""
 
 
 def nb(cells):
@@ -79,8 +95,9 @@ for t in range(1, sim.states.shape[1]):
     by_hand = by_hand + model.transition(t, sim.states[:, t - 1], None).log_prob(sim.states[:, t]).sum()
 for t in range(sim.states.shape[1]):
     by_hand = by_hand + model.emission(t, sim.states[:, t], None).log_prob(sim.observations[:, t]).sum()
-print(float(tr.log_prob_sum()), float(by_hand))
-assert abs(float(tr.log_prob_sum()) - float(by_hand)) < 1e-2'''),
+lp_trace, lp_hand = float(tr.log_prob_sum().detach()), float(by_hand.detach())
+print(lp_trace, lp_hand)
+assert abs(lp_trace - lp_hand) < 1e-2'''),
     ("md", "Missing data are NaN. Filter the pendulum with a particle filter and with the extended Kalman "
            "filter (Jacobians by autograd) — no extra code in the model."),
     ("code", '''y = sim.observations.clone()
@@ -88,6 +105,9 @@ y[0, 40:50] = float("nan")        # a gap in sequence 0
 pf = pr.infer(model, y, method=pr.inference.ParticleFilter(num_particles=500 if SMALL else 5000), seed=0)
 ekf = pr.infer(model, y, method=pr.inference.ExtendedKalmanFilter())
 print("log-evidence  particle filter:", pf.log_evidence.numpy().round(2), "  EKF:", ekf.log_evidence.numpy().round(2))
+# both methods ran on the model as written, through the gap (NaN = missing: the states are still estimated)
+assert torch.isfinite(pf.log_evidence).all() and torch.isfinite(ekf.log_evidence).all()
+assert torch.isfinite(pf.mean[0, 40:50]).all() and torch.isfinite(ekf.mean[0, 40:50]).all()
 fig = plots.plot_states(pf, sim.states, title="particle filter on the pendulum (gap at steps 40-49 in sequence 0)")
 fig'''),
     ("code", '''fig = plots.plot_ess(pf)
@@ -97,8 +117,9 @@ fig'''),
 NOTEBOOKS["02_smc_vs_exact_kalman.ipynb"] = nb([
     ("md", "# 02 — Sequential Monte Carlo against exact Kalman\n\nOn a linear-Gaussian model "
            "(`ElmanSSM(activation='identity')`) the Kalman filter is exact. The particle filter's evidence "
-           "estimate `Ẑ` is unbiased for `Z`, so the mean of `Ẑ/Z` over independent runs is 1 (within its "
-           "standard error); its filtered means agree with Kalman's."),
+           "estimate `Ẑ` is unbiased for `Z`, so the mean of `Ẑ/Z` over independent runs is 1 (within three of its "
+           "standard errors; `Ẑ/Z` is skewed, so a few runs carry much of the mean); its filtered means agree "
+           "with Kalman's."),
     ("code", SETUP),
     ("code", '''model = ElmanSSM(3, 1, activation="identity", process_noise=0.3, obs_noise=0.3, seed=2)
 y = model.simulate(60 if SMALL else 200, seed=0).observations
@@ -107,20 +128,24 @@ N = 200 if SMALL else 2000
 runs = [pr.infer(model, y, method=pr.inference.ParticleFilter(num_particles=N), seed=s) for s in range(8 if SMALL else 40)]
 ratio = torch.stack([torch.exp(r.log_evidence - exact.log_evidence) for r in runs]).squeeze()
 print(f"exact log Z = {float(exact.log_evidence):.3f};  mean Zhat/Z = {float(ratio.mean()):.3f} "
-      f"+- {float(ratio.std() / len(ratio) ** 0.5):.3f} (SE)")'''),
+      f"+- {float(ratio.std() / len(ratio) ** 0.5):.3f} (SE)")
+assert abs(float(ratio.mean()) - 1) < 3 * float(ratio.std() / len(ratio) ** 0.5)'''),
     ("code", '''err = torch.stack([r.mean for r in runs]).mean(0) - exact.mean
 print("max |mean filtered state - Kalman| over time:", float(err.abs().max()))
+assert float(err.abs().max()) < 0.05   # the filtered means agree with Kalman's
 import matplotlib.pyplot as plt
 fig, ax = plt.subplots(figsize=(8, 3))
 ax.plot(exact.mean[0, :, 0], "k", label="Kalman filter mean")
 ax.plot(runs[0].mean[0, :, 0], "C1--", label=f"particle filter mean (N={N})")
 ax.legend(); ax.set_xlabel("time step"); ax.set_ylabel("h[0]");'''),
     ("md", "Smoothing: the particle smoother (forward filter + backward simulation, Godsill, Doucet & West 2004) "
-           "against the Rauch–Tung–Striebel smoother."),
+           "against the Rauch–Tung–Striebel smoother: the smoothed means agree to a fraction of the posterior "
+           "standard deviation."),
     ("code", '''rts = pr.infer(model, y, method=pr.inference.KalmanSmoother())
 ps = pr.infer(model, y, method=pr.inference.ParticleSmoother(num_particles=N, num_paths=100 if SMALL else 500), seed=0)
 print("max |smoothed mean difference|:", float((ps.mean - rts.mean).abs().max()),
       " typical posterior sd:", float(rts.var.sqrt().mean()))
+assert float((ps.mean - rts.mean).abs().max()) < 0.5 * float(rts.var.sqrt().mean())
 fig = plots.plot_states(ps, None, title="particle smoother (bands) on the linear model")
 fig'''),
 ])
@@ -146,14 +171,21 @@ print(f"fitted in {fit.wall_time_s:.1f} s; converged: {fit.converged}")
 fig = plots.plot_traces({"MCEM": fit.trace}, kinds={"MCEM": fit.evidence_kind}, variable="log_evidence")
 fig'''),
     ("md", "Score the fitted network and the true network with the same yardstick: held-out log-evidence per "
-           "step (particle filter at the fitted parameters, conditioning on the training part) and forecast CRPS."),
+           "step (particle filter at the fitted parameters, conditioning on the training part) and forecast CRPS. "
+           "MCEM improves on the random initial network by a clear margin on both; with full settings (30 "
+           "iterations) it ends within 0.05 nats/step of the true network."),
     ("code", '''kw = dict(horizons=[1, 5], num_particles=300 if SMALL else 500, seed=0)
 ev_fit = pr.evaluate(fit.model, train.values, test.values, **kw)
 ev_true = pr.evaluate(rec.true_model, train.values, test.values, **kw)
 ev_init = pr.evaluate(model0, train.values, test.values, **kw)
 for name, ev in [("initial", ev_init), ("MCEM", ev_fit), ("true", ev_true)]:
     print(f"{name:8s} held-out log-ev/step {float(ev.heldout_logev_per_step):7.3f} ± "
-          f"{float(ev.heldout_logev_per_step_se):.3f}   CRPS(1, 5) {ev.crps.values.round(3)}")'''),
+          f"{float(ev.heldout_logev_per_step_se):.3f}   CRPS(1, 5) {ev.crps.values.round(3)}")
+logev = {name: float(ev.heldout_logev_per_step) for name, ev in [("initial", ev_init), ("MCEM", ev_fit), ("true", ev_true)]}
+assert logev["MCEM"] > logev["initial"] + (0.05 if SMALL else 0.3)      # a clear margin over the start
+assert (ev_fit.crps.values < ev_init.crps.values).all()                 # at both leads
+if not SMALL:
+    assert logev["MCEM"] > logev["true"] - 0.05                         # close to the true network'''),
     ("code", '''fc = pr.forecast(fit.model, train.values, horizon=10, num_samples=300, seed=0)
 fig = plots.plot_forecast(train.values, fc, truth=test.values[:, :10], history=80, label="MCEM forecast")
 fig'''),
@@ -161,8 +193,10 @@ fig'''),
 
 NOTEBOOKS["04_svi_guides_and_ekf.ipynb"] = nb([
     ("md", "# 04 — SVI guides and the extended Kalman filter\n\nOn a linear-Gaussian model every guide's ELBO is "
-           "a lower bound on the exact log-evidence; a structured (Markov) guide can reach it, a mean-field guide "
-           "cannot. The EKF is exact on linear models and an approximation on the tanh network."),
+           "a lower bound on the exact log-evidence. A structured (Markov) guide can represent the exact "
+           "posterior, a mean-field guide cannot; at this notebook's budget (1500 steps) the Markov guide's "
+           "ELBO ends closer to the exact value than the mean-field guide's, though neither reaches it. The EKF "
+           "is exact on linear models and an approximation on the tanh network."),
     ("code", SETUP),
     ("code", '''lin = ElmanSSM(2, 1, activation="identity", process_noise=0.3, obs_noise=0.3, seed=3)
 y = lin.simulate(30 if SMALL else 100, seed=0).observations
@@ -172,7 +206,13 @@ res = {}
 for guide in ["mean_field", "markov_gaussian"]:
     post = pr.infer(lin, y, method=pr.inference.SVI(guide=guide, num_steps=steps, lr=0.05), seed=0)
     res[guide] = float(post.log_evidence)
-    print(f"{guide:16s} ELBO {res[guide]:8.2f}   (exact log-evidence {exact:.2f}; evidence_kind={post.evidence_kind})")'''),
+    print(f"{guide:16s} ELBO {res[guide]:8.2f}   (exact log-evidence {exact:.2f}; evidence_kind={post.evidence_kind})")
+    assert post.evidence_kind == "lower_bound" and res[guide] < exact + 0.5    # a bound (up to Monte Carlo noise)
+if not SMALL:
+    assert res["markov_gaussian"] > res["mean_field"]                           # the structured guide is closer
+ekf_lin = float(pr.infer(lin, y, method=pr.inference.ExtendedKalmanFilter()).log_evidence)
+print(f"EKF on the linear model: {ekf_lin:.4f} (exact Kalman {exact:.4f})")
+assert abs(ekf_lin - exact) < 1e-3                                              # the EKF is exact here'''),
     ("md", "The EKF on the nonlinear benchmark network against a particle filter (the EKF's log-likelihood is "
            "an approximation; the particle filter's is an unbiased estimate of the evidence)."),
     ("code", '''from ppl_rnn.workbench import datasets
@@ -181,17 +221,19 @@ y = rec.split()[0].values
 ekf = pr.infer(rec.true_model, y, method=pr.inference.ExtendedKalmanSmoother())
 pf = pr.infer(rec.true_model, y, method=pr.inference.ParticleFilter(num_particles=500 if SMALL else 5000), seed=0)
 print("log-evidence  EKF (approximation):", float(ekf.log_evidence), "  particle filter (estimate):", float(pf.log_evidence))
+assert ekf.evidence_kind == "approximation" and pf.evidence_kind == "estimate"
 fig = plots.plot_states(ekf, rec.split()[0].states, title="extended Kalman smoother vs the true states")
 fig'''),
     ("md", "The EKF as a particle-filter proposal: each particle takes a one-step EKF update towards the "
            "observation, with importance weights that keep the evidence unbiased; with small observation noise "
-           "it keeps far more effective particles."),
+           "it keeps far more effective particles (here several times as many)."),
     ("code", '''sharp = ElmanSSM(4, 1, process_noise=0.3, obs_noise=0.05, weight_scale=1.5, seed=4)
 ys = sharp.simulate(50 if SMALL else 200, seed=0).observations
 N = 200 if SMALL else 1000
 boot = pr.infer(sharp, ys, method=pr.inference.ParticleFilter(num_particles=N, proposal="bootstrap"), seed=0)
 guided = pr.infer(sharp, ys, method=pr.inference.ParticleFilter(num_particles=N, proposal="ekf"), seed=0)
-print("mean ESS  bootstrap:", float(boot.diagnostics["ess"].mean()), "  EKF proposal:", float(guided.diagnostics["ess"].mean()))'''),
+print("mean ESS  bootstrap:", float(boot.diagnostics["ess"].mean()), "  EKF proposal:", float(guided.diagnostics["ess"].mean()))
+assert float(guided.diagnostics["ess"].mean()) > 2 * float(boot.diagnostics["ess"].mean())'''),
 ])
 
 NOTEBOOKS["05_compare_methods_with_arviz.ipynb"] = nb([
@@ -215,8 +257,14 @@ methods = {
     "persistence": Persistence(),
     "true network": FixedModel(rec.true_model, label="true network"),
 }
+start = {k: v.detach().clone() for k, v in model0.state_dict().items()}
 ds = pr.compare(model0, train.values, test.values, methods=methods, seeds=[0, 1], horizons=[1, 5],
                 num_particles=200 if SMALL else 500, num_samples=40 if SMALL else 200, progress=False)
+# each cell fitted a fresh copy (the initial model is untouched), every fit was scored by the one yardstick,
+# and each method's own objective is labelled with its kind
+assert all(torch.equal(v, model0.state_dict()[k]) for k, v in start.items())
+assert (ds.error.values == "").all() and np.isfinite(ds.heldout_logev_per_step.values).all()
+assert all(k in ("exact", "estimate", "lower_bound", "approximation") for k in ds.own_evidence_kind.values)
 ds[["heldout_logev_per_step", "crps", "wall_time_s", "own_objective", "own_evidence_kind", "error"]]'''),
     ("code", '''from ppl_rnn.workbench.report import text_table, verdict
 ref = ("AR(5)", "persistence", "true network")
@@ -284,25 +332,290 @@ rec'''),
     lab = lambda h: f"{h * dt:.1f} s"
     print(text_table(ds, reference=("AR(p by AIC)", "persistence"), steps_label=lab))
     print()
-    print(linear_or_nonlinear(ds, steps_label=lab))'''),
+    print(linear_or_nonlinear(ds, steps_label=lab))
+    # 2 minutes (3000 steps at 25 Hz) train and the last minute (1500 steps) is held out
+    assert (train.values.shape[1], test.values.shape[1]) == ((750, 250) if SMALL else (3000, 1500))
+    assert all(e == "" for e in ds.error.values.ravel())'''),
+    ("md", "With full settings the best row on held-out log-evidence is AR(p by AIC): on regular breathing a "
+           "linear model is enough (as in the README's real-data table), and MCEM improves on its linear warm "
+           "start (the KalmanEM row) without reaching AR. The next cell asserts both and plots the best row's "
+           "0.6 s forecast."),
     ("code", '''if rec is not None:
     best = str(ds.method.values[int(np.nanargmax(ds.heldout_logev_per_step.values[:, 0]))])
     print("best on held-out log-evidence:", best)
+    logev = dict(zip(ds.method.values, ds.heldout_logev_per_step.values[:, 0]))
+    if not SMALL:
+        assert best == "AR(p by AIC)"
+        assert logev["MCEM (linear start)"] > logev["KalmanEM (linear SSM)"]
     from ppl_rnn.workbench.compare import load_cell_model
     fitted = load_cell_model(run_dir, best, 0)
     fc = pr.forecast(fitted, train.values, horizon=15, num_samples=400, seed=0)
     fig = plots.plot_forecast(train.values, fc, truth=test.values[:, :15], history=100, dt=dt, time_unit="s",
                               label=f"{best}: 0.6 s forecast")
-    fig'''),
+    display(fig)'''),
+])
+
+NOTEBOOKS["07_architectures_on_real_data.ipynb"] = nb([
+    ("md", "# 07 — The architectures of the model suite on real data\n\n"
+           "Every recurrent architecture of `ppl_rnn.models`, as a stochastic state-space model, trained by the "
+           "**same method** — Monte Carlo EM with a particle smoother as the E-step, the same particles, paths "
+           "and iterations for every network — on two real signals, and scored by the **one yardstick** "
+           "(`ppl_rnn.workbench.evaluate.evaluate`): held-out log-evidence per test step ± its Monte Carlo "
+           "standard error, CRPS per forecast lead, and the wall time of the fit.\n\n"
+           "* **Breathing** (`respiration`, 25 Hz, from the regular part of the recording that starts at "
+           "`REGULAR_BREATHING_WINDOW`): smooth, nearly periodic, quasi-linear. The Elman network starts from "
+           "its **linear warm start** (`MonteCarloEM(init=\"linear\")`: KalmanEM on its linear special case, "
+           "embedded in tanh's linear regime); it is the only architecture that declares one, the others start "
+           "from their default random weights.\n"
+           "* **Santa Fe laser** (`santafe-laser`, standard-scaled on the training part): chaotic pulsations "
+           "with collapses. Every network starts from its default random weights (the linear start would stay "
+           "in the linear basin, see the README).\n\n"
+           "References: **AR(p)** with p chosen by AIC on the training part (exact), and the **linear "
+           "state-space model** (`LinearGaussianSSM`) trained by exact KalmanEM and scored by exact Kalman. "
+           "The settings (next cell) are budgets for a notebook — a full-settings run took 17–25 minutes of "
+           "wall time (one thread) on a shared, busy two-core machine — not converged fits: "
+           "`benchmarks/real_tables.py` trains the Elman network for hundreds of iterations on longer series."),
+    ("code", SETUP),
+    ("code", """import time
+import pandas as pd
+from matplotlib.figure import Figure
+from ppl_rnn.workbench import datasets
+from ppl_rnn.workbench.evaluate import evaluate
+from ppl_rnn.models import (JordanSSM, GRUSSM, LSTMSSM, CTRNNSSM, MultipleTimescalesSSM, SecondOrderSSM,
+                            StackedSSM, EchoStateSSM, LinearGaussianSSM)
+from ppl_rnn.inference import KalmanEM, MonteCarloEM, ParticleSmoother
+from ppl_rnn.inference.reference import LinearAR
+torch.set_num_threads(1)
+
+H = 3 if SMALL else 6                             # state units of every network
+BREATHING = dict(window=(730.0, 20.0), train_s=12.0) if SMALL else dict(window=(730.0, 40.0), train_s=25.0)
+LASER_TRAIN, LASER_TEST = (100, 40) if SMALL else (400, 200)
+# the same MCEM for every network (library defaults otherwise: gradient M-step = 10 Adam steps at lr 0.01
+# per iteration for the networks without a closed-form M-step)
+MCEM = dict(num_iterations=1, gradient_steps=3, tol=0.0) if SMALL else dict(num_iterations=5, tol=0.0)
+PARTICLES, PATHS = (40, 5) if SMALL else (200, 20)              # E-step: ParticleSmoother(..., backward="mcmc")
+KEM_ITERATIONS = 5 if SMALL else 100                            # the linear SSM; Elman's linear warm start
+YARDSTICK = dict(num_particles=100 if SMALL else 300, max_particles=100 if SMALL else 2400,
+                 num_replicates=2 if SMALL else 8, se_tol=None if SMALL else 0.02,
+                 num_samples=20 if SMALL else 200, seed=0)
+ARCHITECTURES = {   # label -> a fresh network (seed 0 draws its initial weights)
+    "Elman (tanh)": lambda: ElmanSSM(H, 1, seed=0),
+    "Jordan": lambda: JordanSSM(H, 1, seed=0),
+    "GRU": lambda: GRUSSM(H, 1, seed=0),
+    "LSTM": lambda: LSTMSSM(H, 1, seed=0),                      # state (h, c): 2H units
+    "CTRNN": lambda: CTRNNSSM(H, 1, seed=0),
+    "MTRNN": lambda: MultipleTimescalesSSM(H - H // 3, H // 3, 1, seed=0),   # fast and slow groups
+    "second-order": lambda: SecondOrderSSM(H, 1, seed=0),
+    "stacked": lambda: StackedSSM([H // 2, H - H // 2], 1, seed=0),           # two layers
+    "echo state": lambda: EchoStateSSM(5 * H, 1, seed=0),      # fixed reservoir of 5H, readout trained
+}
+from ppl_rnn.capabilities import capability
+warm_startable = [k for k, make in ARCHITECTURES.items() if capability(make(), "linear_special_case") is not None]
+assert warm_startable == ["Elman (tanh)"]    # the one architecture that declares a linear warm start
+print(f"H = {H}; MCEM {MCEM['num_iterations']} iterations, ParticleSmoother({PARTICLES}, {PATHS}, "
+      f"backward='mcmc'); KalmanEM {KEM_ITERATIONS} iterations; yardstick {YARDSTICK}")"""),
+    ("code", """try:
+    rec = datasets.load("respiration", **BREATHING, dtype=torch.float64)
+    b_train, b_test = (part.values for part in rec.split())
+except ImportError as e:          # the breathing trace comes from an optional package
+    b_train = None
+    print("respiration data not available:", e)
+laser = datasets.load("santafe-laser", scale="standard", train_steps=LASER_TRAIN, dtype=torch.float64).values
+l_train, l_test = laser[:, :LASER_TRAIN], laser[:, LASER_TRAIN:LASER_TRAIN + LASER_TEST]
+PROBLEMS = {"laser": (l_train, l_test, (1, 2, 3, 4, 5, 6, 7, 8, 9, 10))}
+if b_train is not None:
+    PROBLEMS = {"breathing": (b_train, b_test, (1, 5, 10, 15)), **PROBLEMS}
+for name, (tr, te, hs) in PROBLEMS.items():
+    print(f"{name}: {tr.shape[1]} training steps, {te.shape[1]} test steps, leads {hs}")"""),
+    ("code", """def run_row(problem, label, model, method, train, test, horizons, kind):
+    fit = pr.fit(model.double(), train, method=method, seed=0)
+    t0 = time.perf_counter()
+    ev = evaluate(fit.model, train, test, horizons=horizons, **YARDSTICK)
+    row = dict(dataset=problem, architecture=label, kind=kind,
+               logev=float(ev.heldout_logev_per_step), se=float(ev.heldout_logev_per_step_se),
+               evidence=ev.attrs["evidence_method"], fit_s=fit.wall_time_s, eval_s=time.perf_counter() - t0,
+               **{f"crps_{h}": float(c) for h, c in zip(horizons, ev.crps.values)},
+               **{f"rmse_{h}": float(r) for h, r in zip(horizons, ev.rmse.values)})
+    if kind == "AR":
+        row["architecture"] = f"AR({int(fit.diagnostics['order'][0])}) by AIC"
+    print(f"[{problem}] {row['architecture']:18s} log-ev/step {row['logev']:+.3f} ± {row['se']:.3f}  "
+          f"CRPS lead {horizons[0]} {row[f'crps_{horizons[0]}']:.3f}  fit {row['fit_s']:.0f} s", flush=True)
+    return row
+
+def smoother():
+    return ParticleSmoother(PARTICLES, PATHS, backward="mcmc")
+
+rows = []
+for problem, (tr, te, hs) in PROBLEMS.items():
+    rows.append(run_row(problem, "AR", ElmanSSM(1, 1), LinearAR(order="aic", max_order=30), tr, te, hs, "AR"))
+    rows.append(run_row(problem, "linear SSM (KalmanEM)", LinearGaussianSSM(H, 1, seed=0),
+                        KalmanEM(num_iterations=KEM_ITERATIONS, tol=0.0), tr, te, hs, "linear"))
+    for label, make in ARCHITECTURES.items():
+        warm = problem == "breathing" and label.startswith("Elman")    # the one declared linear warm start
+        method = MonteCarloEM(**MCEM, smoother=smoother(), init="linear" if warm else "model",
+                              init_iterations=KEM_ITERATIONS)
+        rows.append(run_row(problem, label + (" (linear start)" if warm else ""), make(), method,
+                            tr, te, hs, "network"))
+res = pd.DataFrame(rows)"""),
+    ("md", "The table: held-out log-evidence per test step (higher is better; `±` is the yardstick's Monte Carlo "
+           "standard error, 0 where Kalman is exact), CRPS per lead in units of the scaled signal (lower is "
+           "better), and the wall time of the fit in seconds (one thread on a shared two-core machine: compare "
+           "the ratios)."),
+    ("code", """def table(problem):
+    hs = PROBLEMS[problem][2]
+    t = res[res.dataset == problem].sort_values("logev", ascending=False).set_index("architecture")
+    out = pd.DataFrame({"log-ev/step": [f"{v:+.3f} ± {s:.3f}" for v, s in zip(t.logev, t.se)]}, index=t.index)
+    for h in hs:
+        out[f"CRPS {h}"] = t[f"crps_{h}"].round(3)
+    out["fit s"] = t.fit_s.round(1)
+    return out
+
+for problem in PROBLEMS:
+    print(f"== {problem}")
+    print(table(problem).to_string())
+    print()"""),
+    ("code", """fig = Figure(figsize=(12, 4.2 * len(PROBLEMS)))
+axes = fig.subplots(len(PROBLEMS), 2, squeeze=False)
+for (ax_bar, ax_crps), problem in zip(axes, PROBLEMS):
+    t = res[res.dataset == problem].sort_values("logev")
+    colors = ["0.55" if k != "network" else "C0" for k in t.kind]
+    hi = t.logev.max()
+    lo = max(t.logev.min(), hi - 4.0)             # rows more than 4 nats/step below the best are off scale
+    base = lo - 0.15 * (hi - lo + 0.1)            # bars start at the left edge: longer is better
+    ax_bar.barh(t.architecture, (t.logev - base).clip(lower=0), left=base, xerr=2 * t.se, color=colors, capsize=3)
+    for y, v in enumerate(t.logev):
+        ax_bar.text(max(v, base), y, f" {v:+.3f}" + (" (off scale)" if v < base else ""), va="center", fontsize=8)
+    ax_bar.set_xlim(base, hi + 0.3 * (hi - base))
+    ax_bar.set_xlabel("held-out log-evidence per step (± 2 SE)")
+    ax_bar.set_title(f"{problem}: held-out log-evidence (grey: linear references)")
+    hs = PROBLEMS[problem][2]
+    for i, (_, r) in enumerate(res[res.dataset == problem].iterrows()):
+        style = dict(color="k", lw=2.5) if r.kind == "AR" else dict(color="0.5", lw=2) if r.kind == "linear" \\
+            else dict(color=f"C{i % 10}", lw=1.2)
+        ax_crps.plot(hs, [r[f"crps_{h}"] for h in hs], marker="o", ms=3, label=r.architecture, **style)
+    ax_crps.set_xlabel("lead (steps" + (", 25 Hz)" if problem == "breathing" else ")"))
+    ax_crps.set_ylabel("CRPS (lower is better)")
+    ax_crps.set_title(f"{problem}: CRPS per lead")
+    ax_crps.legend(fontsize=7, ncol=2)
+fig.tight_layout()
+fig"""),
+    ("md", "## Which architecture wins where\n\n"
+           "With this notebook's budgets (the same 5 MCEM iterations for every network; the next cell asserts "
+           "each sentence from the results of a full-settings run, and the first one also at small settings):\n\n"
+           "* **Breathing: a linear model is enough, and the start matters more than the architecture.** The best "
+           "row is AR(p) by AIC. The best network is the Elman network from its linear warm start: within 0.05 "
+           "nats/step of AR, level with it at the short leads (CRPS within 10 % at leads 1 and 5) and far ahead of "
+           "every architecture started from random weights, which all end more than 1.5 nats/step below AR "
+           "after 5 iterations. Only the Elman network declares a linear special case for the warm start.\n"
+           "* **Laser: no network beats AR(p) at this budget.** The best network on held-out log-evidence is the "
+           "GRU, ahead of the Elman network; but the Elman network forecasts better than the GRU at leads 2–10 "
+           "(lower CRPS), the GRU only at lead 1. Trained for hundreds of MCEM iterations on 1000 steps "
+           "(`benchmarks/real_tables.py`, README), the Elman network beats AR by more than 1 nat/step on this "
+           "signal: the laser is where the nonlinearity earns its keep, given the iterations.\n"
+           "* **Cost.** The networks with a closed-form M-step (Elman, echo state) fit at least 3 times faster "
+           "than every network with the gradient M-step (Adam steps on the expected complete-data "
+           "log-likelihood) at the same iterations; the Jordan network is the slowest to fit."),
+    ("code", """def best(problem, kinds=("AR", "linear", "network")):
+    t = res[(res.dataset == problem) & res.kind.isin(kinds)]
+    return t.loc[t.logev.idxmax(), "architecture"]
+
+CLOSED_FORM = ("Elman", "echo state")        # the networks whose M-step is closed form
+crps_cols = [c for c in res.columns if c.startswith("crps_")]
+assert np.isfinite(res.logev).all() and np.isfinite(res.se).all()
+assert (res[res.kind != "network"].evidence == "kalman").all()     # the references are scored exactly
+for problem in PROBLEMS:
+    t = res[res.dataset == problem]
+    nets = t[t.kind == "network"]
+    cf, grad = nets[nets.architecture.str.startswith(CLOSED_FORM)], nets[~nets.architecture.str.startswith(CLOSED_FORM)]
+    print(f"{problem}: best row {best(problem)}; best network {best(problem, ('network',))}; fit time "
+          f"closed-form M-step <= {cf.fit_s.max():.0f} s, gradient M-step >= {grad.fit_s.min():.0f} s")
+    assert np.isfinite(t[[c for c in crps_cols if t[c].notna().any()]].values).all()
+    if not SMALL:   # cost
+        assert 3 * cf.fit_s.max() < grad.fit_s.min()
+        assert nets.set_index("architecture").fit_s.idxmax() == "Jordan"
+
+if "breathing" in PROBLEMS:
+    b = res[res.dataset == "breathing"].set_index("architecture")
+    ar, warm = b.index[b.kind == "AR"][0], "Elman (tanh) (linear start)"
+    cold = b[(b.kind == "network") & (b.index != warm)]
+    # the warm-started Elman network next to AR; every randomly started architecture behind it
+    assert b.logev[ar] - b.logev[warm] < (0.2 if SMALL else 0.05)
+    assert (b.crps_1[warm] < cold.crps_1).all()
+    if not SMALL:
+        assert best("breathing") == ar and best("breathing", ("network",)) == warm
+        assert all(b[f"crps_{h}"][warm] < 1.1 * b[f"crps_{h}"][ar] for h in (1, 5))
+        assert (cold.logev < b.logev[ar] - 1.5).all()
+if not SMALL:
+    las = res[res.dataset == "laser"].set_index("architecture")
+    ar = las.index[las.kind == "AR"][0]
+    assert best("laser") == ar and best("laser", ("network",)) == "GRU"
+    assert las.logev["GRU"] > las.logev["Elman (tanh)"]
+    assert all(las[f"crps_{h}"]["Elman (tanh)"] < las[f"crps_{h}"]["GRU"] for h in range(2, 11))
+    assert las.crps_1["GRU"] < las.crps_1["Elman (tanh)"]
+print("every claim above holds" + (" (small settings: the ones that hold at small settings)" if SMALL else ""))"""),
 ])
 
 
-def main():
-    for name, book in NOTEBOOKS.items():
+def _same_cells(a, b) -> bool:
+    return [(c.cell_type, c.source) for c in a.cells] == [(c.cell_type, c.source) for c in b.cells]
+
+
+def execute(name: str, timeout: int = 3600) -> float:
+    """Run notebook ``name`` with full settings (``PPL_RNN_SMALL`` unset) and store it with its outputs."""
+    import nbclient
+
+    book = NOTEBOOKS[name]
+    env = {k: v for k, v in os.environ.items() if k != "PPL_RNN_SMALL"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("MPLBACKEND", None)  # the kernel's inline backend stores the figures as PNG
+    old = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    t0 = time.perf_counter()
+    try:
+        client = nbclient.NotebookClient(book, timeout=timeout, kernel_name="python3",
+                                         resources={"metadata": {"path": str(HERE)}})
+        client.execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    wall = time.perf_counter() - t0
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    book.metadata["ppl_rnn"] = {"settings": "full", "executed": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                "wall_time_s": round(wall, 1), "commit_before_run": commit,
+                                "omp_num_threads": env["OMP_NUM_THREADS"]}
+    book.metadata.pop("widgets", None)
+    nbformat.validate(book)
+    nbformat.write(book, HERE / name)
+    return wall
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Write (and with --execute, run) the example notebooks.")
+    p.add_argument("--execute", action="store_true", help="execute with full settings and store the outputs")
+    p.add_argument("only", nargs="*", help="notebook numbers (e.g. 07); default: all")
+    p.add_argument("--timeout", type=int, default=3600, help="per-cell timeout of --execute (seconds)")
+    args = p.parse_args(argv)
+    names = [n for n in NOTEBOOKS if not args.only or n[:2] in args.only]
+    if not names:
+        p.error(f"no notebook matches {args.only}")
+    for name in names:
+        book = NOTEBOOKS[name]
         nbformat.validate(book)
-        nbformat.write(book, HERE / name)
-        print("wrote", HERE / name)
+        path = HERE / name
+        if args.execute:
+            wall = execute(name, timeout=args.timeout)
+            print(f"executed {path} with full settings in {wall:.0f} s", flush=True)
+        elif path.exists() and _same_cells(nbformat.read(path, as_version=4), book):
+            print("unchanged (outputs kept):", path)
+        else:
+            nbformat.write(book, path)
+            print("wrote (no outputs; run --execute):", path)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
