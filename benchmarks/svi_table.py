@@ -19,8 +19,8 @@ the EKF guide has nothing to learn but the model. From the rotation init EKF-EM 
 noise large (q = 0.74, 2.37; a noise-dominated basin), while SVI with the EKF guide from the same start does not
 (q = 0.11..0.13). Those numbers were measured on a float32 copy of the network (the initial network was built
 before the switch to float64). Re-measured 2026-11-30 in float64 with the SE yardstick (``--eval-particles
-2000``; truth 0.019 +- 0.000): EKF-EM from the rotation init -0.117 +- 0.000 (same q = 0.74, 2.37); the SVI rows
-were not re-run (the shared machine was too loaded).
+2000``; truth 0.019 +- 0.000): from the rotation init EKF-EM -0.117 +- 0.000 (same q = 0.74, 2.37), SVI with the
+EKF guide -0.020 +- 0.000; the other three guides were not re-run (the shared machine was too loaded).
 
     python benchmarks/svi_table.py              # prints the markdown table (about 40 minutes on one core)
     python benchmarks/svi_table.py --quick      # small settings (smoke test)
