@@ -174,8 +174,8 @@ class LinearAR(_Reference):
 
 def ar_start(data, hidden_dim: int, *, dtype=None) -> LinearGaussianParams:
     """Companion-form AR(``hidden_dim // D``) least-squares fits on ``data`` (a validated
-    :class:`ppl_rnn.data.Data`) padded to ``hidden_dim`` states (module docstring, "AR start"); no input
-    terms (``B = None``). Raises :class:`ConfigurationError` when ``hidden_dim < D``."""
+    :class:`ppl_rnn.data.Data`) padded to ``hidden_dim`` states (module docstring, "AR start"); with inputs
+    their terms start at zero (``B = 0``, ``D = 0``: EM learns them). Raises :class:`ConfigurationError` when ``hidden_dim < D``."""
     D = data.observations.shape[-1]
     p = int(hidden_dim) // D
     if p < 1:
@@ -195,9 +195,11 @@ def ar_start(data, hidden_dim: int, *, dtype=None) -> LinearGaussianParams:
         return out
 
     pad_v = torch.zeros(H - n, dtype=dt)
+    n_in = 0 if data.inputs is None else data.inputs.shape[-1]
     return LinearGaussianParams(
         A=pad(lg.A, H, H), b=torch.cat([lg.b.to(dt), pad_v]), Q=pad(lg.Q, H, H, tiny), C=pad(lg.C, D, H),
         d=lg.d.to(dt), R=lg.R.to(dt), m0=torch.cat([lg.m0.to(dt), pad_v]), P0=pad(lg.P0, H, H, tiny),
+        B=torch.zeros(H, n_in, dtype=dt) if n_in else None, D=torch.zeros(D, n_in, dtype=dt) if n_in else None,
         diagonal_noise=True)
 
 

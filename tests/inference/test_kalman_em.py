@@ -121,3 +121,23 @@ def test_ar_start_begins_at_the_ar_fit_and_climbs(float64, H, D, p):
     if D > 1:  # fewer states than outputs: no lag to put the AR fit in
         with pytest.raises(ConfigurationError, match="hidden_dim"):
             pr.fit(ElmanSSM(1, D, activation="identity"), y, method=KalmanEM(num_iterations=1, init="ar"))
+
+
+@pytest.mark.parametrize("make", [lambda: ElmanSSM(3, 1, 1, activation="identity", seed=4),
+                                  lambda: LinearGaussianSSM(3, 1, 1, seed=4)], ids=["elman", "linear_gaussian"])
+def test_ar_start_with_inputs_starts_their_terms_at_zero(float64, make):
+    """With inputs the AR start sets their terms to zero, so iteration 0 is still the AR fit; EM then learns
+    the input terms (here the data depend on the input, so the climb is large)."""
+    from ppl_rnn.inference.reference import LinearAR
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 150, 1, generator=g, dtype=torch.float64)
+    true = ElmanSSM(2, 1, 1, activation="identity", process_noise=0.2, obs_noise=0.05, seed=1)
+    with torch.no_grad():
+        true.U.mul_(5.0)
+    y = true.simulate(150, 2, inputs=u, seed=0).observations
+    fit = pr.fit(make(), y, inputs=u, method=KalmanEM(num_iterations=5, tol=0, init="ar"))
+    ar = pr.fit(ElmanSSM(1, 1), y, method=LinearAR(order=3)).model
+    le = fit.trace.log_evidence.values
+    assert le[0] == pytest.approx(float(pr.infer(ar, y, method=KalmanFilter()).log_evidence.sum()), rel=1e-9, abs=1e-6)
+    assert _monotone(le) and le[-1] > le[0] + 10.0
