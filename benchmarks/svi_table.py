@@ -20,7 +20,8 @@ noise large (q = 0.74, 2.37; a noise-dominated basin), while SVI with the EKF gu
 (q = 0.11..0.13). Those numbers were measured on a float32 copy of the network (the initial network was built
 before the switch to float64). Re-measured 2026-11-30 in float64 with the SE yardstick (``--eval-particles
 2000``; truth 0.019 +- 0.000): from the rotation init EKF-EM -0.117 +- 0.000 (same q = 0.74, 2.37), SVI with the
-EKF guide -0.020 +- 0.000; the other three guides were not re-run (the shared machine was too loaded).
+EKF guide -0.020 +- 0.000, amortised -0.056 +- 0.000, Markov -0.061 +- 0.000, mean-field -0.070 +- 0.000
+(each run alone with ``--only``, the three in parallel on the loaded machine, 1284-1336 s each).
 
     python benchmarks/svi_table.py              # prints the markdown table (about 40 minutes on one core)
     python benchmarks/svi_table.py --quick      # small settings (smoke test)
