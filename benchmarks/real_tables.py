@@ -88,11 +88,13 @@ def rows_for(problem: str, args) -> list[dict]:
         H = args.breathing_hidden
         ini = "" if args.kem_init == "model" else f"_{args.kem_init}"
         start = "AR start" if args.kem_init == "ar" else "random start"
+        asc = "" if args.ascent_z is None else f"_asc{args.ascent_z:g}"
+        asc_label = "" if args.ascent_z is None else f", ascent test z = {args.ascent_z:g}"
         return [
             dict(key="ar", label="AR(p by AIC)", kind="ar"),
             dict(key=f"kem{ini}_h{H}", label=f"KalmanEM linear SSM (h{H}, {start})", kind="kem", H=H,
                  its=[args.kem_iterations], init=args.kem_init),
-            dict(key=f"mcem{ini}_h{H}", label=f"MCEM tanh (h{H}, linear start)", kind="mcem_linear", H=H,
+            dict(key=f"mcem{ini}_h{H}{asc}", label=f"MCEM tanh (h{H}, linear start{asc_label})", kind="mcem_linear", H=H,
                  its=sorted(set(args.mcem_iterations)), base=f"kem{ini}_h{H}", base_it=args.kem_iterations,
                  gain=args.init_gain),
         ]
@@ -192,7 +194,9 @@ def fit_row(problem, row, seed, y, args, log=print):
     while done < target:
         t0 = time.perf_counter()
         n = min(args.chunk, target - done)
-        method = MonteCarloEM(num_iterations=n, tol=0.0, smoother=ParticleSmoother(
+        method = MonteCarloEM(num_iterations=n, tol=0.0, ascent_z=args.ascent_z if problem == "breathing" else None,
+                              max_boost=args.max_boost,
+                              smoother=ParticleSmoother(
             num_particles=args.num_particles, num_paths=100, backward="mcmc", proposal=prop))
         fit = pr.fit(model, y, method=method, seed=1000 * seed + done)
         model, done = fit.model, done + n
@@ -200,7 +204,9 @@ def fit_row(problem, row, seed, y, args, log=print):
               dict(H=row["H"], activation="tanh", iterations=done, method="MonteCarloEM", proposal=prop,
                    num_particles=args.num_particles, num_paths=100))
         log(f"[{problem}] {row['label']} seed {seed}: {done} iterations ({time.perf_counter() - t0:.0f} s), "
-            f"r = {float(model.r.detach()[0]):.4g}")
+            f"r = {float(model.r.detach()[0]):.4g}"
+            + (f", ascent steps kept {int(np.nansum(fit.trace.ascent_kept.values))}/{n}"
+               if "ascent_kept" in fit.trace else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +347,11 @@ def main(argv=None):
     p.add_argument("--laser-iterations", type=int, nargs="+", default=[60, 120, 260])
     p.add_argument("--laser-kem-iterations", type=int, default=200)
     p.add_argument("--chunk", type=int, default=5, help="breathing: MCEM iterations per saved checkpoint")
+    p.add_argument("--max-boost", type=int, default=8,
+                   help="MonteCarloEM(max_boost=...): the largest factor rejections may multiply particles and paths by")
+    p.add_argument("--ascent-z", type=float, default=None,
+                   help="breathing: MonteCarloEM(ascent_z=...) for the network row (the ascent test; its paths "
+                        "double after each refused step within a chunk)")
     p.add_argument("--num-particles", type=int, default=300, help="breathing: particles of MCEM's E-step smoother")
     p.add_argument("--laser-chunk", type=int, default=20, help="laser: MCEM iterations per saved checkpoint")
     p.add_argument("--laser-num-particles", type=int, default=500, help="laser: particles of MCEM's E-step")

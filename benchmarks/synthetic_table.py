@@ -143,7 +143,7 @@ def mcem_method(a) -> MonteCarloEM:
         smoother=ParticleSmoother(num_particles=200, num_paths=50), num_iterations=a.mcem_iters, tol=0,
         particle_schedule=((200, 50), (1000, 200)), saem=lambda k: 1.0 if k < 0.6 * n else
         (k - 0.6 * n + 1) ** -0.7, gradient_steps=a.gradient_steps, num_restarts=a.mcem_restarts,
-        restart_iterations=a.mcem_restart_iters, progress=a.progress,
+        restart_iterations=a.mcem_restart_iters, restart_kind=a.mcem_restart_kind, progress=a.progress,
         anneal_noise=None if a.mcem_anneal is None else (a.mcem_anneal[0], int(a.mcem_anneal[1])))
 
 
@@ -157,6 +157,8 @@ def main(argv=None):
     ap.add_argument("--gradient-steps", type=int, default=10, help="Levenberg-Marquardt steps per MCEM M-step")
     ap.add_argument("--mcem-restarts", type=int, default=1, help="MCEM num_restarts (1: single start)")
     ap.add_argument("--mcem-restart-iters", type=int, default=10, help="MCEM iterations per restart candidate")
+    ap.add_argument("--mcem-restart-kind", default="perturb", choices=("perturb", "rotation"),
+                    help="MCEM restart_kind: candidates redrawn near the start (perturb) or as rotations (rotation)")
     ap.add_argument("--mcem-anneal", type=float, nargs=2, default=None, metavar=("FACTOR", "ITERS"),
                     help="MCEM anneal_noise=(FACTOR, ITERS) (process-noise inflation decaying over ITERS iterations)")
     ap.add_argument("--trace", default=None, help="write the MCEM trace (netCDF) here")

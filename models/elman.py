@@ -45,6 +45,11 @@ def _scale(v, n, name):
     return t
 
 
+def _rotation(A: torch.Tensor, scale: float) -> torch.Tensor:
+    r""":math:`\exp\big(s(A-A^\top)\big)`: a random rotation, close to the identity for small ``scale``."""
+    return torch.linalg.matrix_exp(scale * (A - A.T))
+
+
 class ElmanSSM(StateSpaceModel):
     r"""Stochastic Elman network (see module docstring).
 
@@ -105,7 +110,7 @@ class ElmanSSM(StateSpaceModel):
         dt = torch.get_default_dtype()
         A = torch.randn(H, H, generator=g, dtype=dt)
         if weight_init == "rotation":
-            W = weight_scale * torch.linalg.matrix_exp(rotation_scale * (A - A.T))
+            W = weight_scale * _rotation(A, rotation_scale)
         else:
             W = weight_scale * A / H**0.5
         self.W = PyroParam(W)
@@ -275,6 +280,16 @@ class ElmanSSM(StateSpaceModel):
             set_param(self, n, (1.0 - scale) * old + scale * rms * noise)
         old = self.b.detach()
         set_param(self, "b", old + 0.1 * scale * torch.randn(old.shape, generator=generator, dtype=torch.float64).to(old.dtype))
+
+    @torch.no_grad()
+    def rotation_restart(self, generator: torch.Generator, *, gain: float = 1.1, rotation_scale: float = 0.25) -> None:
+        r"""Redraw ``W`` as ``weight_init="rotation"`` does, :math:`W=\text{gain}\cdot\exp\big(s(A-A^\top)\big)`
+        with :math:`A_{ij}\sim N(0,1)` from ``generator``: slow oscillatory modes (eigenvalues
+        :math:`\text{gain}\,e^{\pm i\omega}`, small :math:`\omega`) in the activation's saturating regime, a
+        restart candidate in another basin than a damped or linear-regime fit; the other parameters stay."""
+        H = self.hidden_dim
+        A = torch.randn(H, H, generator=generator, dtype=torch.float64)
+        set_param(self, "W", (gain * _rotation(A, rotation_scale)).to(self.W.dtype))
 
     # ---- closed-form (generalised) M-step: the MCEM fast path ------------------------------
     def closed_form_mstep(

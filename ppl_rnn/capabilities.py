@@ -110,6 +110,10 @@ declare("set_weights", "(vector: Tensor) -> None", "sets the parameters from a v
 declare("perturb", "(scale: float, generator: torch.Generator) -> None",
         "moves the deterministic network's weights by a random step of relative size scale (restarts)",
         ("transition",), reads_parts=False)
+declare("rotation_restart", "(generator: torch.Generator) -> None",
+        "redraws the recurrent weights as a random rotation near the identity times a gain slightly above 1 "
+        "(slow oscillatory modes in the saturating regime; restarts in another basin)",
+        ("transition",), reads_parts=False)
 
 
 # ---- the one lookup -----------------------------------------------------------------------------------
