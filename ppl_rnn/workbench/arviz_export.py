@@ -13,9 +13,11 @@ Groups
 * ``posterior_predictive``: ``y`` draws of :math:`p(y_t\mid h_t^{(s)})` at the posterior draws;
   for a comparison, the one-step-ahead predictive draws; for a forecast, the forecast draws (and ``h``).
 * ``log_likelihood``: ``y`` pointwise :math:`\log p(y_t\mid h_t^{(s)})` (per step, summed over observed
-  entries; 0 at fully missing steps), ``y_onestep`` :math:`\log p(y_t\mid h_t^{(s)})` with
-  :math:`h_t^{(s)}\sim p(h_t\mid y_{0:t})` (filtering draws): PSIS-LOO's reweighting by
-  :math:`1/p(y_t\mid h_t^{(s)})` turns them into draws of :math:`p(h_t\mid y_{0:t-1})`, so
+  entries; 0 at fully missing steps), ``y_onestep`` :math:`\log p(y_t\mid h_{t-1}^{(s)})` with :math:`h_t`
+  integrated out at draws of :math:`p(h_{t-1}\mid y_{0:t})` where the model's emission is linear-Gaussian and
+  its transition Gaussian, else :math:`\log p(y_t\mid h_t^{(s)})` at filtering draws (see
+  :mod:`ppl_rnn.workbench.evaluate`): PSIS-LOO's reweighting by the inverse density turns them into draws
+  given :math:`y_{0:t-1}`, so
   ``az.loo(idata, var_name="y_onestep").elpd_loo`` estimates the one-step-ahead log score
   :math:`\sum_t \log p(y_t\mid y_{0:t-1})` and ``az.compare`` ranks methods by it.
 * ``observed_data``: ``y`` (sequence, time, obs), NaN where missing.

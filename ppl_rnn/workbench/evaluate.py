@@ -47,11 +47,17 @@ the same sequences), :func:`evaluate` filters the whole series at the fitted par
     :math:`S(S-1)` pair average), lower is better, in the units of :math:`y`;
   - coverage of the central 50% and 90% predictive intervals (should be 0.5 and 0.9).
 
-* **one-step pointwise log-likelihood draws** ``onestep_log_lik`` :math:`\log p(y_t\mid h_t^{(s)})` with
-  :math:`h_t^{(s)}\sim p(h_t\mid y_{0:t})` (filtering draws). Pareto-smoothed importance sampling
-  leave-one-out (``az.loo``) reweights each draw by :math:`1/p(y_t\mid h_t^{(s)})`, which turns
-  :math:`p(h_t\mid y_{0:t})` into :math:`p(h_t\mid y_{0:t-1})`, so ``elpd_loo`` estimates the one-step-ahead
-  log score :math:`\sum_t\log p(y_t\mid y_{0:t-1})` and ``az.compare`` ranks methods by it. They fill
+* **one-step pointwise log-likelihood draws** ``onestep_log_lik``: where the model declares
+  ``linear_gaussian_emission`` and its transition is Gaussian, :math:`\log p(y_t\mid h_{t-1}^{(s)})` with
+  :math:`h_t` integrated out, :math:`N(y_t;\,Cf(h_{t-1})+c,\,CQC^\top+R)`, at draws
+  :math:`h_{t-1}^{(s)}\sim p(h_{t-1}\mid y_{0:t})` (filtering draws of :math:`h_{t-1}` resampled in proportion to
+  it); otherwise :math:`\log p(y_t\mid h_t^{(s)})` at filtering draws :math:`h_t^{(s)}\sim p(h_t\mid y_{0:t})`.
+  Pareto-smoothed importance sampling leave-one-out (``az.loo``) reweights each draw by the inverse density,
+  which turns the draws into ones given :math:`y_{0:t-1}`, so ``elpd_loo`` estimates the one-step-ahead log
+  score :math:`\sum_t\log p(y_t\mid y_{0:t-1})` and ``az.compare`` ranks methods by it. The integrated form
+  matters for near-noise-free emissions: :math:`1/p(y_t\mid h_t)` then has no finite variance (measured: AR(2)
+  and persistence, whose observation noise is 1e-3 of the scale, scored +5.9 nats/step against the exact -0.49
+  and -0.74, Pareto k-hat > 0.7 at 40-60 % of the points; integrated: within 0.0001 of exact, k-hat fine). They fill
   ``log_likelihood.y_onestep`` of the ArviZ export; ``onestep_y`` holds one-step-ahead predictive draws of
   :math:`y_t` (the posterior predictive), ``filtered_signal`` the noise-free signal :math:`E[y_t\mid h_t^{(s)}]`
   at the filtering draws (a posterior quantity with the same dims for every model, whatever its hidden size).
@@ -74,10 +80,12 @@ import numpy as np
 import pyro
 import torch
 import xarray as xr
+from pyro.distributions import Independent, Normal
 
 from ppl_rnn.capabilities import capability
 from ppl_rnn.data import Data, prepare
-from ppl_rnn.errors import ConfigurationError, DataError, DegenerateWeightsError
+from ppl_rnn.errors import ConfigurationError, DataError, DegenerateWeightsError, ModelCapabilityError
+from ppl_rnn.gaussian import gaussian_moments, masked_covariance
 from ppl_rnn.inference.resampling import systematic
 from ppl_rnn.method import check_choice, check_positive_float, check_positive_int
 from ppl_rnn.model import input_at
@@ -349,7 +357,9 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
                 y_t = y[:, tt].transpose(0, 1)  # (O,B,D)
                 m_t = mask[:, tt].transpose(0, 1)
                 hf = draws[:, 1:].to(dtype)
-                onestep_lp = model.observation_log_prob(t_first, hf, y_t, m_t, u_j).double()
+                onestep_lp = _integrated_onestep(model, draws[:, :T2].to(dtype), y_t, m_t, u_j, t_first)
+                if onestep_lp is None:
+                    onestep_lp = model.observation_log_prob(t_first, hf, y_t, m_t, u_j).double()
                 signal = _signal(model, t_first, hf, u_j)  # (S,O,B,D)
     eval_time = time.perf_counter() - t0
 
@@ -426,13 +436,70 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
 
 
 @torch.no_grad()
+def _gaussian_log_density(resid: torch.Tensor, cov: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log N(resid; 0, cov) over the observed entries of ``mask`` (``resid`` ``(..., D)``, ``cov`` ``(..., D, D)``)."""
+    mf = mask.to(cov.dtype).expand(resid.shape)
+    S = masked_covariance(mf, cov)
+    L = torch.linalg.cholesky(S)
+    z = torch.linalg.solve_triangular(L, (resid * mf).unsqueeze(-1), upper=False).squeeze(-1)
+    n_obs = mf.sum(-1)
+    return (-0.5 * z.pow(2).sum(-1) - torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+            - 0.5 * n_obs * math.log(2 * math.pi))
+
+
+@torch.no_grad()
+def _integrated_onestep(model, prev, y_t, m_t, u_t, t: int):
+    r"""``(S,n,B)`` pointwise values :math:`\log p(y_t\mid h_{t-1}^{(s)})` (:math:`h_t` integrated out) at draws
+    :math:`h_{t-1}^{(s)}\sim p(h_{t-1}\mid y_{0:t})`, from filtering draws ``prev`` ``(S,n,B,H)`` of
+    :math:`h_{t-1}` for ``n`` targets ``y_t``/``m_t`` ``(n,B,D)`` (inputs ``u_t`` ``(n,B,I)``, time index ``t``
+    passed to the conditionals); None where the model does not declare ``linear_gaussian_emission`` or its
+    transition is not Gaussian.
+
+    With a linear-Gaussian emission :math:`N(Ch+c, R)` and a Gaussian transition :math:`N(f(h), Q(h))`,
+    :math:`p(y_t\mid h_{t-1}) = N(y_t;\,Cf(h_{t-1})+c,\ CQ(h_{t-1})C^\top+R)` in closed form. The filtering draws
+    of :math:`h_{t-1}` are resampled in proportion to it (importance resampling of :math:`p(h_{t-1}\mid
+    y_{0:t-1})` into :math:`p(h_{t-1}\mid y_{0:t})`), so PSIS-LOO's reweighting by :math:`1/p(y_t\mid
+    h_{t-1}^{(s)})` returns them to :math:`p(h_{t-1}\mid y_{0:t-1})` and ``elpd_loo`` estimates the one-step log
+    score as with :math:`\log p(y_t\mid h_t^{(s)})` — but the weights now vary like a density whose variance
+    includes the process noise, not like the (possibly tiny) observation noise alone, so the estimate keeps a
+    finite variance for near-noise-free emissions (where :math:`1/p(y_t\mid h_t)` has none).
+    """
+    lge = capability(model, "linear_gaussian_emission")
+    if lge is None:
+        return None
+    try:
+        C, off, R = lge(t, u_t)
+        tr = model.transition(t, prev, u_t)
+        if isinstance(tr, Independent) and tr.reinterpreted_batch_ndims == 1 and isinstance(tr.base_dist, Normal):
+            f, q2 = torch.broadcast_tensors(tr.base_dist.loc, tr.base_dist.scale.pow(2))  # never form (H, H)
+            Q = None
+        else:
+            f, Q = gaussian_moments(tr)
+    except ModelCapabilityError:  # a non-Gaussian transition: the caller keeps log p(y_t | h_t)
+        return None
+    dt = torch.float64
+    C, off, R = C.to(dt), off.to(dt), R.to(dt)
+    Ct = C.transpose(-1, -2)
+    mu = (f.to(dt).unsqueeze(-2) @ Ct).squeeze(-2) + off  # (S,n,B,D)
+    if Q is None:
+        cov = (C * q2.to(dt).unsqueeze(-2)) @ Ct + R
+    else:
+        cov = C @ Q.to(dt) @ Ct + R
+    lw = _gaussian_log_density(y_t.to(dt) - mu, cov, m_t)  # (S,n,B)
+    S = lw.shape[0]
+    flat = lw.permute(1, 2, 0).reshape(-1, S)  # one resampling per (target, sequence)
+    idx = torch.multinomial(torch.softmax(flat, -1), S, replacement=True)
+    return torch.gather(flat, 1, idx).reshape(lw.shape[1], lw.shape[2], S).permute(2, 0, 1)
+
+
 def onestep_predictive(model, observations, *, inputs=None, num_samples: int = 200, num_particles: int = 2000,
                        filter: str = "auto", seed: int | None = 0):
     r"""Pointwise log-likelihood draws for ``log_likelihood.y_onestep`` and one-step predictive draws.
 
-    Returns ``(log_lik, y_draws, increments)``: ``log_lik`` ``(S,B,T)`` is :math:`\log p(y_t\mid h_t^{(s)})`
-    with :math:`h_t^{(s)}\sim p(h_t\mid y_{0:t})` (filtering draws; PSIS-LOO turns them into the one-step
-    log score, see the module docstring), ``y_draws`` ``(S,B,T,D)`` draws of :math:`y_t\mid y_{0:t-1}`
+    Returns ``(log_lik, y_draws, increments)``: ``log_lik`` ``(S,B,T)`` the pointwise values of the module
+    docstring (:math:`\log p(y_t\mid h_{t-1}^{(s)})` with :math:`h_t` integrated out where the model allows,
+    else :math:`\log p(y_t\mid h_t^{(s)})` at filtering draws; :math:`\log p(y_0\mid h_0^{(s)})` at t = 0; PSIS-LOO
+    turns them into the one-step log score), ``y_draws`` ``(S,B,T,D)`` draws of :math:`y_t\mid y_{0:t-1}`
     (:math:`p(h_0)` at t=0), ``increments`` ``(B,T)`` the filter's :math:`\log p(y_t\mid y_{0:t-1})`.
     """
     num_samples = check_positive_int(num_samples, "num_samples", minimum=2)
@@ -451,6 +518,12 @@ def onestep_predictive(model, observations, *, inputs=None, num_samples: int = 2
         draws = draws.to(model.dtype)  # (S,T,B,H) filtering draws
         u_all = None if u is None else u.transpose(0, 1)
         lp = model.observation_log_prob(0, draws, y.transpose(0, 1), mask.transpose(0, 1), u_all).double()
+        if T > 1:
+            u_n = None if u is None else u[:, 1:].transpose(0, 1)
+            lp1 = _integrated_onestep(model, draws[:, :T - 1], y[:, 1:].transpose(0, 1), mask[:, 1:].transpose(0, 1),
+                                      u_n, 1)
+            if lp1 is not None:
+                lp[:, 1:] = lp1
         h0 = model.initial_batched(input_at(u, 0), (num_samples, B)).sample().unsqueeze(1)  # (S,1,B,H)
         if T > 1:
             u_n = None if u is None else u[:, 1:].transpose(0, 1)  # (T-1,B,I)
