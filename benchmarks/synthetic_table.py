@@ -28,6 +28,13 @@ A deterministic pre-training (BPTT, or GlobalSearch on the noise-free rollout's 
 start: on this data that objective's optimum is close to the climatological mean (the BPTT row ends at -0.78
 held-out; the climatological Gaussian scores -0.76), which has no oscillation for EM to tune.
 
+Rotation restarts (``--mcem-restarts 8 --mcem-restart-kind rotation``: ``num_restarts=8,
+restart_kind="rotation"``, candidates 1-7 with random rotation-type W, 10 iterations each, the best by training
+evidence continued), measured 2026-11-30 from ``--init gaussian`` init seeds 1, 2, 3 (truth 0.0188): the chosen
+candidate is always a rotation (the Gaussian start itself scores -0.056..-0.071 after 10 iterations, the chosen
+ones -0.030..-0.039); held-out -0.0062 / -0.0008 / -0.0019 +- 0.0002 after 60 iterations (delta -0.025 /
+-0.020 / -0.021), -0.0034 / (not finished) / -0.0002 after 120 (--mcem-iters 120). 387 s per 60-iteration run.
+
 MCEM escapes from local optima (issue 4): ``--mcem-restarts K`` (``num_restarts``; each candidate gets
 ``--mcem-restart-iters`` iterations of 200 particles / 50 paths, the best by training evidence is continued) and
 ``--mcem-anneal FACTOR ITERS`` (``anneal_noise``). Default: a single start, no annealing. Measured on noise seed 0

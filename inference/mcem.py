@@ -118,7 +118,9 @@ a tanh network on oscillating data, Gaussian random weights tend to end in a "li
 hidden amplitudes, one mode wasted on fast or decaying dynamics); starting from
 ``ElmanSSM(..., weight_init="rotation")`` (a random rotation near the identity times a gain slightly above 1:
 slow oscillatory modes) EM tunes the modes' frequencies instead (``benchmarks/synthetic_table.py`` has the
-measurements).
+measurements). From a Gaussian start, ``num_restarts=8, restart_kind="rotation"`` reaches that basin: on the
+synthetic benchmark (init seeds 1-3) plain MCEM ends 0.05 nats/step below the generating network, with
+rotation restarts 0.019-0.025 below.
 
 **Random restarts** (``num_restarts=k > 1``). EM only climbs to a local maximum of :math:`\log p_\theta(y)`;
 for a recurrent network the surface has many (e.g. a network that has learnt one of two oscillations of the
