@@ -80,13 +80,14 @@ import numpy as np
 import pyro
 import torch
 import xarray as xr
-from pyro.distributions import Independent, Normal
+from pyro.distributions import Independent, MultivariateNormal, Normal
 
 from ppl_rnn.capabilities import capability
 from ppl_rnn.data import Data, prepare
 from ppl_rnn.errors import ConfigurationError, DataError, DegenerateWeightsError, ModelCapabilityError
-from ppl_rnn.gaussian import gaussian_moments, masked_covariance
+from ppl_rnn.gaussian import gaussian_moments
 from ppl_rnn.inference.resampling import systematic
+from ppl_rnn.masking import masked_log_prob
 from ppl_rnn.method import check_choice, check_positive_float, check_positive_int
 from ppl_rnn.model import input_at
 from ppl_rnn.rng import check_seed, seeded
@@ -436,17 +437,6 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
 
 
 @torch.no_grad()
-def _gaussian_log_density(resid: torch.Tensor, cov: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log N(resid; 0, cov) over the observed entries of ``mask`` (``resid`` ``(..., D)``, ``cov`` ``(..., D, D)``)."""
-    mf = mask.to(cov.dtype).expand(resid.shape)
-    S = masked_covariance(mf, cov)
-    L = torch.linalg.cholesky(S)
-    z = torch.linalg.solve_triangular(L, (resid * mf).unsqueeze(-1), upper=False).squeeze(-1)
-    n_obs = mf.sum(-1)
-    return (-0.5 * z.pow(2).sum(-1) - torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
-            - 0.5 * n_obs * math.log(2 * math.pi))
-
-
 @torch.no_grad()
 def _integrated_onestep(model, prev, y_t, m_t, u_t, t: int):
     r"""``(S,n,B)`` pointwise values :math:`\log p(y_t\mid h_{t-1}^{(s)})` (:math:`h_t` integrated out) at draws
@@ -485,7 +475,7 @@ def _integrated_onestep(model, prev, y_t, m_t, u_t, t: int):
         cov = (C * q2.to(dt).unsqueeze(-2)) @ Ct + R
     else:
         cov = C @ Q.to(dt) @ Ct + R
-    lw = _gaussian_log_density(y_t.to(dt) - mu, cov, m_t)  # (S,n,B)
+    lw = masked_log_prob(MultivariateNormal(mu, covariance_matrix=cov, validate_args=False), y_t.to(dt), m_t)
     S = lw.shape[0]
     flat = lw.permute(1, 2, 0).reshape(-1, S)  # one resampling per (target, sequence)
     idx = torch.multinomial(torch.softmax(flat, -1), S, replacement=True)
