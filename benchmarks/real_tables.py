@@ -21,6 +21,10 @@ on data preprocessed from the training part only (:mod:`ppl_rnn.workbench.datase
 (b) **Santa Fe laser** (``santafe-laser``, standard-scaled on the training part): steps 0-999 train, 1000-1499
     test; leads 1..10. Rows: AR(p by AIC); KalmanEM hidden 8; MCEM tanh networks hidden 8 and 16 from the
     default random start (``ElmanSSM(H, seed=seed)``), at several iteration counts (checkpoints).
+    ``--laser-init rotation`` starts from ``ElmanSSM(H, seed=seed, weight_init="rotation", weight_scale=1.1)``
+    instead (row key ``mcem_h{H}_rot``); ``--laser-restarts K --laser-restart-iterations M`` makes the first
+    chunk ``MonteCarloEM(num_restarts=K, restart_iterations=M)`` (K candidates, M iterations each, the best by
+    training evidence continued; row key suffix ``_r{K}x{M}``; the first checkpoint is M + ``--laser-chunk``).
 
 Fits are run in chunks (KalmanEM 50 iterations, MCEM ``--chunk``/``--laser-chunk`` iterations, each chunk a fresh
 ``pr.fit`` from the previous chunk's model with seed ``1000 * seed + iterations done``) and every chunk is
@@ -100,9 +104,15 @@ def rows_for(problem: str, args) -> list[dict]:
         ]
     rows = [dict(key="ar", label="AR(p by AIC)", kind="ar"),
             dict(key="kem_h8", label="KalmanEM linear SSM (h8)", kind="kem", H=8, its=[args.laser_kem_iterations])]
+    K, M = args.laser_restarts, args.laser_restart_iterations
+    rs = "" if K == 1 else f"_r{K}x{M}"
+    rs_label = "" if K == 1 else f", best of {K} starts after {M} it"
+    rot = args.laser_init == "rotation"
     for H in args.laser_hidden:
-        rows.append(dict(key=f"mcem_h{H}", label=f"MCEM tanh (h{H}, random start)", kind="mcem", H=H,
-                         its=sorted(set(args.laser_iterations))))
+        rows.append(dict(key=f"mcem_h{H}{'_rot' if rot else ''}{rs}",
+                         label=f"MCEM tanh (h{H}, {'rotation' if rot else 'random'} start{rs_label})", kind="mcem",
+                         H=H, its=sorted(set(args.laser_iterations)), restarts=K, restart_iterations=M,
+                         weight_init=args.laser_init))
     return rows
 
 
@@ -184,6 +194,8 @@ def fit_row(problem, row, seed, y, args, log=print):
             lin, _ = _load(base)
             model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed).double()
             capability(model, "embed_linear")(capability(lin, "linear_gaussian")(), gain=row["gain"])
+        elif row.get("weight_init", "gaussian") == "rotation":
+            model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed, weight_init="rotation", weight_scale=1.1).double()
         else:
             model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed).double()
         done = 0
@@ -193,13 +205,22 @@ def fit_row(problem, row, seed, y, args, log=print):
         done, model = have[0], _load(have[1])[0]
     while done < target:
         t0 = time.perf_counter()
-        n = min(args.chunk, target - done)
+        K = row.get("restarts", 1) if done == 0 else 1  # multi-start only in the first chunk
+        M = row.get("restart_iterations", 10) if K > 1 else 0
+        n = min(args.chunk, target - done - M)  # the first chunk: M iterations per candidate, then n more
+        if n < 1:
+            raise SystemExit(f"--laser-restart-iterations {M} must be below the largest of --laser-iterations "
+                             f"({target}).")
         method = MonteCarloEM(num_iterations=n, tol=0.0, ascent_z=args.ascent_z if problem == "breathing" else None,
-                              max_boost=args.max_boost,
+                              max_boost=args.max_boost, num_restarts=K, restart_iterations=M if K > 1 else 10,
                               smoother=ParticleSmoother(
             num_particles=args.num_particles, num_paths=100, backward="mcmc", proposal=prop))
         fit = pr.fit(model, y, method=method, seed=1000 * seed + done)
-        model, done = fit.model, done + n
+        model, done = fit.model, done + n + M
+        if K > 1:
+            log(f"[{problem}] {row['label']} seed {seed}: restart training log-evidence "
+                f"{[round(v, 1) for v in fit.diagnostics['restart_log_evidence']]}, chosen "
+                f"{fit.diagnostics['restart_chosen']}")
         _save(_path(cache, problem, row["key"], seed, done), model,
               dict(H=row["H"], activation="tanh", iterations=done, method="MonteCarloEM", proposal=prop,
                    num_particles=args.num_particles, num_paths=100))
@@ -354,6 +375,12 @@ def main(argv=None):
                         "double after each refused step within a chunk)")
     p.add_argument("--num-particles", type=int, default=300, help="breathing: particles of MCEM's E-step smoother")
     p.add_argument("--laser-chunk", type=int, default=20, help="laser: MCEM iterations per saved checkpoint")
+    p.add_argument("--laser-init", choices=["gaussian", "rotation"], default="gaussian",
+                   help="laser: the network's random start (ElmanSSM(weight_init=...); rotation: gain 1.1)")
+    p.add_argument("--laser-restarts", type=int, default=1,
+                   help="laser: MonteCarloEM(num_restarts=...) in the first chunk (multi-start; 1 = off)")
+    p.add_argument("--laser-restart-iterations", type=int, default=10,
+                   help="laser: iterations per restart candidate; the first checkpoint is this plus --laser-chunk")
     p.add_argument("--laser-num-particles", type=int, default=500, help="laser: particles of MCEM's E-step")
     p.add_argument("--proposal", default=None, help="E-step proposal (default: 'auto' where registered, else 'ekf')")
     p.add_argument("--eval-particles", type=int, default=500)
