@@ -194,10 +194,9 @@ def fit_row(problem, row, seed, y, args, log=print):
             lin, _ = _load(base)
             model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed).double()
             capability(model, "embed_linear")(capability(lin, "linear_gaussian")(), gain=row["gain"])
-        elif row.get("weight_init", "gaussian") == "rotation":
-            model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed, weight_init="rotation", weight_scale=1.1).double()
         else:
-            model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed).double()
+            rot = dict(weight_init="rotation", weight_scale=1.1) if row.get("weight_init") == "rotation" else {}
+            model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed, **rot).double()
         done = 0
         _save(_path(cache, problem, row["key"], seed, 0), model,
               dict(H=row["H"], activation="tanh", iterations=0, method="start", proposal=prop))

@@ -437,7 +437,6 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
 
 
 @torch.no_grad()
-@torch.no_grad()
 def _integrated_onestep(model, prev, y_t, m_t, u_t, t: int):
     r"""``(S,n,B)`` pointwise values :math:`\log p(y_t\mid h_{t-1}^{(s)})` (:math:`h_t` integrated out) at draws
     :math:`h_{t-1}^{(s)}\sim p(h_{t-1}\mid y_{0:t})`, from filtering draws ``prev`` ``(S,n,B,H)`` of
