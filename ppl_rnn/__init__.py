@@ -29,6 +29,7 @@ from .workbench.arviz_export import to_inference_data
 from .workbench.compare import compare
 from .workbench.evaluate import evaluate
 from .workbench.forecasting import forecast
+from .workbench.paired import forecast_difference
 
 __version__ = "0.2.0"
 
@@ -36,5 +37,6 @@ __all__ = [
     "StateSpaceModel", "LinearGaussianParams", "ElmanForm", "Simulation", "Posterior", "FitResult", "Forecast",
     "InferenceMethod", "Data", "prepare", "infer", "fit", "forecast", "inference", "models", "errors",
     "capabilities", "ConfigurationError", "DataError", "DegenerateWeightsError", "DivergenceError",
-    "ModelCapabilityError", "compare", "to_inference_data", "evaluate", "datasets", "workbench",
+    "ModelCapabilityError", "compare", "to_inference_data", "evaluate", "forecast_difference", "datasets",
+    "workbench",
 ]

@@ -1,4 +1,4 @@
-"""The user layer (floor 3): evaluate (the one yardstick), compare, forecast, reports, ArviZ export,
+"""The user layer (floor 3): evaluate (the one yardstick), compare, forecast, paired forecast comparisons, reports, ArviZ export,
 datasets, plots, the CLI and the demo. It may import everything below it; nothing below imports it.
 ``plots`` imports matplotlib, so it is loaded only when used (``ppl_rnn.workbench.plots``)."""
 
@@ -7,5 +7,6 @@ from .arviz_export import to_inference_data
 from .compare import compare
 from .evaluate import evaluate
 from .forecasting import forecast
+from .paired import forecast_difference
 
-__all__ = ["datasets", "to_inference_data", "compare", "evaluate", "forecast"]
+__all__ = ["datasets", "to_inference_data", "compare", "evaluate", "forecast", "forecast_difference"]

@@ -14,6 +14,8 @@ horizon)``:
 ``min_ess``, ``num_particles``  the yardstick filter's smallest ESS and particle count per run
 ``rmse``, ``crps``             k-step rolling-origin forecast RMSE and CRPS (horizon)
 ``coverage_50/90``             empirical coverage of the central 50% / 90% predictive intervals
+``crps_by_target``,            each forecast's CRPS / squared error by target (horizon, sequence, time,
+``sqerr_by_target``            obs): ``pr.forecast_difference(grid.sel({"method": A, "seed": 0}), ...)``
 ``wall_time_s``                fitting time (the method's own ``FitResult.wall_time_s``)
 ``own_objective``              the method's own final training objective, **not comparable across
                                methods**; its meaning is ``own_evidence_kind`` (exact / estimate /
@@ -72,6 +74,9 @@ __all__ = ["compare", "load_cell_trace", "load_cell_model", "cell_name", "model_
 
 SCALARS = ("heldout_logev_per_step", "heldout_logev_per_obs", "heldout_logev_per_step_se", "heldout_logev_per_obs_se",
            "min_ess", "se_ok", "num_particles", "wall_time_s", "eval_time_s", "own_objective")
+
+#: per-target forecast losses kept per cell for paired comparisons (ppl_rnn.workbench.paired)
+TARGET_LOSSES = ("crps_by_target", "sqerr_by_target")
 
 
 def cell_name(method_name: str, seed: int, model: str | None = None) -> str:
@@ -211,6 +216,7 @@ def _assemble(cells: dict, names, seeds, hs, num_samples, B, T1, T2, D, y_test) 
     yo = np.full((nm, ns, num_samples, B, T2, D), np.nan)
     sig = np.full((nm, ns, num_samples, B, T2, D), np.nan)
     hll = np.full((nm, ns, B, T2), np.nan)
+    per_target = {k: np.full((nm, ns, nh, B, T2, D), np.nan) for k in TARGET_LOSSES}
     err = np.full((nm, ns), "", dtype=object)
     kinds = np.full(nm, "", dtype=object)
     evm = np.full(nm, "", dtype=object)
@@ -237,12 +243,16 @@ def _assemble(cells: dict, names, seeds, hs, num_samples, B, T1, T2, D, y_test) 
             yo[i, j] = ev["onestep_y"].values
             sig[i, j] = ev["filtered_signal"].values
             hll[i, j] = ev["heldout_log_lik"].values
+            for k in TARGET_LOSSES:
+                if k in ev:  # cells saved by an older version lack them
+                    per_target[k][i, j] = ev[k].sel(horizon=list(hs)).values
     dims = ("method", "seed")
     ds = xr.Dataset(
         {
             **{k: (dims, v) for k, v in data.items()},
             **{k: (dims + ("horizon",), v) for k, v in metr.items()},
             "heldout_log_lik": (dims + ("sequence", "time"), hll),
+            **{k: (dims + ("horizon", "sequence", "time", "obs"), v) for k, v in per_target.items()},
             "onestep_log_lik": (dims + ("draw", "sequence", "time"), ll),
             "onestep_y": (dims + ("draw", "sequence", "time", "obs"), yo),
             "filtered_signal": (dims + ("draw", "sequence", "time", "obs"), sig),

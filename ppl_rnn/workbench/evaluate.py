@@ -47,6 +47,10 @@ the same sequences), :func:`evaluate` filters the whole series at the fitted par
     :math:`S(S-1)` pair average), lower is better, in the units of :math:`y`;
   - coverage of the central 50% and 90% predictive intervals (should be 0.5 and 0.9).
 
+  The per-target CRPS and squared errors are kept (``crps_by_target``, ``sqerr_by_target``), so two models
+  scored on the same data can be compared target by target with a standard error that respects the serial
+  correlation of forecast errors (:func:`ppl_rnn.workbench.paired.forecast_difference`).
+
 * **one-step pointwise log-likelihood draws** ``onestep_log_lik``: where the model declares
   ``linear_gaussian_emission`` and its transition is Gaussian, :math:`\log p(y_t\mid h_{t-1}^{(s)})` with
   :math:`h_t` integrated out, :math:`N(y_t;\,Cf(h_{t-1})+c,\,CQC^\top+R)`, at draws
@@ -300,7 +304,9 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
         ``xarray.Dataset`` with scalars ``heldout_logev``, ``heldout_logev_per_step``, ``heldout_logev_per_obs``,
         their standard errors ``*_se``, ``min_ess`` and ``se_ok`` (0 when the reported SE per step is above ``se_tol``);
         ``heldout_log_lik`` (sequence, time); ``rmse``, ``crps``, ``coverage_50``, ``coverage_90``,
-        ``num_forecasts`` (horizon); ``onestep_log_lik`` (draw, sequence, time), ``onestep_y`` and
+        ``num_forecasts`` (horizon); ``crps_by_target`` and ``sqerr_by_target`` (horizon, sequence, time, obs:
+        each forecast's CRPS and squared error, indexed by its target time; NaN where there is none) for
+        paired comparisons (:func:`ppl_rnn.workbench.paired.forecast_difference`); ``onestep_log_lik`` (draw, sequence, time), ``onestep_y`` and
         ``filtered_signal`` (draw, sequence, time, obs); attrs ``evidence_method``, ``num_particles`` (of the
         last round), ``num_replicates``, ``se_tol``, ``particle_rounds``, ``num_samples``, ``seed``.
     """
@@ -370,7 +376,9 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
     se_ok = bool(use_kalman or se_tol is None or se_step <= se_tol)
     rows = {k: [] for k in metric_names}
     n_fc = []
-    for k in hs:
+    # per-target losses (horizon, sequence, test time, obs): the paired comparisons of ppl_rnn.workbench.paired
+    by_target = {k: np.full((len(hs), B, T2, D), np.nan) for k in ("crps", "sqerr")}
+    for ih, k in enumerate(hs):
         n_orig = T2 - k + 1
         X = ys_at[k][:, :n_orig].double()  # (S,n,B,D)
         tt = origins[:n_orig] + k
@@ -383,8 +391,12 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
                 rows[key].append(float("nan"))
             continue
         mean = X.mean(0)
-        rows["rmse"].append(float(torch.sqrt(((mean - yt) ** 2)[mt].mean())))
-        rows["crps"].append(float(crps_samples(X, yt)[mt].mean()))
+        sq = (mean - yt) ** 2
+        cr = crps_samples(X, yt)
+        for key, v in (("crps", cr), ("sqerr", sq)):  # targets T1-1+k .. T-1 = test indices k-1 .. T2-1
+            by_target[key][ih, :, k - 1:] = torch.where(mt, v, torch.nan).permute(1, 0, 2).numpy()
+        rows["rmse"].append(float(torch.sqrt(sq[mt].mean())))
+        rows["crps"].append(float(cr[mt].mean()))
         q = torch.quantile(X, torch.tensor([0.05, 0.25, 0.75, 0.95], dtype=X.dtype), dim=0)
         rows["coverage_50"].append(float(((yt >= q[1]) & (yt <= q[2]))[mt].double().mean()))
         rows["coverage_90"].append(float(((yt >= q[0]) & (yt <= q[3]))[mt].double().mean()))
@@ -402,6 +414,8 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
             "heldout_log_lik": (("sequence", "time"), test_ll.numpy()),
             **{k: (("horizon",), np.asarray(v)) for k, v in rows.items()},
             "num_forecasts": (("horizon",), np.asarray(n_fc)),
+            "crps_by_target": (("horizon", "sequence", "time", "obs"), by_target["crps"]),
+            "sqerr_by_target": (("horizon", "sequence", "time", "obs"), by_target["sqerr"]),
             "onestep_log_lik": (("draw", "sequence", "time"), onestep_lp.permute(0, 2, 1).numpy()),
             "onestep_y": (("draw", "sequence", "time", "obs"),
                           ys_at[1].permute(0, 2, 1, 3).double().numpy()),
