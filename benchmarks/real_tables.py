@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import xarray as xr
 from ppl_rnn.inference import KalmanEM, MonteCarloEM, ParticleSmoother
 from ppl_rnn.inference.reference import LinearAR
 from ppl_rnn.models import ElmanSSM
@@ -233,10 +234,17 @@ def fit_row(problem, row, seed, y, args, log=print):
 # scoring
 
 
-def _score_model(model, tr, te, hs, args) -> dict:
+def _losses_path(score_path: Path) -> Path:
+    return score_path.with_name(score_path.name.replace(".score.json", ".losses.nc"))
+
+
+def _score_model(model, tr, te, hs, args, score_path: Path) -> dict:
+    """Score with the yardstick; the per-target losses (for the paired margins) go beside ``score_path``."""
     t0 = time.perf_counter()
     ev = evaluate(model, tr, te, horizons=hs, num_particles=args.eval_particles, max_particles=args.max_particles,
                   num_replicates=8, se_tol=0.01, num_samples=args.samples, seed=0)
+    score_path.parent.mkdir(parents=True, exist_ok=True)
+    ev[["crps_by_target", "sqerr_by_target"]].to_netcdf(_losses_path(score_path))
     return {"logev": float(ev.heldout_logev_per_step), "se": float(ev.heldout_logev_per_step_se),
             "se_ok": int(ev.se_ok), "min_ess": float(ev.min_ess),
             "particles": int(ev.attrs.get("num_particles", 0)), "evidence": ev.attrs["evidence_method"],
@@ -248,14 +256,13 @@ def score_row(problem, row, seed, tr, te, hs, args, log=print) -> list[tuple[int
     """Score every checkpoint of the row (cached in ``*.score.json``)."""
     cache = Path(args.cache)
     out = []
-    if row["kind"] == "ar":
-        sp = cache / problem / f"ar_s{seed}.score.json"
-        if sp.exists():
+    if row["kind"] == "ar":  # the AR fit and its score do not depend on the seed: one file serves all
+        sp = cache / problem / "ar_s0.score.json"
+        if sp.exists() and (_losses_path(sp).exists() or not args.paired):
             return [(None, json.loads(sp.read_text()))]
         fit = pr.fit(ElmanSSM(1, 1).double(), tr, method=LinearAR(order="aic", max_order=30))
-        s = _score_model(fit.model, tr, te, hs, args)
+        s = _score_model(fit.model, tr, te, hs, args, sp)
         s["order"] = int(fit.diagnostics["order"][0])
-        sp.parent.mkdir(parents=True, exist_ok=True)
         sp.write_text(json.dumps(s))
         return [(None, s)]
     for it in row["its"]:
@@ -263,11 +270,11 @@ def score_row(problem, row, seed, tr, te, hs, args, log=print) -> list[tuple[int
         if not p.exists():
             continue
         sp = p.with_suffix(".score.json")
-        if sp.exists():
+        if sp.exists() and (_losses_path(sp).exists() or not args.paired):
             out.append((it, json.loads(sp.read_text())))
             continue
         model, meta = _load(p)
-        s = _score_model(model, tr, te, hs, args)
+        s = _score_model(model, tr, te, hs, args, sp)
         s.update({k: meta.get(k) for k in ("proposal", "num_particles")})
         s["r"] = float(model.r.detach()[0])
         sp.write_text(json.dumps(s))
@@ -292,15 +299,21 @@ def _fmt_logev(vals, ses):
 def table(problem, rows, seeds, hs, lab, args) -> str:
     tr, te, _, _ = load_problem(problem, args.quick)
     res = {}  # (label, it) -> {seed: score}
+    loss_files = {}  # the same -> {seed: per-target losses file}
+    cache = Path(args.cache)
     for row in rows:
         for s in seeds:
             for it, sc in score_row(problem, row, s, tr, te, hs, args):
+                sp = (cache / problem / "ar_s0.score.json" if row["kind"] == "ar"
+                      else _path(cache, problem, row["key"], s, it).with_suffix(".score.json"))
                 name = row["label"] + ("" if it is None or len(row["its"]) == 1 else f" @{it} it")
                 if row["kind"] == "ar":
                     name = f"AR({sc['order']}) by AIC"
                 elif len(row["its"]) == 1:
                     name += f" ({it} it)"
                 res.setdefault(name, {})[s] = sc
+                if _losses_path(sp).exists():
+                    loss_files.setdefault(name, {})[s] = _losses_path(sp)
     metric = "crps"
     lines = [f"## {problem}: train {tr.shape[1]} steps, test {te.shape[1]} steps; seeds {list(seeds)}",
              "held-out log-evidence per test step (mean over seeds ± Monte Carlo SE of that mean; seeds ± = "
@@ -343,7 +356,81 @@ def table(problem, rows, seeds, hs, lab, args) -> str:
             lines.append(f"- {name}: {m:+.3f} nats/step (MC SE {mc:.4f}, between seeds {spread:.3f}); CRPS "
                          f"{', '.join(f'{v:+.4f}' for v in dc)} "
                          f"({'better' if (dc < 0).all() else 'not better'} at every lead)")
+            if name in loss_files and ref_name in loss_files:
+                lines += paired_lines(loss_files[name], loss_files[ref_name], hs, lab)
+    if problem == "laser" and args.select_tail and len(seeds) > 1:
+        ar = next(v for n, v in res.items() if n.startswith("AR("))
+        for row in rows:
+            if row["kind"] == "mcem":
+                lines += selection_lines(problem, row, seeds, tr, hs, args, res, ar)
     return "\n".join(lines)
+
+
+def selection_lines(problem, row, seeds, tr, hs, args, res, ar) -> list[str]:
+    """Choose among the row's seeds by ``pr.select_by_forecast`` on the last ``--select-tail`` training steps
+    (mean CRPS over the leads), and say whether the chosen fit beats AR at every lead on the test part; the
+    same for every pair of seeds (best of two)."""
+    import itertools
+
+    cache = Path(args.cache)
+    v = args.select_tail
+    it = max(row["its"])
+    have = [s for s in seeds if _path(cache, problem, row["key"], s, it).exists()]
+    if len(have) < 2:
+        return []
+    sp = cache / problem / f"{row['key']}_it{it}_seeds{'-'.join(map(str, have))}_tail{v}.select.nc"
+    if sp.exists():
+        sel = xr.load_dataset(sp)
+    else:
+        models = {str(s): _load(_path(cache, problem, row["key"], s, it))[0] for s in have}
+        sel = pr.select_by_forecast(models, tr, validation_steps=v, horizons=hs, num_particles=args.eval_particles,
+                                    max_particles=args.max_particles, num_samples=args.samples)
+        sel.to_netcdf(sp)
+    name = next(n for n in res if n.startswith(row["label"]) and (len(row["its"]) == 1 or f"@{it} it" in n))
+    ar_crps = np.array(next(iter(ar.values()))["crps"])
+    beats = {s: bool((np.array(res[name][s]["crps"]) < ar_crps).all()) for s in have}
+    tail = {int(c): float(m) for c, m in zip(sel.candidate.values, sel.mean_crps.values, strict=True)}
+    best = int(sel.attrs["best"])
+    pairs = list(itertools.combinations(have, 2))
+    good = sum(beats[min(p, key=tail.get)] for p in pairs)
+    return ["", f"Choosing among the seeds of {name} without the test part (`pr.select_by_forecast`, mean CRPS "
+                f"over leads 1-{max(hs)} on training steps {tr.shape[1] - v}-{tr.shape[1] - 1}, conditioned on "
+                "the steps before):",
+            "- training-tail mean CRPS by seed: " + ", ".join(f"{s}: {tail[s]:.4f}" for s in have)
+            + "; test-part mean CRPS: " + ", ".join(f"{s}: {np.mean(res[name][s]['crps']):.4f}" for s in have),
+            f"- chosen: seed {best}, which {'beats' if beats[best] else 'does not beat'} AR at every lead on the "
+            f"test part; best of two (every pair of seeds): {good} of {len(pairs)} pairs choose a fit that beats "
+            f"AR at every lead (a random pick: {np.mean([beats[s] for s in have]):.0%})"]
+
+
+def _mean_losses(files: dict) -> xr.Dataset:
+    """The per-target losses averaged over the seeds' fits (the seed-averaged model's forecast losses)."""
+    dss = [xr.load_dataset(f) for f in files.values()]
+    return sum(dss[1:], dss[0]) / len(dss)
+
+
+def paired_lines(net: dict, ref: dict, hs, lab) -> list[str]:
+    """Paired CRPS and squared-error margins per lead with HAC standard errors (``pr.forecast_difference``):
+    the mean over the network's seeds, and each seed alone (against the reference at the same seed, or its
+    only fit)."""
+    out = []
+    cases = [("mean of seeds " + ",".join(map(str, net)), _mean_losses(net),
+              _mean_losses({s: ref[s] for s in net if s in ref} or ref))]
+    if len(net) > 1:
+        for s, f in net.items():
+            cases.append((f"seed {s}", xr.load_dataset(f), xr.load_dataset(ref.get(s, next(iter(ref.values()))))))
+    for label, a, b in cases:
+        parts = []
+        for metric in ("crps", "sqerr"):
+            r = pr.forecast_difference(a, b, metric=metric)
+            worse = [lab(int(h)) for h, lo in zip(r.horizon.values, r.ci95_low.values, strict=True) if lo > 0]
+            cells = ", ".join(f"{d:+.4f}±{e:.4f}" for d, e in zip(r.difference.values, r.difference_se.values,
+                                                                   strict=True))
+            parts.append(f"{'CRPS' if metric == 'crps' else 'MSE'} {cells}"
+                         + (f" (significantly worse at {', '.join(worse)})" if worse else
+                            " (nowhere significantly worse)"))
+        out.append(f"    - paired, {label}: " + "; ".join(parts))
+    return out
 
 
 def main(argv=None):
@@ -386,6 +473,12 @@ def main(argv=None):
     p.add_argument("--max-particles", type=int, default=16000)
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--select-tail", type=int, default=0,
+                   help="laser: also choose among the seeds by pr.select_by_forecast on this many last training "
+                        "steps (0: off)")
+    p.add_argument("--paired", action="store_true",
+                   help="re-score cached rows that lack per-target losses, so the table prints paired margins "
+                        "(mean difference per lead ± HAC SE, pr.forecast_difference)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:

@@ -30,6 +30,7 @@ from .workbench.compare import compare
 from .workbench.evaluate import evaluate
 from .workbench.forecasting import forecast
 from .workbench.paired import forecast_difference
+from .workbench.selection import select_by_forecast
 
 __version__ = "0.2.0"
 
@@ -38,5 +39,5 @@ __all__ = [
     "InferenceMethod", "Data", "prepare", "infer", "fit", "forecast", "inference", "models", "errors",
     "capabilities", "ConfigurationError", "DataError", "DegenerateWeightsError", "DivergenceError",
     "ModelCapabilityError", "compare", "to_inference_data", "evaluate", "forecast_difference", "datasets",
-    "workbench",
+    "select_by_forecast", "workbench",
 ]
