@@ -1,7 +1,7 @@
 """Real-data tables of issue 10: breathing-motion forecasting and the Santa Fe laser.
 
     .venv/bin/python benchmarks/real_tables.py [--problem breathing|laser|all] [--seeds 0 1 2]
-        [--cache DIR] [--stage fit|score|table|all] [--quick]
+        [--cache DIR] [--stage fit|score|table|all] [--paired] [--select-tail STEPS] [--quick]
 
 Every row is scored by the library's one yardstick, :func:`ppl_rnn.workbench.evaluate.evaluate` (exact Kalman
 for the linear rows; for the networks ``R = 8`` independent particle-filter runs with the library's default
@@ -30,6 +30,11 @@ Fits are run in chunks (KalmanEM 50 iterations, MCEM ``--chunk``/``--laser-chunk
 ``pr.fit`` from the previous chunk's model with seed ``1000 * seed + iterations done``) and every chunk is
 saved under ``--cache``, so long runs can be resumed, stopped at any checkpoint and scored at several
 iteration counts. ``--stage fit`` only trains, ``score`` only scores what is cached, ``table`` prints.
+``--paired`` keeps every row's per-target forecast losses (re-scoring cached rows that lack them) and prints,
+under each margin, the paired CRPS and squared-error differences per lead with HAC standard errors
+(``pr.forecast_difference``), for the mean over seeds and per seed. ``--select-tail STEPS`` (laser) chooses
+among a row's seeds by ``pr.select_by_forecast`` on the last STEPS training steps and reports whether the
+chosen fit, and the choice from every pair of seeds, beats AR at every lead.
 The tables measured for the README are in ``benchmarks/README.md`` (with the machine and settings).
 """
 

@@ -97,6 +97,10 @@ def _losses(ev: xr.Dataset, name: str, metric: str) -> xr.DataArray:
         raise ConfigurationError(
             f"{name}[{var!r}] has the extra dims {extra}: select one cell first, e.g. "
             "grid.sel({'method': 'MCEM', 'seed': 0}) for a compare() grid.")
+    if not np.isfinite(da.values).any():
+        raise DataError(f"{name}[{var!r}] holds no forecast loss (all NaN): a compare() cell that failed or was "
+                        "saved by an older ppl_rnn, or a test part without observed targets. Re-run that cell "
+                        "(or ppl_rnn.evaluate) with this version.")
     return da.transpose(*_DIMS)
 
 
@@ -157,6 +161,8 @@ def forecast_difference(a: xr.Dataset, b: xr.Dataset, *, metric: str = "crps",
                             "patterns differ): score both models on the same data.")
         d = xa - xb
         n = int(np.isfinite(d).sum())
+        if n == 0:
+            raise DataError(f"no observed target at horizon {h}: nothing to compare there; choose other horizons.")
         lag = (max(andrews_lag(d, n), h - 1) if max_lag is None else int(max_lag))
         mean, se, n = hac_mean_se(d, lag)
         ma = float(np.nanmean(xa)) if n else float("nan")

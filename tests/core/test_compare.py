@@ -58,6 +58,13 @@ def test_grid_records_failures_and_resumes_from_cells(problem, tmp_path):
     # seeds matter: different fitted models -> different scores
     assert float(ds.heldout_logev_per_step.sel({"method": "counting", "seed": 0})) != float(
         ds.heldout_logev_per_step.sel({"method": "counting", "seed": 1}))
+    # the grid keeps each cell's per-target losses, so two cells can be compared target by target
+    d = pr.forecast_difference(ds.sel({"method": "counting", "seed": 0}), ds.sel({"method": "persistence", "seed": 0}))
+    assert list(d.horizon.values) == [1, 5] and np.isfinite(d.difference_se).all()
+    assert float(d.mean_a.sel(horizon=5)) == pytest.approx(float(ds.crps.sel({"method": "counting", "seed": 0,
+                                                                               "horizon": 5})), rel=1e-12)
+    with pytest.raises(pr.DataError, match="all NaN"):  # a failed cell has nothing to compare
+        pr.forecast_difference(ds.sel({"method": "broken", "seed": 0}), ds.sel({"method": "persistence", "seed": 0}))
     # saved grid, cell files, traces and fitted models
     saved = xr.load_dataset(tmp_path / "compare.nc", engine="h5netcdf")
     xr.testing.assert_allclose(saved.crps, ds.crps)

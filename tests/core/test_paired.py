@@ -124,6 +124,8 @@ def test_bad_arguments_name_the_fix(lin):
         forecast_difference(ev, ev, max_lag=-1)
     with pytest.raises(ConfigurationError, match="xarray.Dataset"):
         forecast_difference(torch.zeros(3), ev)
+    with pytest.raises(DataError, match="all NaN"):
+        forecast_difference(ev * np.nan, ev)
     te2 = te.clone()
     te2[0, 7] = float("nan")
     ev2 = evaluate(m, tr, te2, horizons=(1, 3), num_samples=20, seed=0)
