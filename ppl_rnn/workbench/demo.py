@@ -39,6 +39,7 @@ from ppl_rnn.capabilities import require
 from ppl_rnn.errors import ConfigurationError
 from ppl_rnn.method import InferenceMethod
 
+from .paired import forecast_difference
 from .report import comparison_table, summarise, text_table, verdict, write_report
 
 __all__ = ["run_demo", "demo_methods", "breathing_methods", "LinearSpecialCase", "linear_or_nonlinear"]
@@ -119,7 +120,13 @@ def linear_or_nonlinear(ds, *, steps_label=None, linear=(LINEAR_ROW, "AR(p by AI
     hs = [int(h) for h in ds["horizon"].values]
     lab = steps_label or (lambda h: f"{h}-step")
     dc = [a[f"crps@{h}"] - b[f"crps@{h}"] for h in hs]
-    crps = ", ".join(f"{lab(h)} {v:+.4f}" for h, v in zip(hs, dc, strict=True))
+    paired = _paired_crps(ds, network, b["method"])
+    if paired is None:
+        crps = ", ".join(f"{lab(h)} {v:+.4f}" for h, v in zip(hs, dc, strict=True))
+    else:
+        dc = [float(v) for v in paired.difference.values]
+        crps = ", ".join(f"{lab(h)} {v:+.4f} ± {e:.4f}" for h, v, e in zip(
+            hs, dc, paired.difference_se.values, strict=True)) + " (paired over targets, HAC SE)"
     head = (f"**Linear or nonlinear?** The tanh network ({network}) minus the best linear model ({b['method']}): "
             f"{d:+.3f} nats/step held-out log-evidence (Monte Carlo SE {se:.3f}); CRPS differences {crps} "
             "(negative: the network forecasts better). ")
@@ -136,6 +143,22 @@ def linear_or_nonlinear(ds, *, steps_label=None, linear=(LINEAR_ROW, "AR(p by AI
     return head + ("Here a linear model is enough: regular breathing at 25 Hz is smooth and nearly linear over "
                    "a 0.6 s lead, and the network, started from the linear fit, matches it without a clear gain. "
                    + tail)
+
+
+def _paired_crps(ds, a: str, b: str):
+    """``forecast_difference`` of two grid rows' CRPS (per-target losses averaged over their finished seeds);
+    None where the grid lacks the per-target losses."""
+    if "crps_by_target" not in ds:
+        return None
+    cells = []
+    for name in (a, b):
+        row = ds.sel({"method": name})
+        ok = [s for s in row.seed.values if str(row.error.sel(seed=s).item()) == ""]
+        loss = row["crps_by_target"].sel(seed=ok).mean("seed", skipna=False) if ok else None
+        if loss is None or not np.isfinite(loss.values).any():
+            return None
+        cells.append(loss.to_dataset(name="crps_by_target"))
+    return forecast_difference(cells[0], cells[1])
 
 
 def demo_methods(quick: bool = False) -> dict:

@@ -60,6 +60,7 @@ def test_breathing_section_quick(tmp_path):
     para = linear_or_nonlinear(ds, steps_label=lambda h: f"{h * 0.04:.2g} s")
     assert para.startswith("**Linear or nonlinear?**") and ("linear model is enough" in para
                                                             or "earns its keep" in para)
+    assert "(paired over targets, HAC SE)" in para  # the grid keeps per-target losses
 
 
 def _fake_compare(logev: dict, crps: dict, se=0.01):
@@ -97,3 +98,17 @@ def test_linear_or_nonlinear_verdicts():
                         {"AR(p by AIC)": [0.2, 0.3], LINEAR_ROW: [0.2, 0.3], NETWORK_ROW: [0.19, 0.31]})
     assert "without a clear gain" in linear_or_nonlinear(tie)
     assert linear_or_nonlinear(_fake_compare({"AR(p by AIC)": 1.0}, {"AR(p by AIC)": [0.2, 0.3]})) == ""
+
+
+def test_linear_or_nonlinear_pairs_the_forecasts_when_the_grid_keeps_losses():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ds = _fake_compare({"AR(p by AIC)": 1.0, LINEAR_ROW: 1.1, NETWORK_ROW: 1.5},
+                       {"AR(p by AIC)": [0.2, 0.3], LINEAR_ROW: [0.2, 0.3], NETWORK_ROW: [0.1, 0.2]})
+    base = rng.gamma(2.0, 0.1, (1, 1, 2, 1, 400, 1))
+    shift = np.asarray([0.0, 0.0, -0.05]).reshape(3, 1, 1, 1, 1, 1)  # the network is better by 0.05 per target
+    ds["crps_by_target"] = (("method", "seed", "horizon", "sequence", "time", "obs"), base + shift)
+    text = linear_or_nonlinear(ds)
+    assert "5-step -0.0500 ± 0.0000, 10-step -0.0500 ± 0.0000 (paired over targets, HAC SE)" in text
+    assert "earns its keep" in text
