@@ -8,6 +8,8 @@ work headless, in scripts and in notebooks alike.
 * :func:`plot_traces` — EM / ELBO / loss traces per method, labelled with what the objective is.
 * :func:`plot_ess` — per-step effective sample size of a particle filter, with resampling marks.
 * :func:`plot_comparison` — held-out log-evidence per step and CRPS by method, each seed a dot.
+* :func:`plot_forecast_difference` — paired forecast-score differences per lead with 95% intervals
+  (:func:`ppl_rnn.forecast_difference` results, one or several).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+import xarray as xr
 from matplotlib.figure import Figure
 
-__all__ = ["plot_states", "plot_forecast", "plot_traces", "plot_ess", "plot_comparison", "save"]
+__all__ = ["plot_states", "plot_forecast", "plot_traces", "plot_ess", "plot_comparison",
+           "plot_forecast_difference", "save"]
 
 _Z50, _Z95 = 0.6744897501960817, 1.959963984540054
 _REFERENCE_COLOR = "0.55"
@@ -230,5 +234,43 @@ def plot_comparison(ds, *, reference: tuple = (), title: str | None = None, path
     evm = str(ds.attrs.get("evidence_method", "")).replace("particle_filter", "particle filter")
     evm = evm.replace(", ", " or ") if evm else "the yardstick"
     fig.suptitle(title or f"method comparison (dots = seeds, bars = means; held-out evidence by {evm})", fontsize=10)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_forecast_difference(diffs, *, steps_label=None, relative: bool = False, title: str | None = None,
+                             path=None) -> Figure:
+    """Paired differences from :func:`ppl_rnn.forecast_difference` (``{label: result}`` or one result): the mean
+    difference per lead with its 95% interval (± 1.96 HAC SE), a line at 0; below 0 the first model forecasts
+    better. ``relative``: divide by the second model's mean loss (percent). ``steps_label``: lead -> text."""
+    if isinstance(diffs, xr.Dataset) or not isinstance(diffs, Mapping):  # a Dataset is a Mapping too
+        diffs = {"": diffs}
+    if not diffs:
+        from ppl_rnn.errors import ConfigurationError
+
+        raise ConfigurationError("diffs is empty; pass forecast_difference results ({label: result}).")
+    lab = steps_label or (lambda h: str(h))
+    fig = Figure(figsize=(6.0, 3.4))
+    ax = fig.subplots()
+    n = len(diffs)
+    metric = ""
+    for i, (name, d) in enumerate(diffs.items()):
+        hs = [int(h) for h in d["horizon"].values]
+        scale = 100.0 / np.asarray(d["mean_b"].values, dtype=float) if relative else 1.0
+        y = np.asarray(d["difference"].values, dtype=float) * scale
+        e = 1.959963984540054 * np.asarray(d["difference_se"].values, dtype=float) * scale
+        x = np.arange(len(hs)) + (i - (n - 1) / 2) * min(0.8 / max(n, 1), 0.25)
+        ax.errorbar(x, y, yerr=e, fmt="o", color=f"C{i % 10}", ms=4, capsize=3, elinewidth=1.2, label=name or None)
+        metric = str(d.attrs.get("metric", ""))
+    ax.axhline(0.0, color="0.3", lw=0.8)
+    ax.set_xticks(np.arange(len(hs)))
+    ax.set_xticklabels([lab(h) for h in hs])
+    ax.set_xlabel("lead")
+    what = {"crps": "CRPS", "sqerr": "squared error"}.get(metric, metric)
+    ax.set_ylabel(f"{what} difference{' (%)' if relative else ''}\n← first model better")
+    ax.grid(axis="y", alpha=0.3)
+    if any(diffs):
+        ax.legend(fontsize=8, frameon=False, loc="best")
+    ax.set_title(title or "paired forecast differences, 95% intervals (HAC)", fontsize=10)
     fig.tight_layout()
     return _finish(fig, path)

@@ -96,3 +96,26 @@ def test_comparison_draws_se_bars_and_several_models(tmp_path):
     assert len(bars) == 4
     seg = bars[0].lines[2][0].get_segments()  # horizontal bars: x from value - 2 SE to value + 2 SE
     np.testing.assert_allclose(sorted(s[1, 0] - s[0, 0] for s in seg), [0.04, 0.04])
+
+
+def test_forecast_difference_points_and_intervals(setup, tmp_path):
+    m, sim = setup
+    other = ElmanSSM(2, 1, activation="identity", process_noise=0.3, obs_noise=0.2, seed=4)
+    y = sim.observations
+    a = pr.evaluate(m, y[:, :30], y[:, 30:], horizons=(1, 3), num_samples=50, seed=0)
+    b = pr.evaluate(other, y[:, :30], y[:, 30:], horizons=(1, 3), num_samples=50, seed=0)
+    d = pr.forecast_difference(a, b)
+    fig = plots.plot_forecast_difference({"truth - other": d}, steps_label=lambda h: f"{h} st",
+                                         path=tmp_path / "d.png")
+    _png(tmp_path / "d.png")
+    ax = fig.axes[0]
+    bars = ax.containers[0]  # the errorbar container: points and their 95% intervals
+    np.testing.assert_allclose(bars.lines[0].get_ydata(), d.difference.values)
+    seg = bars.lines[2][0].get_segments()
+    np.testing.assert_allclose([s[1, 1] - s[0, 1] for s in seg], 2 * 1.959963984540054 * d.difference_se.values)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1 st", "3 st"]
+    rel = plots.plot_forecast_difference(d, relative=True)
+    np.testing.assert_allclose(rel.axes[0].containers[0].lines[0].get_ydata(),
+                               100 * d.difference.values / d.mean_b.values)
+    with pytest.raises(pr.ConfigurationError, match="empty"):
+        plots.plot_forecast_difference({})
