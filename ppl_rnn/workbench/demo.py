@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 from ppl_rnn.capabilities import require
-from ppl_rnn.errors import ConfigurationError
+from ppl_rnn.errors import ConfigurationError, DataError
 from ppl_rnn.method import InferenceMethod
 
-from .paired import forecast_difference
+from .paired import grid_difference
 from .report import comparison_table, summarise, text_table, verdict, write_report
 
 __all__ = ["run_demo", "demo_methods", "breathing_methods", "LinearSpecialCase", "linear_or_nonlinear"]
@@ -146,19 +146,11 @@ def linear_or_nonlinear(ds, *, steps_label=None, linear=(LINEAR_ROW, "AR(p by AI
 
 
 def _paired_crps(ds, a: str, b: str):
-    """``forecast_difference`` of two grid rows' CRPS (per-target losses averaged over their finished seeds);
-    None where the grid lacks the per-target losses."""
-    if "crps_by_target" not in ds:
+    """``grid_difference`` of two rows' CRPS; None where the grid lacks the per-target losses."""
+    try:
+        return grid_difference(ds, a, b)
+    except DataError:
         return None
-    cells = []
-    for name in (a, b):
-        row = ds.sel({"method": name})
-        ok = [s for s in row.seed.values if str(row.error.sel(seed=s).item()) == ""]
-        loss = row["crps_by_target"].sel(seed=ok).mean("seed", skipna=False) if ok else None
-        if loss is None or not np.isfinite(loss.values).any():
-            return None
-        cells.append(loss.to_dataset(name="crps_by_target"))
-    return forecast_difference(cells[0], cells[1])
 
 
 def demo_methods(quick: bool = False) -> dict:

@@ -40,7 +40,7 @@ import xarray as xr
 from ppl_rnn.errors import ConfigurationError, DataError
 from ppl_rnn.method import check_choice
 
-__all__ = ["forecast_difference", "hac_mean_se", "andrews_lag"]
+__all__ = ["forecast_difference", "grid_difference", "hac_mean_se", "andrews_lag"]
 
 _DIMS = ("horizon", "sequence", "time", "obs")
 
@@ -181,3 +181,32 @@ def forecast_difference(a: xr.Dataset, b: xr.Dataset, *, metric: str = "crps",
     ds["difference"].attrs["long_name"] = f"mean {metric} of a minus b"
     ds["difference_se"].attrs["long_name"] = "HAC standard error of difference"
     return ds
+
+
+def grid_difference(grid: xr.Dataset, a: str, b: str, *, metric: str = "crps",
+                    horizons: Sequence[int] | None = None, max_lag: int | None = None) -> xr.Dataset:
+    """:func:`forecast_difference` of two rows (methods; ``"<model> / <method>"`` for several models) of a
+    :func:`ppl_rnn.compare` grid, each row's per-target losses averaged over its finished seeds (the
+    seed-averaged loss of each target). Raises :class:`~ppl_rnn.errors.DataError` where a row has no finished
+    seed or the grid keeps no per-target losses."""
+    from .compare import flatten_models
+
+    check_choice(metric, "metric", ("crps", "sqerr"))
+    var = f"{metric}_by_target"
+    if not isinstance(grid, xr.Dataset) or "method" not in grid.dims:
+        raise ConfigurationError("grid must be the xarray.Dataset that ppl_rnn.compare returns (dim 'method').")
+    grid = flatten_models(grid)
+    if var not in grid:
+        raise DataError(f"the grid has no {var!r}: it was made by an older ppl_rnn; run compare again.")
+    names = [str(m) for m in grid["method"].values]
+    cells = []
+    for label, name in (("a", a), ("b", b)):
+        if name not in names:
+            raise ConfigurationError(f"{label} = {name!r} is not a method of the grid; choose among {names}.")
+        row = grid.sel({"method": name})
+        ok = [s for s in row["seed"].values if str(row["error"].sel(seed=s).item()) == ""]
+        if not ok:
+            raise DataError(f"no seed of {name!r} finished; nothing to compare.")
+        loss = row[var].sel(seed=ok).mean("seed", skipna=False)
+        cells.append(loss.to_dataset(name=var))
+    return forecast_difference(cells[0], cells[1], metric=metric, horizons=horizons, max_lag=max_lag)

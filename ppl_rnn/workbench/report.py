@@ -19,7 +19,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ppl_rnn.errors import ConfigurationError, DataError
+
 from .compare import flatten_models
+from .paired import grid_difference
 
 __all__ = ["summarise", "comparison_table", "text_table", "verdict", "write_report"]
 
@@ -200,7 +203,8 @@ def verdict(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
     parts.append(". ")
     best_crps = min(cands + refs, key=lambda r: r[f"crps@{hl}"] if np.isfinite(r[f"crps@{hl}"]) else np.inf)
     parts.append(f"On {lab} forecasts the lowest CRPS is {best_crps['method']}'s ({best_crps[f'crps@{hl}']:.3f}"
-                 f"; {w['method']}: {w[f'crps@{hl}']:.3f}). ")
+                 f"; {w['method']}: {w[f'crps@{hl}']:.3f}")
+    parts.append(_paired_words(ds, w["method"], best_crps["method"], hl) + "). ")
     for r in refs:
         d = w["heldout_logev_per_step"] - r["heldout_logev_per_step"]
         rel = "above" if d > 0 else "below"
@@ -223,6 +227,23 @@ def verdict(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
     if failed:
         parts.append("\n\nFailed cells: " + "; ".join(f"{r['method']} ({r['errors'][0][:120]})" for r in failed) + ".")
     return "".join(parts)
+
+
+def _paired_words(ds, a: str, b: str, h: int) -> str:
+    """'; paired over the test targets, a - b: d ± se (HAC), ...' at lead ``h``, or '' (same row, or the grid
+    keeps no per-target losses)."""
+    if a == b:
+        return ""
+    try:
+        d = grid_difference(ds, a, b, horizons=[h])
+    except (DataError, ConfigurationError):
+        return ""
+    diff, se = float(d.difference[0]), float(d.difference_se[0])
+    if d.ci95_high[0] < 0 or d.ci95_low[0] > 0:
+        word = "a significant difference"
+    else:
+        word = "within the noise of this test set"
+    return f"; paired over the test targets, {a} minus {b}: {diff:+.4f} ± {se:.4f} (HAC SE), {word}"
 
 
 def write_report(path, *, title: str, sections: Sequence[dict], preamble: str = "") -> None:

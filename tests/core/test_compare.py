@@ -65,6 +65,16 @@ def test_grid_records_failures_and_resumes_from_cells(problem, tmp_path):
                                                                                "horizon": 5})), rel=1e-12)
     with pytest.raises(pr.DataError, match="all NaN"):  # a failed cell has nothing to compare
         pr.forecast_difference(ds.sel({"method": "broken", "seed": 0}), ds.sel({"method": "persistence", "seed": 0}))
+    # whole rows: each target's loss averaged over the finished seeds
+    from ppl_rnn.workbench.paired import grid_difference
+
+    g = grid_difference(ds, "counting", "persistence", metric="sqerr")
+    mean_a = ds.sqerr_by_target.sel({"method": "counting"}).mean("seed").sel(horizon=5)
+    assert float(g.mean_a.sel(horizon=5)) == pytest.approx(float(mean_a.mean()), rel=1e-12)
+    with pytest.raises(pr.DataError, match="no seed of 'broken' finished"):
+        grid_difference(ds, "broken", "persistence")
+    with pytest.raises(ConfigurationError, match="not a method of the grid"):
+        grid_difference(ds, "counting", "nope")
     # saved grid, cell files, traces and fitted models
     saved = xr.load_dataset(tmp_path / "compare.nc", engine="h5netcdf")
     xr.testing.assert_allclose(saved.crps, ds.crps)

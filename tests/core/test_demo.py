@@ -112,3 +112,22 @@ def test_linear_or_nonlinear_pairs_the_forecasts_when_the_grid_keeps_losses():
     text = linear_or_nonlinear(ds)
     assert "5-step -0.0500 ± 0.0000, 10-step -0.0500 ± 0.0000 (paired over targets, HAC SE)" in text
     assert "earns its keep" in text
+
+
+def test_verdict_pairs_the_winner_with_the_best_forecaster():
+    import numpy as np
+
+    from ppl_rnn.workbench.report import verdict
+
+    rng = np.random.default_rng(1)
+    ds = _fake_compare({"AR(p by AIC)": 1.0, NETWORK_ROW: 1.5}, {"AR(p by AIC)": [0.2, 0.3], NETWORK_ROW: [0.25, 0.35]})
+    base = rng.gamma(2.0, 0.1, (1, 1, 2, 1, 300, 1))
+    ds["crps_by_target"] = (("method", "seed", "horizon", "sequence", "time", "obs"),
+                            base + np.asarray([0.0, 0.05]).reshape(2, 1, 1, 1, 1, 1))
+    text = verdict(ds, reference=("AR(p by AIC)",))
+    assert (f"paired over the test targets, {NETWORK_ROW} minus AR(p by AIC): +0.0500 ± 0.0000 (HAC SE), "
+            "a significant difference") in text
+    noisy = ds.copy()
+    noisy["crps_by_target"] = (noisy["crps_by_target"].dims,
+                               base + np.stack([np.zeros_like(base[0]), rng.normal(0, 0.5, base[0].shape)]))
+    assert "within the noise of this test set" in verdict(noisy, reference=("AR(p by AIC)",))
