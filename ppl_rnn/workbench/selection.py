@@ -13,7 +13,8 @@ them (:func:`ppl_rnn.workbench.evaluate.evaluate` with ``train = y[:, :T-v]``, `
 or the held-out log-evidence per step of that tail (``"logev"``, higher is better). The candidates saw these
 steps while training (an in-sample score): it cannot detect over-fitting, but it does rank free-running
 quality, which the one-step likelihood does not (measured on the laser: the training-tail mean CRPS over
-leads 1–10 ranks eight fits as their test-part CRPS does; the training-tail log-evidence does not).
+leads 1–10 ranks eight fits as their test-part CRPS does, up to one near-tie; the training-tail
+log-evidence does not).
 """
 
 from __future__ import annotations
