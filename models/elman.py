@@ -411,8 +411,12 @@ class ElmanSSM(StateSpaceModel):
                     G = g * wm_col  # w g
                     if XX is not None:  # one GEMM: (H,M) @ (M,P*P)
                         JtJ = (g.mul_(G).T @ XX).view(H, P_, P_)  # sum_m w g_j^2 x x^T
-                    else:
-                        JtJ = (X.T.unsqueeze(0) * g.mul_(G).T.unsqueeze(1)) @ X
+                    else:  # blocks of units, so the (units, P, M) temporary stays under ~128 MB
+                        gw = g.mul_(G)
+                        JtJ = torch.empty(H, P_, P_, dtype=dt)
+                        blk = max(1, (1 << 24) // max(M_ * P_, 1))
+                        for j0 in range(0, H, blk):
+                            JtJ[j0:j0 + blk] = (X.T.unsqueeze(0) * gw[:, j0:j0 + blk].T.unsqueeze(1)) @ X
                     Jtr = G.mul_(Yt - a).T @ X  # (H,P): sum_m w g_j (h_j - a_j) x
                     diag = torch.diagonal(JtJ, dim1=-2, dim2=-1)
                     A = JtJ + (lam[:, None] * (diag + 1e-12))[..., None] * eyeP
