@@ -306,9 +306,11 @@ except ImportError as e:
     print("respiration data not available:", e)
 rec'''),
     ("md", "Four rows, one yardstick: **AR(p)** with p chosen by AIC on the training part; **persistence**; "
-           "**KalmanEM** on the network's linear special case (exact EM for the linear state-space model); and the "
+           "**KalmanEM** on the network's linear special case (exact EM for the linear state-space model, begun at "
+           "the AR fit in companion form, `init=\"ar\"`, so the hidden size is the AIC order); and the "
            "**tanh network trained by Monte Carlo EM from the linear warm start** (`MonteCarloEM(init=\"linear\")`: "
-           "the same KalmanEM fit embedded in tanh's linear regime, then MCEM). The last paragraph says whether "
+           "the same KalmanEM fit embedded in tanh's linear regime, then MCEM with the ascent test, `ascent_z=1`, "
+           "which keeps an M-step only if fresh paths show it is a real ascent). The last paragraph says whether "
            "the nonlinearity earns its keep on this signal."),
     ("code", '''if rec is not None:
     train, test = rec.split()   # the cut the scaling statistics were computed on
@@ -316,13 +318,16 @@ rec'''),
     from ppl_rnn.inference import KalmanEM, MonteCarloEM, ParticleSmoother
     from ppl_rnn.inference.reference import LinearAR, Persistence
     from ppl_rnn.workbench.demo import LinearSpecialCase, linear_or_nonlinear
-    H, kem_its = (3, 3) if SMALL else (6, 60)
+    ar_fit = pr.fit(ElmanSSM(1, 1).double(), train.values, method=LinearAR(order="aic", max_order=30))
+    p_aic = int(ar_fit.diagnostics["order"][0])
+    H, kem_its = (3, 3) if SMALL else (p_aic, 25)   # hidden size = the AR order AIC picks
+    print(f"AR order by AIC on the training part: {p_aic}; hidden size {H}")
     model0 = ElmanSSM(H, 1, seed=1).double()
     methods = {"AR(p by AIC)": LinearAR(order="aic", max_order=30), "persistence": Persistence(),
-               "KalmanEM (linear SSM)": LinearSpecialCase(KalmanEM(num_iterations=kem_its, tol=0.0)),
+               "KalmanEM (linear SSM)": LinearSpecialCase(KalmanEM(num_iterations=kem_its, tol=0.0, init="ar")),
                "MCEM (linear start)": MonteCarloEM(
-                   init="linear", init_iterations=kem_its, num_iterations=1 if SMALL else 4, tol=0.0,
-                   smoother=ParticleSmoother(50 if SMALL else 300, 10 if SMALL else 50, backward="mcmc"))}
+                   init="linear", init_iterations=kem_its, num_iterations=1 if SMALL else 2, tol=0.0, ascent_z=1,
+                   smoother=ParticleSmoother(50 if SMALL else 300, 10 if SMALL else 100, backward="mcmc"))}
     import tempfile
     run_dir = tempfile.mkdtemp(prefix="ppl_rnn_06_")   # cells (and fitted models) are saved here
     ds = pr.compare(model0, train.values, test.values, methods=methods, seeds=[0], horizons=[5, 10, 15],
@@ -336,17 +341,37 @@ rec'''),
     # 2 minutes (3000 steps at 25 Hz) train and the last minute (1500 steps) is held out
     assert (train.values.shape[1], test.values.shape[1]) == ((750, 250) if SMALL else (3000, 1500))
     assert all(e == "" for e in ds.error.values.ravel())'''),
-    ("md", "With full settings the best row on held-out log-evidence is AR(p by AIC): on regular breathing a "
-           "linear model is enough (as in the README's real-data table), and MCEM improves on its linear warm "
-           "start (the KalmanEM row) without reaching AR. The next cell asserts both and plots the best row's "
-           "0.6 s forecast."),
+    ("md", "**Is a difference in CRPS real?** The forecast errors of neighbouring origins on a smooth signal are "
+           "alike, so a 0.3 % CRPS gap over 1500 targets may be noise. `pr.forecast_difference` pairs the two "
+           "models' forecasts target by target and gives the mean difference with a serial-correlation-robust "
+           "(HAC, Diebold–Mariano) standard error: negative means the first model forecasts better; an interval "
+           "that covers 0 is parity on this test set."),
+    ("code", '''if rec is not None:
+    cell = lambda name: ds.sel({"method": name, "seed": 0})
+    diffs = {}
+    for ref in ("AR(p by AIC)", "KalmanEM (linear SSM)"):
+        d = pr.forecast_difference(cell("MCEM (linear start)"), cell(ref))
+        diffs[f"network − {ref}"] = d
+        print(f"MCEM (linear start) minus {ref}, CRPS:")
+        print(d[["difference", "difference_se", "relative_difference", "p_value"]].to_dataframe()
+              .rename(index=lab).round(5).to_string())
+    assert all(np.isfinite(d.difference_se.values).all() for d in diffs.values())
+    display(plots.plot_forecast_difference(diffs, steps_label=lab, relative=True,
+                                           title="CRPS difference, % of the reference's (95% intervals)"))'''),
+    ("md", "With full settings the linear state-space model and the network started from it score above AR(p) "
+           "on held-out log-evidence (by about 0.015 nats/step) and equal each other within the Monte Carlo SE: "
+           "the ascent test refuses MCEM's steps, so the trained network is the warm start. Their forecasts "
+           "match AR's at 0.2–0.4 s, and AR is a little ahead at 0.6 s (0.3 % in CRPS in the README's "
+           "1000-draw comparison; with this notebook's 200 draws the paired SE is larger). On regular breathing "
+           "a linear model is enough (as in the README's real-data table). The next cell asserts the "
+           "log-evidence ordering and plots the best row's 0.6 s forecast."),
     ("code", '''if rec is not None:
     best = str(ds.method.values[int(np.nanargmax(ds.heldout_logev_per_step.values[:, 0]))])
     print("best on held-out log-evidence:", best)
     logev = dict(zip(ds.method.values, ds.heldout_logev_per_step.values[:, 0]))
     if not SMALL:
-        assert best == "AR(p by AIC)"
-        assert logev["MCEM (linear start)"] > logev["KalmanEM (linear SSM)"]
+        assert logev["MCEM (linear start)"] > logev["AR(p by AIC)"] + 0.01
+        assert abs(logev["MCEM (linear start)"] - logev["KalmanEM (linear SSM)"]) < 0.001
     from ppl_rnn.workbench.compare import load_cell_model
     fitted = load_cell_model(run_dir, best, 0)
     fc = pr.forecast(fitted, train.values, horizon=15, num_samples=400, seed=0)
