@@ -306,8 +306,8 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
         ``heldout_log_lik`` (sequence, time); ``rmse``, ``crps``, ``coverage_50``, ``coverage_90``,
         ``num_forecasts`` (horizon); ``crps_by_target`` and ``sqerr_by_target`` (horizon, sequence, time, obs:
         each forecast's CRPS and squared error, indexed by its target time; NaN where there is none) for
-        paired comparisons (:func:`ppl_rnn.workbench.paired.forecast_difference`); ``onestep_log_lik`` (draw, sequence, time), ``onestep_y`` and
-        ``filtered_signal`` (draw, sequence, time, obs); attrs ``evidence_method``, ``num_particles`` (of the
+        paired comparisons (:func:`ppl_rnn.workbench.paired.forecast_difference`); ``onestep_log_lik`` (draw,
+        sequence, time), ``onestep_y`` and ``filtered_signal`` (draw, sequence, time, obs); attrs ``evidence_method``, ``num_particles`` (of the
         last round), ``num_replicates``, ``se_tol``, ``particle_rounds``, ``num_samples``, ``seed``.
     """
     hs = check_horizons(horizons)
