@@ -113,7 +113,7 @@ measured float32 failing outright with the EKF proposal (held-out -7.2, jitter w
 
 **Trace** (``FitResult.trace``, dim ``iteration``; row ``k`` = parameters :math:`\theta_k`, row 0 = the initial
 model): ``log_evidence`` (estimate at :math:`\theta_k`), ``objective`` (:math:`\hat Q_{k-1}(\theta_k)`, NaN at
-``k=0``), ``num_particles``, ``num_paths``, ``gamma``, ``wall_time_s`` (cumulative) and every parameter.
+``k=0`` and where the ascent test refused the step), ``num_particles``, ``num_paths``, ``gamma``, ``wall_time_s`` (cumulative) and every parameter.
 ``K`` iterations cost ``K`` M-steps and ``K+1`` E-steps (the last gives ``FitResult.posterior`` at the fitted
 parameters).
 
@@ -559,6 +559,7 @@ class MonteCarloEM(InferenceMethod):
         ok = dq - self.ascent_z * se > 0
         if not ok:
             model.load_state_dict(before.state_dict())
+            st["obj"] = math.nan  # no M-step kept: the refused step's Q-hat is not theta_k's
             if st["boost"] * 2 <= self.max_boost:
                 st["boost"] *= 2
         return {"ascent_dq": dq, "ascent_se": se, "ascent_kept": int(ok)}

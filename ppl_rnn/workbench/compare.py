@@ -18,8 +18,9 @@ horizon)``:
 ``sqerr_by_target``            obs): ``pr.forecast_difference(grid.sel({"method": A, "seed": 0}), ...)``
 ``wall_time_s``                fitting time (the method's own ``FitResult.wall_time_s``)
 ``own_objective``              the method's own final training objective, **not comparable across
-                               methods**; its meaning is ``own_evidence_kind`` (exact / estimate /
-                               lower_bound / approximation)
+                               methods**: its log-evidence value where its trace records one, else its
+                               objective (ELBO, loss); its meaning is ``own_evidence_kind`` (exact /
+                               estimate / lower_bound / approximation)
 ``error``                      empty, or the error that stopped that cell (the grid goes on)
 ``evidence_method``            per method: ``particle_filter`` or ``kalman`` (exact, linear-Gaussian models)
 ============================  ==================================================================
@@ -107,9 +108,12 @@ def _fingerprint(model_fp, method, horizons, eval_kw, shapes) -> str:
 
 
 def _final_objective(fit) -> float:
+    """The last finite value of the trace's ``log_evidence`` (what ``evidence_kind`` describes) where the method
+    records one, else of its ``objective`` (ELBO, loss, ...)."""
     tr = getattr(fit, "trace", None)
     try:
-        v = np.asarray(tr["objective"].values, dtype=float)
+        key = "log_evidence" if "log_evidence" in tr and np.isfinite(tr["log_evidence"].values).any() else "objective"
+        v = np.asarray(tr[key].values, dtype=float)
         v = v[np.isfinite(v)]
         return float(v[-1]) if v.size else float("nan")
     except Exception:

@@ -57,6 +57,7 @@ def test_ascent_test_keeps_an_exact_optimum(float64):
     k = int(np.argmin(kept))
     np.testing.assert_array_equal(t.W.values[k + 1], t.W.values[k])
     assert t.num_paths.values[k + 1] == 2 * t.num_paths.values[k]
+    assert np.isnan(t.objective.values[k + 1])  # no M-step kept: no Q-hat of the refused parameters
     assert np.all(t.ascent_se.values[:-1] > 0)
 
 
