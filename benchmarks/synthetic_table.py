@@ -38,6 +38,11 @@ With ``--mcem-restart-iters 20``: delta -0.019 / -0.024 / -0.021; with 16 candid
 choose the same candidate as with 8. Begun at the generating network, the same 60 iterations take the training
 estimate from the truth's -0.0165 +- 0.0004 to -0.0075 nats/step and end at held-out +0.0142 (delta -0.0045):
 the restart fits (training -0.014..-0.024) sit in a lower optimum, so the gap is EM's, not the data's.
+Two further starts did not find the truth's basin (measured 2026-11-30, table settings): W built from the
+data's spectral peaks (1.1 x rotation blocks at the angles of AR(12)'s two dominant pole pairs, 0.60 and 0.31
+rad/step, the truth's being 0.57 and 0.31; other weights Gaussian, init seeds 1, 2) ends at delta -0.029 / -0.028
+after 60 iterations and -0.023 after 150 (seed 1; the fitted modes keep the right frequencies at |lambda|
+1.04-1.09 against the truth's 1.2); a rotation start with gain 1.25 (init seed 1) ends at -0.031.
 
 MCEM escapes from local optima (issue 4): ``--mcem-restarts K`` (``num_restarts``; each candidate gets
 ``--mcem-restart-iters`` iterations of 200 particles / 50 paths, the best by training evidence is continued) and
