@@ -138,7 +138,8 @@ def forecast_difference(a: xr.Dataset, b: xr.Dataset, *, metric: str = "crps",
     if la.sizes["sequence"] != lb.sizes["sequence"] or la.sizes["obs"] != lb.sizes["obs"]:
         raise DataError(f"a has (sequence, obs) sizes ({la.sizes['sequence']}, {la.sizes['obs']}) and b "
                         f"({lb.sizes['sequence']}, {lb.sizes['obs']}); score both on the same data.")
-    common = [int(h) for h in la["horizon"].values if int(h) in set(int(x) for x in lb["horizon"].values)]
+    hb = {int(x) for x in lb["horizon"].values}
+    common = [int(h) for h in la["horizon"].values if int(h) in hb]
     if horizons is None:
         hs = common
     else:
@@ -165,8 +166,7 @@ def forecast_difference(a: xr.Dataset, b: xr.Dataset, *, metric: str = "crps",
             raise DataError(f"no observed target at horizon {h}: nothing to compare there; choose other horizons.")
         lag = (max(andrews_lag(d, n), h - 1) if max_lag is None else int(max_lag))
         mean, se, n = hac_mean_se(d, lag)
-        ma = float(np.nanmean(xa)) if n else float("nan")
-        mb = float(np.nanmean(xb)) if n else float("nan")
+        ma, mb = float(np.nanmean(xa)), float(np.nanmean(xb))
         z = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
         p = math.erfc(abs(z) / math.sqrt(2)) if math.isfinite(z) else 0.0
         for key, v in (("mean_a", ma), ("mean_b", mb), ("difference", mean), ("difference_se", se),
