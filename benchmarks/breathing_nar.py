@@ -12,6 +12,10 @@ fitted by least squares on the training part (:math:`\\sigma^2` = the training r
 ``q`` lags (and their cubes). Printed: the held-out one-step Gaussian log-likelihood per step, the one-step
 RMSE, and the RMSE of iterated 5/10/15-step forecasts (the mean of 100 simulated paths, every third origin;
 "diverges" where a simulated path of the polynomial recursion blew up).
+The last rows replace the products by ``M`` random ``tanh`` features of the 27 lags,
+:math:`V\tanh(Px+\beta)`, drawn and fitted by :func:`ppl_rnn.inference.nar_start.fit_nar` (the regression of
+the nonlinear warm start, ``MonteCarloEM(init="nar")``; seeds 0-2 draw the feature map): bounded features, so
+the iterated recursion cannot blow up.
 This is not one of the library's models (it is not a state-space model and has no yardstick row); it says how
 much a nonlinear one-step predictor gains on this signal, i.e. what a network trained by MCEM could find.
 """
@@ -20,7 +24,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from ppl_rnn.inference.nar_start import fit_nar
 from real_tables import load_problem
+
+from ppl_rnn.data import Data
 
 P = 27  # the AIC order on the training part
 
@@ -40,6 +47,24 @@ def lag_matrix(y: np.ndarray, times: np.ndarray) -> np.ndarray:
     return np.stack([y[t - P:t][::-1] for t in times])
 
 
+def score_row(name, n_features, predict, s2, y, T1, hs, rng) -> str:
+    """One table row: held-out one-step Gaussian log-likelihood (variance ``s2``), one-step RMSE and the RMSE
+    of iterated forecasts (the mean of 100 simulated paths, every third origin); ``predict``: lag rows -> means."""
+    e = y[T1:] - predict(lag_matrix(y, np.arange(T1, len(y))))
+    ll = float(np.mean(-0.5 * np.log(2 * np.pi * s2) - 0.5 * e ** 2 / s2))
+    errs = {k: [] for k in hs}
+    for o in range(T1 - 1, len(y) - 1 - max(hs), 3):  # origins in the test part
+        hist = np.tile(y[o - P + 1:o + 1], (100, 1))
+        for k in range(1, max(hs) + 1):
+            nxt = predict(hist[:, ::-1][:, :P]) + rng.normal(0, np.sqrt(s2), 100)
+            hist = np.concatenate([hist[:, 1:], nxt[:, None]], 1)
+            if k in hs:
+                errs[k].append(nxt.mean() - y[o + k])
+    rmse = [float(np.sqrt(np.mean(np.square(errs[k])))) for k in hs]
+    return (f"| {name} | {n_features} | {ll:+.4f} | {np.sqrt(np.mean(e ** 2)):.5f} | "
+            + " | ".join(f"{v:.4f}" if v < 10 else "diverges" for v in rmse) + " |")
+
+
 def main() -> None:
     torch.set_num_threads(1)
     tr, te, hs, _ = load_problem("breathing")
@@ -53,20 +78,18 @@ def main() -> None:
         X = features(lag_matrix(y, np.arange(P, T1)), q, cubes)
         w = np.linalg.lstsq(X, y[P:T1], rcond=None)[0]
         s2 = float(np.var(y[P:T1] - X @ w))
-        e = y[T1:] - features(lag_matrix(y, np.arange(T1, len(y))), q, cubes) @ w
-        ll = float(np.mean(-0.5 * np.log(2 * np.pi * s2) - 0.5 * e ** 2 / s2))
-        errs = {k: [] for k in hs}
-        for o in range(T1 - 1, len(y) - 1 - max(hs), 3):  # origins in the test part
-            hist = np.tile(y[o - P + 1:o + 1], (100, 1))
-            for k in range(1, max(hs) + 1):
-                nxt = features(hist[:, ::-1][:, :P], q, cubes) @ w + rng.normal(0, np.sqrt(s2), 100)
-                hist = np.concatenate([hist[:, 1:], nxt[:, None]], 1)
-                if k in hs:
-                    errs[k].append(nxt.mean() - y[o + k])
         name = "AR(27)" if q == 0 else f"AR(27) + products of {q} lags" + (" + cubes" if cubes else "")
-        rmse = [float(np.sqrt(np.mean(np.square(errs[k])))) for k in hs]
-        print(f"| {name} | {X.shape[1]} | {ll:+.4f} | {np.sqrt(np.mean(e ** 2)):.5f} | " + " | ".join(
-            f"{v:.4f}" if v < 10 else "diverges" for v in rmse) + " |", flush=True)
+        print(score_row(name, X.shape[1], lambda L, q=q, cubes=cubes, w=w: features(L, q, cubes) @ w, s2, y, T1,
+                        hs, rng), flush=True)
+    # random tanh features of the lags (the nonlinear warm start's regression, MonteCarloEM(init="nar"))
+    data = Data(tr, torch.isfinite(tr), None)
+    for M in (10, 20, 50):
+        for seed in (0, 1, 2):
+            prm = fit_nar(data, P, M, seed=seed)
+            c, A, Pm, b, V = (prm.c.numpy(), prm.A.numpy()[0], prm.P.numpy(), prm.beta.numpy(), prm.V.numpy()[0])
+            print(score_row(f"AR(27) + {M} random tanh features, seed {seed}", 1 + P + M,
+                            lambda L, c=c, A=A, Pm=Pm, b=b, V=V: c[0] + L @ A + np.tanh(L @ Pm.T + b) @ V,
+                            float(prm.sigma[0]) ** 2, y, T1, hs, rng), flush=True)
 
 
 if __name__ == "__main__":

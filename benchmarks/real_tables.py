@@ -50,11 +50,13 @@ import numpy as np
 import torch
 import xarray as xr
 from ppl_rnn.inference import KalmanEM, MonteCarloEM, ParticleSmoother
+from ppl_rnn.inference.nar_start import fit_nar
 from ppl_rnn.inference.reference import LinearAR
 from ppl_rnn.models import ElmanSSM
 
 import ppl_rnn as pr
 from ppl_rnn.capabilities import capability
+from ppl_rnn.data import Data
 from ppl_rnn.workbench import datasets
 from ppl_rnn.workbench.evaluate import evaluate
 
@@ -100,14 +102,23 @@ def rows_for(problem: str, args) -> list[dict]:
         start = "AR start" if args.kem_init == "ar" else "random start"
         asc = "" if args.ascent_z is None else f"_asc{args.ascent_z:g}"
         asc_label = "" if args.ascent_z is None else f", ascent test z = {args.ascent_z:g}"
-        return [
+        rows = [
             dict(key="ar", label="AR(p by AIC)", kind="ar"),
             dict(key=f"kem{ini}_h{H}", label=f"KalmanEM linear SSM (h{H}, {start})", kind="kem", H=H,
                  its=[args.kem_iterations], init=args.kem_init),
-            dict(key=f"mcem{ini}_h{H}{asc}", label=f"MCEM tanh (h{H}, linear start{asc_label})", kind="mcem_linear", H=H,
-                 its=sorted(set(args.mcem_iterations)), base=f"kem{ini}_h{H}", base_it=args.kem_iterations,
-                 gain=args.init_gain),
         ]
+        if args.breathing_init == "nar":
+            M = args.nar_features
+            li = "" if args.learn_initial else ", initial state held"
+            rows.append(dict(key=f"mcem_nar_h{H}+{M}{asc}{'' if args.learn_initial else '_s0held'}",
+                             label=f"MCEM tanh (h{H + M} = {H} lags + {M} features, nonlinear start{asc_label}{li})",
+                             kind="mcem_nar", H=H + M, order=H, its=sorted(set(args.mcem_iterations)),
+                             gain=args.init_gain))
+        else:
+            rows.append(dict(key=f"mcem{ini}_h{H}{asc}", label=f"MCEM tanh (h{H}, linear start{asc_label})",
+                             kind="mcem_linear", H=H, its=sorted(set(args.mcem_iterations)), base=f"kem{ini}_h{H}",
+                             base_it=args.kem_iterations, gain=args.init_gain))
+        return rows
     rows = [dict(key="ar", label="AR(p by AIC)", kind="ar"),
             dict(key="kem_h8", label="KalmanEM linear SSM (h8)", kind="kem", H=8, its=[args.laser_kem_iterations])]
     K, M = args.laser_restarts, args.laser_restart_iterations
@@ -200,6 +211,10 @@ def fit_row(problem, row, seed, y, args, log=print):
             lin, _ = _load(base)
             model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed).double()
             capability(model, "embed_linear")(capability(lin, "linear_gaussian")(), gain=row["gain"])
+        elif kind == "mcem_nar":  # what MonteCarloEM(init="nar", seed=seed) does: the feature map drawn from seed
+            model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed).double()
+            params = fit_nar(Data(y, torch.isfinite(y), None), row["order"], row["H"] - row["order"], seed=seed)
+            capability(model, "embed_nar")(params, gain=row["gain"])
         else:
             rot = dict(weight_init="rotation", weight_scale=1.1) if row.get("weight_init") == "rotation" else {}
             model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed, **rot).double()
@@ -217,6 +232,7 @@ def fit_row(problem, row, seed, y, args, log=print):
             raise SystemExit(f"--laser-restart-iterations {M} must be below the largest of --laser-iterations "
                              f"({target}).")
         method = MonteCarloEM(num_iterations=n, tol=0.0, ascent_z=args.ascent_z if problem == "breathing" else None,
+                              learn_initial=args.learn_initial,
                               max_boost=args.max_boost, num_restarts=K, restart_iterations=M if K > 1 else 10,
                               smoother=ParticleSmoother(
             num_particles=args.num_particles, num_paths=100, backward="mcmc", proposal=prop))
@@ -454,6 +470,12 @@ def main(argv=None):
     p.add_argument("--init-gain", type=float, default=0.01,
                    help="breathing: the embedding gain of the linear warm start (embed_linear)")
     p.add_argument("--kem-iterations", type=int, default=25)
+    p.add_argument("--breathing-init", choices=["linear", "nar"], default="linear",
+                   help="breathing network's start: the KalmanEM fit embedded (linear) or a least-squares "
+                        "autoregression on random tanh features embedded (nar: hidden = AIC order + --nar-features)")
+    p.add_argument("--nar-features", type=int, default=20, help="breathing, --breathing-init nar: tanh features")
+    p.add_argument("--hold-initial", dest="learn_initial", action="store_false",
+                   help="MCEM: hold the initial-state parameters (learn_initial=False)")
     p.add_argument("--mcem-iterations", type=int, nargs="+", default=[10, 30, 50, 100])
     p.add_argument("--laser-hidden", type=int, nargs="+", default=[8, 16])
     p.add_argument("--laser-iterations", type=int, nargs="+", default=[60, 120, 260])

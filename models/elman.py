@@ -25,6 +25,7 @@ from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
 from ppl_rnn.model import (
     ElmanForm,
     LinearGaussianParams,
+    NARParams,
     StateSpaceModel,
     pack_params,
     set_param,
@@ -217,6 +218,79 @@ class ElmanSSM(StateSpaceModel):
         :math:`C' = C/g`, :math:`m_0' = g m_0`, :math:`s_0' = g \sqrt{\operatorname{diag} P_0}`; since
         :math:`\tanh(x)\approx x` for small :math:`x`, the network then behaves like the linear model."""
         self._set_from(params, gain=float(gain))
+
+    @torch.no_grad()
+    def embed_nar(self, params: NARParams, *, gain: float = 0.01) -> None:
+        r"""Set the network to behave as the nonlinear autoregression ``params`` (:class:`~ppl_rnn.NARParams`,
+        :math:`y_t = c + A x_{t-1} + V\tanh(P x_{t-1}+\beta) + e_t`, :math:`x_{t-1}=(y_{t-1},\dots,y_{t-p})`):
+        the nonlinear warm start. Needs ``hidden_dim`` :math:`= pD + M` and no inputs. The state is
+
+        .. math:: h_t = \big(\ell_t,\ z^{(1)}_t, \dots, z^{(p-1)}_t,\ f_t\big),\quad
+                  \ell_t = g\,(c + A x_{t-1}) + g e_t,\quad z^{(k)}_t = g\, y_{t-k},\quad
+                  f_t = \tanh(P x_{t-1} + \beta),\quad y_t = \ell_t/g + V f_t
+
+        (:math:`g` = ``gain``): the linear part and the lags ride in ``tanh``'s linear regime (scaled by
+        :math:`g`), the features are ``tanh`` units of their own. Every quantity the next step needs is linear in
+        :math:`h_{t-1}` — :math:`y_{t-1} = C h_{t-1}` with :math:`C = (I/g, 0, \dots, 0, V)` and
+        :math:`y_{t-1-k} = z^{(k)}_{t-1}/g` — so with :math:`x_{t-1} = L h_{t-1}` the weights are
+        :math:`W = (gAL;\ gL_{0};\ \dots;\ gL_{p-2};\ PL)`, :math:`b = (gc, 0, \dots, 0, \beta)`. The
+        innovation enters through :math:`q_\ell = g\sigma`; the other units get :math:`10^{-3}` of that scale,
+        the emission :math:`r = 0.05\,\sigma` (the autoregression has none; EM re-estimates both). The initial state
+        puts the lags at ``params.x0`` (backcast before the first observation ``params.y0``) and :math:`\ell_0`
+        so that :math:`C h_0 = y_0`: a wide prior on the lags would cost the particle filter its first
+        :math:`p` steps (they are copied, not observed, so no proposal can correct them)."""
+        if self.input_dim:
+            raise ModelCapabilityError(
+                f"embed_nar: this ElmanSSM has {self.input_dim} inputs; the nonlinear autoregression has no input "
+                "terms. Use MonteCarloEM(init='linear') for a model with inputs.")
+        if self.activation != "tanh":
+            raise ModelCapabilityError(
+                f"embed_nar needs activation='tanh' (the features are tanh units); this model's is "
+                f"{self.activation!r}. Use embed_linear / set_linear_gaussian for a linear model.")
+        D, H = self.obs_dim, self.hidden_dim
+        if params.A.shape[0] != D:
+            raise ConfigurationError(
+                f"embed_nar: params describe {params.A.shape[0]} outputs; the model has obs_dim={D}.")
+        p, M = params.order, params.num_features
+        n = p * D
+        if H != n + M:
+            raise ConfigurationError(
+                f"embed_nar: an autoregression of order {p} with {M} features on {D} outputs needs hidden_dim = "
+                f"{p} x {D} + {M} = {n + M}; this model has hidden_dim={H}. Build ElmanSSM({n + M}, {D}) or choose "
+                f"{H - n} features.")
+        g = float(gain)
+        if not g > 0:
+            raise ConfigurationError(f"gain must be > 0; found {gain!r}. Use e.g. 0.01.")
+        dt = self.C.dtype
+
+        def c(x):
+            return torch.as_tensor(x).detach().to(dt)
+
+        A, P, V, beta, cc, sig = c(params.A), c(params.P), c(params.V), c(params.beta), c(params.c), c(params.sigma)
+        eye = torch.eye(D, dtype=dt)
+        L = torch.zeros(n, H, dtype=dt)  # x_{t-1} = L h_{t-1}
+        L[:D, :D] = eye / g
+        L[:D, n:] = V
+        for k in range(1, p):
+            L[k * D:(k + 1) * D, k * D:(k + 1) * D] = eye / g
+        W = torch.zeros(H, H, dtype=dt)
+        W[:D] = g * A @ L
+        for k in range(1, p):
+            W[k * D:(k + 1) * D] = g * L[(k - 1) * D:k * D]
+        W[n:] = P @ L
+        b = torch.zeros(H, dtype=dt)
+        b[:D] = g * cc
+        b[n:] = beta
+        q = torch.full((H,), 1e-3 * g * float(sig.min()), dtype=dt)
+        q[:D] = g * sig
+        q[n:] = 1e-3 * float(sig.min())
+        f0 = torch.tanh(P @ c(params.x0) + beta)
+        m0 = torch.cat([g * (c(params.y0) - V @ f0), g * c(params.x0)[:n - D], f0])
+        s0 = torch.cat([g * torch.sqrt(c(params.y0_sd) ** 2 + sig ** 2), g * c(params.x0_sd)[:n - D].clamp_min(1e-3 * float(sig.min())),
+                        torch.full((M,), 1e-3 * float(sig.min()), dtype=dt)])
+        for name, v in (("W", W), ("b", b), ("C", L[:D].clone()), ("d", torch.zeros(D, dtype=dt)), ("q", q),
+                        ("r", 0.05 * sig), ("m0", m0), ("s0", s0)):
+            set_param(self, name, v)
 
     def _set_from(self, p: LinearGaussianParams, *, gain: float) -> None:
         dt = self.C.dtype

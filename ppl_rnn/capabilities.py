@@ -76,6 +76,10 @@ declare("linear_special_case", "() -> StateSpaceModel",
 declare("embed_linear", "(params: LinearGaussianParams, *, gain: float) -> None",
         "sets this (nonlinear) model so that, in its activation's linear regime, it behaves as the given "
         "linear-Gaussian model (states scaled by gain)", _ALL)
+declare("embed_nar", "(params: NARParams, *, gain: float) -> None",
+        "sets this model so that it behaves as the given nonlinear autoregression (NARParams: linear lags plus "
+        "tanh features of the lags), the lags carried in the activation's linear regime (scaled by gain): the "
+        "nonlinear warm start", _ALL)
 declare("transition_loc_scale", "(t, h_prev, u_t) -> (loc, scale)",
         "transition(t, h_prev, u_t) is Normal(loc, scale).to_event(1) (no distribution object is built)",
         ("transition",))

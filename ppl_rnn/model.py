@@ -93,6 +93,41 @@ class ElmanForm:
 
 
 @dataclass(frozen=True)
+class NARParams:
+    r"""A nonlinear autoregression with random tanh features (capability ``embed_nar``):
+
+    .. math:: y_t = c + A x_{t-1} + V \tanh(P x_{t-1} + \beta) + e_t,\quad e_t\sim N(0, \operatorname{diag}\sigma^2),
+              \quad x_{t-1} = (y_{t-1}, \dots, y_{t-p})
+
+    ``c`` ``(D,)``, ``A`` ``(D, pD)``, ``P`` ``(M, pD)``, ``beta`` ``(M,)``, ``V`` ``(D, M)``, ``sigma`` ``(D,)``.
+    ``x`` stacks the lags lag-major: entries ``k*D .. k*D+D-1`` hold :math:`y_{t-1-k}`. The initial state:
+    ``y0`` ``(D,)`` the first observation and ``x0`` ``(pD,)`` the lags before it,
+    :math:`x_{-1} = (y_{-1},\dots,y_{-p})` (backcast), with standard deviations ``y0_sd`` and ``x0_sd``.
+    """
+
+    c: torch.Tensor
+    A: torch.Tensor
+    P: torch.Tensor
+    beta: torch.Tensor
+    V: torch.Tensor
+    sigma: torch.Tensor
+    y0: torch.Tensor
+    y0_sd: torch.Tensor
+    x0: torch.Tensor
+    x0_sd: torch.Tensor
+
+    @property
+    def order(self) -> int:
+        """:math:`p`, the number of lags."""
+        return self.A.shape[1] // self.A.shape[0]
+
+    @property
+    def num_features(self) -> int:
+        """:math:`M`, the number of tanh features."""
+        return self.P.shape[0]
+
+
+@dataclass(frozen=True)
 class Simulation:
     """Draws from the model's prior.
 
