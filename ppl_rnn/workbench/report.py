@@ -202,9 +202,12 @@ def verdict(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
         parts.append(f", {gap:.3f} nats/step ahead of {r2['method']} ({clear})")
     parts.append(". ")
     best_crps = min(cands + refs, key=lambda r: r[f"crps@{hl}"] if np.isfinite(r[f"crps@{hl}"]) else np.inf)
-    parts.append(f"On {lab} forecasts the lowest CRPS is {best_crps['method']}'s ({best_crps[f'crps@{hl}']:.3f}"
-                 f"; {w['method']}: {w[f'crps@{hl}']:.3f}")
-    parts.append(_paired_words(ds, w["method"], best_crps["method"], hl) + "). ")
+    if best_crps["method"] == w["method"]:
+        parts.append(f"It also has the lowest CRPS on {lab} forecasts ({w[f'crps@{hl}']:.3f}). ")
+    else:
+        parts.append(f"On {lab} forecasts the lowest CRPS is {best_crps['method']}'s ({best_crps[f'crps@{hl}']:.3f}"
+                     f"; {w['method']}: {w[f'crps@{hl}']:.3f}")
+        parts.append(_paired_words(ds, w["method"], best_crps["method"], hl) + "). ")
     for r in refs:
         d = w["heldout_logev_per_step"] - r["heldout_logev_per_step"]
         rel = "above" if d > 0 else "below"
