@@ -110,9 +110,10 @@ def backcast(data: Data, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
         Sig[:D, :D] += Qr
         var.append(np.diag(Sig)[:D].copy())
     bvar = np.minimum(np.concatenate(var), np.tile(sd ** 2, p))
+    miss = ~m[:, :p].all(axis=(1, 2))  # sequences whose first p steps are not all observed
     y0s, x0s = [], []
     for b in range(B):
-        if not m[b, :p].all():
+        if miss[b]:
             y0s.append(obs)
             x0s.append(np.tile(obs, p))
             continue
@@ -125,7 +126,6 @@ def backcast(data: Data, order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
         y0s.append(y[b, 0])
         x0s.append(np.concatenate(back))
     y0s, x0s = np.array(y0s), np.array(x0s)
-    miss = np.array([not m[b, :p].all() for b in range(B)])
     x0_var = bvar + x0s.var(0) + (miss.mean() * np.tile(sd ** 2, p) if miss.any() else 0.0)
     y0_var = y0s.var(0) + (miss.mean() * sd ** 2 if miss.any() else 0.0)
     return y0s.mean(0), np.sqrt(y0_var), x0s.mean(0), np.sqrt(x0_var)

@@ -271,12 +271,10 @@ class ElmanSSM(StateSpaceModel):
         L = torch.zeros(n, H, dtype=dt)  # x_{t-1} = L h_{t-1}
         L[:D, :D] = eye / g
         L[:D, n:] = V
-        for k in range(1, p):
-            L[k * D:(k + 1) * D, k * D:(k + 1) * D] = eye / g
+        L[D:n, D:n] = torch.eye(n - D, dtype=dt) / g  # y_{t-1-k} = z^(k)_{t-1} / g
         W = torch.zeros(H, H, dtype=dt)
         W[:D] = g * A @ L
-        for k in range(1, p):
-            W[k * D:(k + 1) * D] = g * L[(k - 1) * D:k * D]
+        W[D:n] = g * L[:n - D]  # z^(k)_t = g y_{t-k}: the lags shift by one block
         W[n:] = P @ L
         b = torch.zeros(H, dtype=dt)
         b[:D] = g * cc

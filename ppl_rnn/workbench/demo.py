@@ -44,7 +44,7 @@ from ppl_rnn.method import InferenceMethod
 from .paired import grid_difference
 from .report import comparison_table, summarise, text_table, verdict, write_report
 
-__all__ = ["run_demo", "demo_methods", "breathing_methods", "breathing_order", "breathing_hidden", "LinearSpecialCase",
+__all__ = ["run_demo", "demo_methods", "breathing_methods", "breathing_order", "LinearSpecialCase",
            "linear_or_nonlinear"]
 
 #: the demo's methods: label -> (name in ppl_rnn.inference.registry, full settings, quick settings)
@@ -127,11 +127,6 @@ def breathing_order(quick: bool, train) -> int:
     ar = fit(ElmanSSM(1, 1).double(), train, method=LinearAR(order="aic", max_order=30))
     return int(ar.diagnostics["order"][0])
 
-
-def breathing_hidden(quick: bool, train) -> int:
-    """The breathing network's hidden size: the warm start's lags (:func:`breathing_order`) plus its tanh
-    features (:data:`BREATHING`)."""
-    return breathing_order(quick, train) + int(BREATHING["quick" if quick else "full"]["features"])
 
 
 def linear_or_nonlinear(ds, *, steps_label=None, linear=(LINEAR_ROW, "AR(p by AIC)"), network=NETWORK_ROW) -> str:
