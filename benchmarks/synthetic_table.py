@@ -160,7 +160,8 @@ def mcem_method(a) -> MonteCarloEM:
         particle_schedule=((200, 50), (1000, 200)), saem=lambda k: 1.0 if k < 0.6 * n else
         (k - 0.6 * n + 1) ** -0.7, gradient_steps=a.gradient_steps, num_restarts=a.mcem_restarts,
         restart_iterations=a.mcem_restart_iters, restart_kind=a.mcem_restart_kind, progress=a.progress,
-        anneal_noise=None if a.mcem_anneal is None else (a.mcem_anneal[0], int(a.mcem_anneal[1])))
+        anneal_noise=None if a.mcem_anneal is None else (a.mcem_anneal[0], int(a.mcem_anneal[1])),
+        overrelax=a.mcem_overrelax)
 
 
 def main(argv=None):
@@ -177,6 +178,8 @@ def main(argv=None):
                     help="MCEM restart_kind: candidates redrawn near the start (perturb) or as rotations (rotation)")
     ap.add_argument("--mcem-anneal", type=float, nargs=2, default=None, metavar=("FACTOR", "ITERS"),
                     help="MCEM anneal_noise=(FACTOR, ITERS) (process-noise inflation decaying over ITERS iterations)")
+    ap.add_argument("--mcem-overrelax", type=float, default=1.0, metavar="OMEGA",
+                    help="MCEM overrelax (over-relaxed M-step; 1: plain EM)")
     ap.add_argument("--trace", default=None, help="write the MCEM trace (netCDF) here")
     a = ap.parse_args(argv)
     if a.quick:

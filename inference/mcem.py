@@ -150,6 +150,23 @@ generators seeded from ``seed`` and the candidate index. Each candidate gets
 training log-evidence estimate (the mean of its last two E-step estimates) is kept and the full run continues
 from it. ``FitResult.diagnostics`` gets ``restart_log_evidence`` (the k scores), ``restart_chosen`` (the
 index) and ``restart_wall_time_s``; the trace is the continued run's.
+
+**Over-relaxation** (``overrelax=``:math:`\omega`, default 1: plain EM). Near a maximum EM is a linear
+iteration, :math:`\theta_{k+1}-\theta^*\approx J(\theta_k-\theta^*)`, whose rate along an eigendirection of
+:math:`J` is its eigenvalue :math:`\lambda\in[0,1)`, the fraction of missing information in that direction
+(Dempster, Laird & Rubin 1977); in a nearly deterministic direction (here the hidden amplitude of a saturating
+network, which the smoothed paths pin down only weakly) :math:`\lambda` is close to 1 and EM crawls. The
+over-relaxed step :math:`\theta_{k+1}=\theta_k+\omega\,(M(\theta_k)-\theta_k)` (Lange 1995; Salakhutdinov &
+Roweis 2003), taken in the model's unconstrained parametrisation (every ``named_parameters()`` entry that
+requires a gradient; positive parameters such as noise scales are stored in log space, so they stay positive),
+has rate :math:`1-\omega(1-\lambda)`: slow directions speed up by the factor :math:`\omega`, and every direction
+still contracts for :math:`0<\omega<2`. The stretched step can overshoot where the surface is not quadratic; the
+rejection rule above then keeps :math:`\theta_k`. The trace's ``objective`` is :math:`\hat Q` at the stretched
+parameters. Measured on the synthetic benchmark (``benchmarks/synthetic_table.py``, Gaussian start, 8 rotation
+restarts, 60 iterations; held-out delta to the generating network, init seeds 1, 2, 3): plain EM -0.025 /
+-0.020 / -0.021, :math:`\omega=1.8` -0.0165 / -0.0208 / -0.0215 (seed 1's training estimate -0.0200 against -0.0237 nats/step; 1.2-2x the
+wall time, on a shared machine whose load varied). On small linear models
+with an exact (Kalman) E-step, where EM converges in a few iterations, it gave no speed-up.
 """
 
 from __future__ import annotations
@@ -251,6 +268,9 @@ class MonteCarloEM(InferenceMethod):
             weights (``"closed_form"``) per M-step.
         lr: Adam learning rate (``"gradient"``).
         learn_initial: also fit the initial-state parameters (closed-form M-step).
+        overrelax: :math:`\\omega` of the over-relaxed M-step (module docstring, "Over-relaxation"):
+            :math:`\\theta_{k+1}=\\theta_k+\\omega\\,(M(\\theta_k)-\\theta_k)` in the unconstrained parametrisation;
+            ``1`` is plain EM, values in (1, 2) speed up EM's slow directions.
         anneal_noise: ``None`` or ``(factor, iterations)``: noise annealing (deterministic-annealing EM): after
             each of the first ``iterations`` M-steps the estimated process noise ``q`` is multiplied by a factor
             decaying linearly from ``factor`` to 1, which smooths the likelihood surface early on.
@@ -276,7 +296,7 @@ class MonteCarloEM(InferenceMethod):
                  init_feature_scale: float = 1.0,
                  reject_se: float | None = 3.0, max_boost: int = 8, se_runs: int = 4, dtype="float64",
                  num_restarts: int = 1, restart_iterations: int = 10, restart_kind: str = "perturb",
-                 anneal_noise=None, ascent_z: float | None = None,
+                 anneal_noise=None, ascent_z: float | None = None, overrelax: float = 1.0,
                  progress: bool = False):
         if smoother is None:
             from .particle_smoother import ParticleSmoother
@@ -320,6 +340,11 @@ class MonteCarloEM(InferenceMethod):
                     "Use e.g. (3.0, 20).")
             anneal_noise = (float(anneal_noise[0]), int(anneal_noise[1]))
         self.anneal_noise = anneal_noise
+        if isinstance(overrelax, bool) or not isinstance(overrelax, (int, float)) or not (0 < overrelax < 2):
+            raise ConfigurationError(
+                f"overrelax must be a real number in (0, 2) (1: plain EM; 2 and above make exact EM diverge along "
+                f"its fast directions); found {overrelax!r}. Use e.g. 1.8.")
+        self.overrelax = float(overrelax)
         self.ascent_z = None if ascent_z is None else check_positive_float(ascent_z, "ascent_z", allow_zero=True)
         self.progress = bool(progress)
         self.particle_schedule = self._check_schedule(particle_schedule)
@@ -563,18 +588,26 @@ class MonteCarloEM(InferenceMethod):
             return None
 
         def _mstep(k, step):
+            from .complete_data import complete_data_log_likelihood
+
             paths, gamma = step.state[1], step.scalars["gamma"]
             bank = [(p, w * (1 - gamma)) for p, w in st["bank"] if w * (1 - gamma) >= 1e-3] + [(paths, gamma)]
             st["bank"] = bank
             tot = sum(w for _, w in bank)
             allp = torch.cat([p for p, _ in bank], 0)
             wts = torch.cat([torch.full((p.shape[0],), w / tot / p.shape[0], dtype=allp.dtype) for p, w in bank])
+            old = ({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                   if self.overrelax != 1.0 else None)
             if mode == "closed_form":
                 st["obj"] = float(model.closed_form_mstep(allp, data.observations, data.mask, data.inputs,
                                                           weights=wts, transition_steps=self.gradient_steps,
                                                           learn_initial=self.learn_initial))
             else:
                 st["opt"], st["obj"] = self._gradient_mstep(model, data, allp, wts, st["opt"], n_obs)
+            if old is not None:
+                _overrelax(model, old, self.overrelax)
+                with torch.no_grad():  # the objective at the stretched parameters
+                    st["obj"] = float((wts.to(model.dtype) * complete_data_log_likelihood(model, allp, data).sum(-1)).sum())
             if self.anneal_noise is not None and k < self.anneal_noise[1]:
                 infl = 1.0 + (self.anneal_noise[0] - 1.0) * (1.0 - k / self.anneal_noise[1])
                 model.set_noise_scales(process=model.noise_scales()["process"].detach() * infl)
@@ -630,6 +663,15 @@ class MonteCarloEM(InferenceMethod):
         with torch.no_grad():
             obj = float((w * complete_data_log_likelihood(model, paths, data).sum(-1)).sum())
         return opt, obj
+
+
+@torch.no_grad()
+def _overrelax(model, old: dict, omega: float) -> None:
+    r"""In place: every unconstrained parameter :math:`\theta\leftarrow\theta_\text{old}+\omega(\theta-\theta_\text{old})`
+    (``old``: the values before the M-step, by name), i.e. the M-step's move stretched by :math:`\omega`."""
+    for n, p in model.named_parameters():
+        if n in old:
+            p.copy_(old[n] + omega * (p - old[n]))
 
 
 __all__ = ["MonteCarloEM"]

@@ -203,3 +203,29 @@ def test_noise_annealing_inflates_process_noise_then_frees_it(float64):
     np.testing.assert_allclose(ann.model.W.detach().numpy(), plain.model.W.detach().numpy(), rtol=1e-10)
     with pytest.raises(ConfigurationError):
         MonteCarloEM(anneal_noise=(0.5, 10))
+
+
+def test_overrelaxed_step_stretches_the_em_move_in_unconstrained_space(float64):
+    y = _linear_data(T=40, B=1)
+    m = ElmanSSM(2, 1, activation="identity", seed=5)
+    start = {n: p.detach().clone() for n, p in m.named_parameters()}
+
+    def one_step(omega):
+        method = MonteCarloEM(smoother=KalmanSmoother(), num_iterations=1, tol=0, reject_se=None,
+                              learn_initial=True, overrelax=omega)
+        return pr.fit(m, y, method=method, seed=0).model
+
+    plain, stretched = one_step(1.0), one_step(1.5)
+    moved = 0
+    for n, p in stretched.named_parameters():
+        p1 = dict(plain.named_parameters())[n].detach()
+        # same exact-E-step paths (same seed), so the stretched step is theta0 + 1.5 (theta1 - theta0);
+        # positive parameters (q, r, s0) are compared in their log-space parametrisation
+        np.testing.assert_allclose(p.detach().numpy(), (start[n] + 1.5 * (p1 - start[n])).numpy(),
+                                   rtol=1e-9, atol=1e-12, err_msg=n)
+        moved += int(not torch.allclose(p1, start[n]))
+    assert moved >= 6  # the M-step moved (almost) every block, so the identity is not vacuous
+    assert torch.all(stretched.q > 0) and torch.all(stretched.r > 0)
+    for bad in (0, 2, 2.5, -1.0, True, "1.8"):
+        with pytest.raises(ConfigurationError, match="overrelax"):
+            MonteCarloEM(overrelax=bad)
