@@ -47,9 +47,10 @@ after 60 iterations and -0.023 after 150 (seed 1; the fitted modes keep the righ
 Over-relaxed M-steps (``--mcem-overrelax 1.8``: ``overrelax=1.8``, each M-step's move stretched by 1.8 in the
 unconstrained parametrisation), with the rotation restarts above from ``--init gaussian``, measured
 2026-12-01 (held-out delta to the truth, SE 0.0002): init seeds 1, 2, 3 after 60 iterations -0.0165 / -0.0208 /
--0.0215 (seed 1 training -0.0200 nats/step against plain EM's -0.0237); seeds 2, 3 after 120 iterations -0.0213
-/ -0.0187 (training -0.007 / -0.012; 1965 / 2305 s with two runs sharing the 2 cores). Seed 2 then has the
-training evidence of the run begun at the truth (-0.0075) but not its held-out score.
+-0.0215 (seed 1 training -0.0200 nats/step against plain EM's -0.0237); seeds 1, 2, 3 after 120 iterations
+-0.0159 / -0.0213 / -0.0187 (training -0.016 / -0.007 / -0.012; 4860 / 1965 / 2305 s with two or three jobs
+sharing the 2 cores). Seed 2 then has the
+training evidence of the run begun at the truth (-0.0075) but not its held-out score (a different optimum).
 
 Fresh-data check (``--fresh-test 20 1000``, measured 2026-12-01): the 500 held-out steps leave a data SE of
 0.0095 nats/step on the paired fit-minus-truth difference (the rotation-start MCEM row: -0.016 +- 0.0095). On
