@@ -168,7 +168,12 @@ paired difference is about 0.0095 nats/step, init seeds 1, 2, 3): plain EM -0.02
 -0.020 / -0.021, :math:`\omega=1.8` -0.0165 / -0.0208 / -0.0215 (seed 1's training estimate -0.0200 against -0.0237 nats/step; 1.2-2x the
 wall time, on a shared machine whose load varied); after 120 iterations seeds 1, 2, 3 end at -0.0159, -0.0213
 and -0.0187, seed 2 with a training estimate of -0.007 nats/step, as high as a run begun at the generating
-network (-0.0075), which nonetheless forecasts fresh data better (``synthetic_table.py --fresh-test``). On small linear models
+network (-0.0075), which nonetheless forecasts fresh data better (``synthetic_table.py --fresh-test``). On a real
+series it pays more: Santa Fe laser (1000 training / 500 test steps, standard-scaled on the training part),
+``ElmanSSM(8, weight_init="rotation", seed=0)``, 40 iterations of the EKF-proposal smoother (300 particles, 100
+paths, MCMC backward kernel), fit seed 0: the training estimate reaches +0.073 nats/step with
+:math:`\omega=1.8` against -0.205 plain (no rejections; 268 s against 237 s), held-out +0.160 +- 0.003 against
+-0.156 +- 0.003, CRPS at 1/5/10 steps 0.100/0.216/0.284 against 0.136/0.229/0.274. On small linear models
 with an exact (Kalman) E-step, where EM converges in a few iterations, it gave no speed-up.
 """
 
