@@ -596,8 +596,6 @@ class MonteCarloEM(InferenceMethod):
             return None
 
         def _mstep(k, step):
-            from .complete_data import complete_data_log_likelihood
-
             paths, gamma = step.state[1], step.scalars["gamma"]
             bank = [(p, w * (1 - gamma)) for p, w in st["bank"] if w * (1 - gamma) >= 1e-3] + [(paths, gamma)]
             st["bank"] = bank
@@ -615,7 +613,7 @@ class MonteCarloEM(InferenceMethod):
             if old is not None:
                 _overrelax(model, old, self.overrelax)
                 with torch.no_grad():  # the objective at the stretched parameters
-                    st["obj"] = float((wts.to(model.dtype) * complete_data_log_likelihood(model, allp, data).sum(-1)).sum())
+                    st["obj"] = float(_q_hat(model, allp, wts, data))
             if self.anneal_noise is not None and k < self.anneal_noise[1]:
                 infl = 1.0 + (self.anneal_noise[0] - 1.0) * (1.0 - k / self.anneal_noise[1])
                 model.set_noise_scales(process=model.noise_scales()["process"].detach() * infl)
@@ -657,20 +655,23 @@ class MonteCarloEM(InferenceMethod):
         return {"ascent_dq": dq, "ascent_se": se, "ascent_kept": int(ok)}
 
     def _gradient_mstep(self, model, data, paths, wts, opt, n_obs):
-        from .complete_data import complete_data_log_likelihood
-
         params = [p for p in model.parameters() if p.requires_grad]
         if opt is None:
             opt = torch.optim.Adam(params, lr=self.lr)
-        w = wts.to(model.dtype)
         for _ in range(self.gradient_steps):
             opt.zero_grad()
-            q = (w * complete_data_log_likelihood(model, paths, data).sum(-1)).sum()
-            (-q / n_obs).backward()
+            (-_q_hat(model, paths, wts, data) / n_obs).backward()
             opt.step()
         with torch.no_grad():
-            obj = float((w * complete_data_log_likelihood(model, paths, data).sum(-1)).sum())
+            obj = float(_q_hat(model, paths, wts, data))
         return opt, obj
+
+
+def _q_hat(model, paths: torch.Tensor, wts: torch.Tensor, data: Data) -> torch.Tensor:
+    r""":math:`\hat Q(\theta)=\sum_s w_s\log p_\theta(h^{(s)}, y_{obs})` at the model's current parameters."""
+    from .complete_data import complete_data_log_likelihood
+
+    return (wts.to(model.dtype) * complete_data_log_likelihood(model, paths, data).sum(-1)).sum()
 
 
 @torch.no_grad()
