@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 # torch is pinned here (a CPU wheel); pyproject keeps a normal range.
 TORCH := torch==2.13.0
+# test workers (pytest-xdist): each test runs torch on one thread (tests/conftest.py), so one worker per core.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast lint install clean notebooks
 
@@ -22,10 +24,10 @@ demo: $(STAMP)
 	$(BIN)/ppl-rnn demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=20
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --durations=20
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow"
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) -m "not slow"
 
 # execute the example notebooks with full settings and store their outputs (tests/test_notebooks.py checks)
 notebooks: $(STAMP)

@@ -69,7 +69,7 @@ def test_stored_notebook_holds_the_outputs_of_a_full_settings_run(path):
 def test_notebook_runs(path, monkeypatch):
     monkeypatch.setenv("PPL_RNN_SMALL", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     book = nbformat.read(path, as_version=4)
     for c in book.cells:  # run the cells as generated, not on top of the stored outputs
         if c.cell_type == "code":
