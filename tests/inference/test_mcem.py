@@ -229,3 +229,24 @@ def test_overrelaxed_step_stretches_the_em_move_in_unconstrained_space(float64):
     for bad in (0, 2, 2.5, -1.0, True, "1.8"):
         with pytest.raises(ConfigurationError, match="overrelax"):
             MonteCarloEM(overrelax=bad)
+
+
+def test_a_rejected_stretched_step_falls_back_to_plain_em_and_omega_grows_back(float64):
+    """A stretched step that is rejected is retried from theta_k as a plain EM step with the same particles
+    (the stretch, not the Monte Carlo sample, is the suspect); omega then grows by 1.1 per accepted step."""
+    from .test_mcem_warm_start import _Sabotaged, _sharp_series
+
+    _Sabotaged.calls = 0
+    m = _Sabotaged(2, 1, activation="identity", seed=5)
+    r = pr.fit(m, _sharp_series(60), method=MonteCarloEM(smoother=ParticleSmoother(100, 20), num_iterations=5,
+                                                         tol=0, overrelax=1.5), seed=0)
+    tr = r.trace
+    np.testing.assert_array_equal(tr.rejected.values, [0, 0, 1, 0, 0, 0, 0])
+    # rows: start, step 1 (1.5), sabotaged step 2 (1.5, rejected), theta_1 again, then 1, 1.1, 1.21
+    np.testing.assert_allclose(tr.overrelax.values[1:], [1.5, 1.5, 1.5, 1.0, 1.1, 1.21])
+    assert math.isnan(tr.overrelax.values[0])
+    np.testing.assert_array_equal(tr.num_particles.values, 100)  # no boost: the plain step was not rejected
+    assert r.diagnostics["num_iterations"] == 5 and "stopped" not in r.diagnostics
+    plain = pr.fit(ElmanSSM(2, 1, activation="identity", seed=5), _sharp_series(60),
+                   method=MonteCarloEM(smoother=ParticleSmoother(100, 20), num_iterations=2, tol=0), seed=0)
+    assert "overrelax" not in plain.trace  # plain EM's trace is unchanged
