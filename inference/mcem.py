@@ -184,7 +184,9 @@ series it pays more: Santa Fe laser (1000 training / 500 test steps, standard-sc
 ``ElmanSSM(8, weight_init="rotation", seed=0)``, 40 iterations of the EKF-proposal smoother (300 particles, 100
 paths, MCMC backward kernel), fit seed 0: the training estimate reaches +0.073 nats/step with
 :math:`\omega=1.8` against -0.205 plain (no rejections; 268 s against 237 s), held-out +0.160 +- 0.003 against
--0.156 +- 0.003, CRPS at 1/5/10 steps 0.100/0.216/0.284 against 0.136/0.229/0.274. On small linear models
+-0.156 +- 0.003, CRPS at 1/5/10 steps 0.100/0.216/0.284 against 0.136/0.229/0.274; initial networks
+``seed=1`` and ``seed=2``: held-out -0.134 against -0.195 and +0.362 against -0.052, CRPS 1/5/10
+0.136/0.228/0.311 against 0.143/0.243/0.322 and 0.088/0.158/0.223 against 0.129/0.183/0.246. On small linear models
 with an exact (Kalman) E-step, where EM converges in a few iterations, it gave no speed-up. On a near-noise-free
 series (a damped rotation, r = 0.003, q = 0.01; 400 training / 200 test steps, ``ElmanSSM(2)``, 20 iterations
 of the MCMC-kernel smoother with 300 particles) it helps from both starts, without rejections: held-out
