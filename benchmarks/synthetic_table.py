@@ -58,6 +58,16 @@ Fresh-data check (``--fresh-test 20 1000``, measured 2026-12-01): the 500 held-o
 iterations begun at the generating network end at -0.0049 +- 0.0007: an optimum within 0.005 exists, random
 starts do not reach it yet.
 
+Why (``benchmarks/synthetic_basins.py``, measured 2026-12-01, 60 over-relaxed iterations, fresh delta on 20 x 1000
+steps): init seed 2's rotation candidates continued alone end at training -0.0234 / -0.0173 / -0.0114 nats/step
+(candidates 1 / 5 / 6) with fresh delta -0.026 / -0.022 / -0.027, so the restarts' choice by training evidence
+(candidate 6) was the worst of them on fresh data; every optimum outside the generating network's basin scores
+fresh -0.017..-0.033 whatever its training evidence. That basin is the best (training -0.0043 begun there) but
+narrow in the hidden basis: random rotations h -> O h of the generating network cost 0.02-0.085 nats/step of
+training evidence, and MCEM from the best of 20 of them ends at fresh -0.017, not back in it. Searching the basis
+by CMA-ES (seed 2's fit re-oriented: -0.024; a normal W at AR(12)'s pole angles with basis and C searched:
+-0.020, -0.018, -0.033) did not reach it either.
+
 MCEM escapes from local optima (issue 4): ``--mcem-restarts K`` (``num_restarts``; each candidate gets
 ``--mcem-restart-iters`` iterations of 200 particles / 50 paths, the best by training evidence is continued) and
 ``--mcem-anneal FACTOR ITERS`` (``anneal_noise``). Default: a single start, no annealing. Measured on noise seed 0
