@@ -65,7 +65,7 @@ steps): init seed 2's rotation candidates continued alone end at training -0.023
 fresh -0.017..-0.033 whatever its training evidence. That basin is the best (training -0.0043 begun there) but
 narrow in the hidden basis: random rotations h -> O h of the generating network cost 0.02-0.085 nats/step of
 training evidence, and MCEM from the best of 20 of them ends at fresh -0.017, not back in it. Searching the basis
-by CMA-ES (seed 2's fit re-oriented: -0.024; a normal W at AR(12)'s pole angles with basis and C searched:
+by CMA-ES (one-off scripts; seed 2's fit re-oriented: -0.024; a normal W at AR(12)'s pole angles with basis and C searched:
 -0.020, -0.018, -0.033) did not reach it either.
 
 MCEM escapes from local optima (issue 4): ``--mcem-restarts K`` (``num_restarts``; each candidate gets
