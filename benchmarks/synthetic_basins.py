@@ -65,6 +65,44 @@ def reoriented(model, O: torch.Tensor):
     return c
 
 
+def small_rotation(H: int, eps: float, g: torch.Generator) -> torch.Tensor:
+    r""":math:`O = \exp(\varepsilon A)` for a random skew-symmetric :math:`A` of spectral norm 1: a rotation whose
+    largest angle (in any of its invariant planes) is exactly ``eps`` radians."""
+    A = torch.randn(H, H, generator=g, dtype=torch.float64)
+    A = A - A.T
+    return torch.linalg.matrix_exp(eps * A / torch.linalg.matrix_norm(A, 2))
+
+
+def basis_hit_probability(H: int, radii: list[float], draws: int, g: torch.Generator) -> list[float]:
+    r"""Monte Carlo probability that a Haar-random orthogonal :math:`O` lies within each of ``radii`` (the
+    largest rotation angle of :math:`PO`) of one of the network's exact symmetries :math:`P`: the
+    :math:`2^H H!` signed permutations of the hidden units (``tanh`` is odd, so :math:`h\mapsto Ph` with
+    :math:`(PWP^\top, Pb, CP^\top)` is the same network). That is the chance that a random hidden basis starts
+    within the given distance of the generating network's."""
+    import itertools
+
+    P = []
+    for perm in itertools.permutations(range(H)):
+        for signs in itertools.product((1.0, -1.0), repeat=H):
+            M = torch.zeros(H, H, dtype=torch.float64)
+            M[range(H), list(perm)] = torch.tensor(signs, dtype=torch.float64)
+            P.append(M)
+    P = torch.stack(P)  # (2^H H!, H, H)
+    dist = torch.empty(draws, dtype=torch.float64)
+    for i in range(draws):
+        M = P @ haar_orthogonal(H, g)
+        ang = torch.linalg.eigvals(M).angle().abs().amax(-1)
+        dist[i] = ang[torch.linalg.det(M) > 0].min()  # a rotation (det +1) can reach only those
+    return [float((dist < r).double().mean()) for r in radii]
+
+
+def single_start(a, iterations: int | None = None):
+    """The table's MCEM (``synthetic_table.mcem_method``) without restarts: the given start is continued alone."""
+    meth = stb.mcem_method(a if iterations is None else argparse.Namespace(**{**vars(a), "mcem_iters": iterations}))
+    meth.num_restarts = 1
+    return meth
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stb.add_common_args(ap)
@@ -76,6 +114,10 @@ def main(argv=None):
     ap.add_argument("--gradient-steps", type=int, default=10)
     ap.add_argument("--reorient", type=int, default=0, metavar="K", help="score K random re-orientations of the truth")
     ap.add_argument("--reorient-fit", action="store_true", help="MCEM from the best re-oriented truth")
+    ap.add_argument("--rotate", default="", metavar="EPS,...",
+                    help="MCEM (--rotate-iters) from the generating network turned by a rotation of largest angle "
+                         "EPS radians (one random direction, seed 7), for each EPS: the basin's width")
+    ap.add_argument("--rotate-iters", type=int, default=30)
     ap.add_argument("--fresh-test", type=int, nargs=2, default=(20, 1000), metavar=("B", "T"))
     ap.add_argument("--train-particles", type=int, default=5000)
     a = ap.parse_args(argv)
@@ -87,10 +129,8 @@ def main(argv=None):
     fits: dict[str, torch.nn.Module] = {}
     t0 = time.perf_counter()
     for r in [int(s) for s in a.candidates.split(",") if s.strip()]:
-        meth = stb.mcem_method(a)
-        cand = meth._candidate(stb.initial_network(a), 0, r)  # the draw MonteCarloEM's restarts make (fit seed 0)
-        meth.num_restarts = 1
-        fits[f"candidate {r}"] = pr.fit(cand, train, method=meth, seed=(104_729 * (r + 1)) % (2**31 - 1)).model
+        cand = stb.mcem_method(a)._candidate(stb.initial_network(a), 0, r)  # the restarts' draw (fit seed 0)
+        fits[f"candidate {r}"] = pr.fit(cand, train, method=single_start(a), seed=(104_729 * (r + 1)) % (2**31 - 1)).model
         print(f"# candidate {r} fitted ({time.perf_counter() - t0:.0f} s)", flush=True)
     if a.reorient:
         g = torch.Generator().manual_seed(1)
@@ -103,10 +143,21 @@ def main(argv=None):
               f"median {np.median(scores):+.4f}, worst {scores[0]:+.4f}", flush=True)
         if a.reorient_fit:
             best = max(scored, key=lambda s: s[0])[1]
-            fits["truth re-oriented (best basis)"] = pr.fit(best, train, method=stb.mcem_method(a), seed=0).model
+            fits["truth re-oriented (best basis)"] = pr.fit(best, train, method=single_start(a), seed=0).model
+    if a.rotate:
+        eps = [float(e) for e in a.rotate.split(",")]
+        hit = basis_hit_probability(truth.hidden_dim, eps, 200 if a.quick else 4000, torch.Generator().manual_seed(3))
+        print("# a Haar-random hidden basis lies within EPS of the generating network's (up to signed "
+              "permutations) with probability " + ", ".join(f"{e:g}: {p:.4f}" for e, p in zip(eps, hit, strict=True)),
+              flush=True)
+        iters = 3 if a.quick else a.rotate_iters
+        for e in eps:
+            start = reoriented(truth, small_rotation(truth.hidden_dim, e, torch.Generator().manual_seed(7)))
+            fits[f"truth turned by {e:g} rad, then {iters} iterations"] = pr.fit(
+                start, train, method=single_start(a, iters), seed=0).model
     if not fits:
         return
-    fits["begun at the truth"] = pr.fit(truth.copy(), train, method=stb.mcem_method(a), seed=0).model
+    fits["begun at the truth"] = pr.fit(truth.copy(), train, method=single_start(a), seed=0).model
     fresh = stb.fresh_scores(fits, truth, a)
     tl = training_evidence(truth, train, a.train_particles, 8)
     print(f"\nMCEM {a.mcem_iters} iterations, overrelax {a.mcem_overrelax}, Gaussian start seed {a.init_seed}; "
