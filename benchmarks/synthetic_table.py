@@ -66,7 +66,12 @@ fresh -0.017..-0.033 whatever its training evidence. That basin is the best (tra
 narrow in the hidden basis: random rotations h -> O h of the generating network cost 0.02-0.085 nats/step of
 training evidence, and MCEM from the best of 20 of them ends at fresh -0.017, not back in it. Searching the basis
 by CMA-ES (one-off scripts; seed 2's fit re-oriented: -0.024; a normal W at AR(12)'s pole angles with basis and C searched:
--0.020, -0.018, -0.033) did not reach it either.
+-0.020, -0.018, -0.033) did not reach it either. ``--rotate`` there puts the basin's width at 0.5-0.6 rad: a
+Haar-random basis lies that close (up to signed permutations of the units) with probability 0.007-0.04. 64
+rotation restarts instead of 8 (``--mcem-restarts 64``, init seeds 2 and 3, 36 min each) end at fresh delta
+-0.0233 / -0.0196 against -0.0251 / -0.0198. An equal-weight pool of the one-step predictive densities of
+several fits (not built) does better than each: seed 2's candidates 1, 5, 6 pooled -0.0189; with seeds 1 and 3
+-0.0157.
 
 MCEM escapes from local optima (issue 4): ``--mcem-restarts K`` (``num_restarts``; each candidate gets
 ``--mcem-restart-iters`` iterations of 200 particles / 50 paths, the best by training evidence is continued) and
