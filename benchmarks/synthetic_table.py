@@ -70,8 +70,9 @@ by CMA-ES (one-off scripts; seed 2's fit re-oriented: -0.024; a normal W at AR(1
 Haar-random basis lies that close (up to signed permutations of the units) with probability 0.007-0.04. 64
 rotation restarts instead of 8 (``--mcem-restarts 64``, init seeds 2 and 3, 36 min each) end at fresh delta
 -0.0233 / -0.0196 against -0.0251 / -0.0198. An equal-weight pool of the one-step predictive densities of
-several fits (not built) does better than each: seed 2's candidates 1, 5, 6 pooled -0.0189; with seeds 1 and 3
--0.0157.
+several fits (not built) beats each member only when all are good fits: the three seeds' restart fits pooled
+-0.0153, each seed's top three restart candidates pooled -0.0213 / -0.0214 / -0.0201 (the restarts' single
+choice: -0.0194 / -0.0265 / -0.0193).
 
 MCEM escapes from local optima (issue 4): ``--mcem-restarts K`` (``num_restarts``; each candidate gets
 ``--mcem-restart-iters`` iterations of 200 particles / 50 paths, the best by training evidence is continued) and
@@ -146,7 +147,7 @@ def fresh_scores(models: dict, true_model, a) -> dict:
     steps)``. With the table's 500 held-out steps the data SE of that difference is about 0.0095 nats/step; at
     20 x 1000 steps 0.0015 (the filters' Monte Carlo error, a few 1e-4, is well below it). The same increments as
     ``evaluate``'s held-out log-likelihood at 2000 particles (seed 2's restart fit: -0.0255 here, -0.0251 through
-    ``evaluate``), in seconds instead of minutes: no forecast draws, no SE pilot rounds."""
+    ``evaluate``), in under a minute per model instead of six: no forecast draws, no SE pilot rounds."""
     from ppl_rnn.workbench.paired import andrews_lag, hac_mean_se
 
     B, T = a.fresh_test
