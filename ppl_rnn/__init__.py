@@ -6,7 +6,7 @@ interchangeable inference: particle smoothing + Monte Carlo EM, mean-field EM, S
 
 Three floors: the contract (this package's top-level modules: model, capabilities, data, masking, results,
 errors, rng, scope, method, verbs) <- ``ppl_rnn.models`` and ``ppl_rnn.inference`` <- ``ppl_rnn.workbench``
-(evaluate, compare, forecast, report, ArviZ export, datasets, CLI, demo; plots load matplotlib on use).
+(evaluate, compare, ensembles, forecast, report, ArviZ export, datasets, CLI, demo; plots load matplotlib on use).
 Importing the package changes no global setting: the library's Pyro settings apply inside its own calls.
 """
 
@@ -27,6 +27,7 @@ from .verbs import fit, infer
 from .workbench import datasets
 from .workbench.arviz_export import to_inference_data
 from .workbench.compare import compare
+from .workbench.ensemble import Ensemble, fit_ensemble
 from .workbench.evaluate import evaluate
 from .workbench.forecasting import forecast
 from .workbench.paired import forecast_difference
@@ -39,5 +40,5 @@ __all__ = [
     "InferenceMethod", "Data", "prepare", "infer", "fit", "forecast", "inference", "models", "errors",
     "capabilities", "ConfigurationError", "DataError", "DegenerateWeightsError", "DivergenceError",
     "ModelCapabilityError", "compare", "to_inference_data", "evaluate", "forecast_difference", "datasets",
-    "select_by_forecast", "workbench",
+    "select_by_forecast", "workbench", "Ensemble", "fit_ensemble",
 ]

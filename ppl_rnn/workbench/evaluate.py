@@ -66,6 +66,12 @@ the same sequences), :func:`evaluate` filters the whole series at the fitted par
   :math:`y_t` (the posterior predictive), ``filtered_signal`` the noise-free signal :math:`E[y_t\mid h_t^{(s)}]`
   at the filtering draws (a posterior quantity with the same dims for every model, whatever its hidden size).
 
+An :class:`~ppl_rnn.workbench.ensemble.Ensemble` is scored as the linear pool of its members: each member
+gets the pass above (its own filter rounds and draws), then the per-step increments are pooled per run,
+:math:`\log\sum_k w_k\hat p_k(y_t\mid y_{0:t-1})`, the held-out total is their mean over runs with
+:math:`\operatorname{SE}^2=\sum_b s_b^2/R` (no log-normal correction: the pooled product is not an unbiased
+estimate of a normalising constant), and the forecast and one-step draws are the mixture's (``_pool``).
+
 The rolling-origin forecast passes one time index per lead ``j`` (that of the first origin,
 :math:`T_1-1+j`) to ``transition``/``emission``; inputs are taken at each origin's own times. Models
 whose conditionals depend on ``t`` other than through inputs therefore get forecasts at shifted ``t``.
@@ -286,7 +292,9 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
     """Score ``model`` (at its current parameters) on ``test``, the continuation of ``train``.
 
     Args:
-        model: a :class:`ppl_rnn.StateSpaceModel` (typically ``FitResult.model``).
+        model: a :class:`ppl_rnn.StateSpaceModel` (typically ``FitResult.model``), or a
+            :class:`ppl_rnn.workbench.ensemble.Ensemble` of them, scored as the linear pool of its members'
+            predictives (see that module).
         train: ``(B, T1, D)`` (or ``(T1, D)``) observations the forecasts condition on; NaN = missing.
         test: ``(B, T2, D)`` the held-out continuation of the same sequences.
         horizons: forecast leads ``k`` (steps) for RMSE / CRPS / coverage.
@@ -308,17 +316,20 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
         each forecast's CRPS and squared error, indexed by its target time; NaN where there is none) for
         paired comparisons (:func:`ppl_rnn.workbench.paired.forecast_difference`); ``onestep_log_lik`` (draw,
         sequence, time), ``onestep_y`` and ``filtered_signal`` (draw, sequence, time, obs); attrs ``evidence_method``, ``num_particles`` (of the
-        last round), ``num_replicates``, ``se_tol``, ``particle_rounds``, ``num_samples``, ``seed``.
+        last round), ``num_replicates``, ``se_tol``, ``particle_rounds``, ``num_samples``, ``seed``
+        (an ensemble adds ``ensemble_size``, ``ensemble_weights`` and ``pool``).
     """
+    from .ensemble import Ensemble
+
     hs = check_horizons(horizons)
     num_particles, max_particles, num_replicates, se_tol = check_yardstick_options(
         num_particles, max_particles, num_replicates, se_tol)
     num_samples = check_positive_int(num_samples, "num_samples", minimum=2)
     check_choice(filter, "filter", ("auto", "particle", "kalman"))
     check_seed(seed)
-    dtype = model.dtype
-    tr = prepare(model, train, train_inputs)
-    te = prepare(model, test, test_inputs)
+    members = model.models if isinstance(model, Ensemble) else (model,)
+    tr = prepare(members[0], train, train_inputs)
+    te = prepare(members[0], test, test_inputs)
     if tr.num_sequences != te.num_sequences:
         raise DataError(
             f"train has {tr.num_sequences} sequences and test has {te.num_sequences}; test must continue the "
@@ -331,46 +342,120 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
     y = torch.cat([tr.observations, te.observations], 1)
     mask = torch.cat([tr.mask, te.mask], 1)
     u = None if tr.inputs is None else torch.cat([tr.inputs, te.inputs], 1)
-    B, T, D = y.shape
-    use_kalman = filter == "kalman" or (filter == "auto" and _is_linear_gaussian(model))
-    first_origin = T1 - 1
+    opts = dict(T1=T1, hs=hs, filter=filter, num_particles=num_particles, max_particles=max_particles,
+                num_replicates=num_replicates, se_tol=se_tol, proposal=proposal, num_samples=num_samples,
+                progress=progress)
     t0 = time.perf_counter()
     with seeded(seed):
-        if use_kalman:
-            log_lik, draws = _kalman(model, y, mask, u, first_origin, num_samples)
-            total, se, min_ess, n_used, rounds = float(log_lik[:, T1:].sum()), 0.0, float("nan"), 0, []
-            used = ""
+        parts = [_score_pass(m, y, mask, u, **opts) for m in members]
+        if isinstance(model, Ensemble):
+            p = _pool(parts, model.weights, T1, num_samples)
         else:
-            with pyro.validation_enabled(False):
-                inc, ess, draws, total, se, n_used, used, rounds = _adaptive_particle_filter(
-                    model, y, mask, u, first_origin=first_origin, T1=T1, num_samples=num_samples,
-                    num_particles=num_particles, max_particles=max_particles, replicates=num_replicates,
-                    se_tol=se_tol, proposal=proposal, progress=progress)
-            log_lik, min_ess = inc.mean(0), float(ess.min())
-        # draws: (S, O, B, H) at origins o = T1-1 .. T-1; drop the last (nothing to forecast from it)
-        h = draws[:, :T2].to(dtype)  # origins T1-1 .. T-2
-        origins = torch.arange(T1 - 1, T - 1)
-        ys_at = {}
-        onestep_lp = None
-        for j in range(1, kmax + 1):
-            tt = torch.clamp(origins + j, max=T - 1)  # target times (clamped ones are discarded)
-            u_j = None if u is None else u[:, tt].transpose(0, 1)  # (O,B,I)
-            t_first = T1 - 1 + j
-            h = model.transition(t_first, h, u_j).sample()
-            if j in hs or j == 1:
-                yj = model.emission(t_first, h, u_j).sample()  # (S,O,B,D)
-                ys_at[j] = yj
-            if j == 1:  # filtering draws at the targets T1..T-1 are the origins shifted by one
-                y_t = y[:, tt].transpose(0, 1)  # (O,B,D)
-                m_t = mask[:, tt].transpose(0, 1)
-                hf = draws[:, 1:].to(dtype)
-                onestep_lp = _integrated_onestep(model, draws[:, :T2].to(dtype), y_t, m_t, u_j, t_first)
-                if onestep_lp is None:
-                    onestep_lp = model.observation_log_prob(t_first, hf, y_t, m_t, u_j).double()
-                signal = _signal(model, t_first, hf, u_j)  # (S,O,B,D)
-    eval_time = time.perf_counter() - t0
+            p = parts[0]
+    ds = _dataset(p, y, mask, te, hs, T1, se_tol, num_samples, num_replicates, seed)
+    ds.attrs["eval_time_s"] = time.perf_counter() - t0
+    if isinstance(model, Ensemble):
+        ds.attrs.update(ensemble_size=len(members), ensemble_weights=", ".join(f"{w:.4g}" for w in model.weights),
+                        pool="linear pool of the members' predictives: p(y_t | y_0:t-1) = sum_k w_k "
+                             "p_k(y_t | y_0:t-1); forecast draw s from member k with probability w_k")
+    return ds
 
-    test_ll = log_lik[:, T1:]  # (B,T2)
+
+def _score_pass(model, y, mask, u, *, T1, hs, filter, num_particles, max_particles, num_replicates, se_tol,
+                proposal, num_samples, progress) -> dict:
+    """Filter the whole series once (Kalman or the adaptive particle yardstick) and roll the forecasts forward.
+
+    Returns ``inc`` ``(R,B,T)`` per-run increments (``(1,B,T)`` when exact), ``exact``, ``total`` and ``se``
+    (held-out totals), ``min_ess``, ``n_used``, ``used``, ``rounds``, ``ys_at`` (lead -> draws ``(S,O,B,D)`` of
+    :math:`y_{o+k}` for origins :math:`o = T_1-1..T-2`), ``onestep_lp`` ``(S,O,B)`` and ``signal`` ``(S,O,B,D)``.
+    """
+    dtype = model.dtype
+    B, T, D = y.shape
+    T2 = T - T1
+    kmax = max(hs)
+    use_kalman = filter == "kalman" or (filter == "auto" and _is_linear_gaussian(model))
+    first_origin = T1 - 1
+    if use_kalman:
+        log_lik, draws = _kalman(model, y, mask, u, first_origin, num_samples)
+        inc, total, se, min_ess, n_used, rounds, used = log_lik.unsqueeze(0), float(log_lik[:, T1:].sum()), 0.0, \
+            float("nan"), 0, [], ""
+    else:
+        with pyro.validation_enabled(False):
+            inc, ess, draws, total, se, n_used, used, rounds = _adaptive_particle_filter(
+                model, y, mask, u, first_origin=first_origin, T1=T1, num_samples=num_samples,
+                num_particles=num_particles, max_particles=max_particles, replicates=num_replicates,
+                se_tol=se_tol, proposal=proposal, progress=progress)
+        min_ess = float(ess.min())
+    # draws: (S, O, B, H) at origins o = T1-1 .. T-1; drop the last (nothing to forecast from it)
+    h = draws[:, :T2].to(dtype)  # origins T1-1 .. T-2
+    origins = torch.arange(T1 - 1, T - 1)
+    ys_at = {}
+    onestep_lp = signal = None
+    for j in range(1, kmax + 1):
+        tt = torch.clamp(origins + j, max=T - 1)  # target times (clamped ones are discarded)
+        u_j = None if u is None else u[:, tt].transpose(0, 1)  # (O,B,I)
+        t_first = T1 - 1 + j
+        h = model.transition(t_first, h, u_j).sample()
+        if j in hs or j == 1:
+            ys_at[j] = model.emission(t_first, h, u_j).sample()  # (S,O,B,D)
+        if j == 1:  # filtering draws at the targets T1..T-1 are the origins shifted by one
+            y_t = y[:, tt].transpose(0, 1)  # (O,B,D)
+            m_t = mask[:, tt].transpose(0, 1)
+            hf = draws[:, 1:].to(dtype)
+            onestep_lp = _integrated_onestep(model, draws[:, :T2].to(dtype), y_t, m_t, u_j, t_first)
+            if onestep_lp is None:
+                onestep_lp = model.observation_log_prob(t_first, hf, y_t, m_t, u_j).double()
+            signal = _signal(model, t_first, hf, u_j)  # (S,O,B,D)
+    return dict(inc=inc.double(), exact=use_kalman, total=total, se=se, min_ess=min_ess, n_used=n_used, used=used,
+                rounds=rounds, ys_at=ys_at, onestep_lp=onestep_lp.double(), signal=signal.double())
+
+
+def _pool(parts: list[dict], weights: Sequence[float], T1: int, num_samples: int) -> dict:
+    r"""Combine members' passes into the linear pool :math:`\sum_k w_k p_k` (see :mod:`.ensemble`).
+
+    Increments per run :math:`r`: :math:`\log\sum_k w_k \hat p_k(y_t\mid y_{0:t-1})` from each member's run
+    :math:`r` (exact members repeat); held-out total :math:`\sum_b \bar\ell_b` with :math:`\operatorname{SE}^2 =
+    \sum_b s_b^2/R` over the pooled runs (no log-normal correction: the pooled product is not an unbiased
+    estimate of a normalising constant). Forecast draw :math:`s` comes from member :math:`k` in proportion to
+    :math:`w_k` (stratified), so the draws are the pool's predictive; the one-step pointwise draws and the
+    filtered signal at target :math:`t` come from member :math:`k` with its posterior weight
+    :math:`\propto w_k\,p_k(y_t\mid y_{0:t-1})` (then PSIS-LOO's harmonic mean returns the pool's one-step score).
+    """
+    K, S = len(parts), num_samples
+    logw = torch.tensor(weights, dtype=torch.float64).log()
+    R = max(p["inc"].shape[0] for p in parts)
+    inc = torch.stack([p["inc"].expand(R, -1, -1) for p in parts])  # (K,R,B,T)
+    pooled = torch.logsumexp(inc + logw.view(K, 1, 1, 1), 0)  # (R,B,T)
+    exact = all(p["exact"] for p in parts)
+    tot = pooled[:, :, T1:].sum(-1)  # (R,B)
+    total = float(tot.mean(0).sum())
+    se = 0.0 if exact else math.sqrt(float((tot.var(0, unbiased=True) / R).sum()))
+    # forecast draws: stratified member per draw (the pool's predictive)
+    cw = torch.cumsum(torch.tensor(weights, dtype=torch.float64), 0)
+    comp = torch.clamp(torch.searchsorted(cw, (torch.arange(S, dtype=torch.float64) + 0.5) / S), max=K - 1)
+    ar = torch.arange(S)
+    ys_at = {j: torch.stack([p["ys_at"][j].double() for p in parts])[comp, ar] for j in parts[0]["ys_at"]}
+    # one-step draws given y_t: member k with probability prop. to w_k p_k(y_t | y_0:t-1)
+    post = (inc.mean(1)[:, :, T1:] + logw.view(K, 1, 1)).permute(2, 1, 0)  # (O,B,K)
+    O, B = post.shape[:2]
+    pick = torch.multinomial(torch.softmax(post, -1).reshape(O * B, K), S, replacement=True)
+    pick = pick.reshape(O, B, S).permute(2, 0, 1)  # (S,O,B)
+    s_i, o_i, b_i = torch.meshgrid(ar, torch.arange(O), torch.arange(B), indexing="ij")
+    lp = torch.stack([p["onestep_lp"] for p in parts])[pick, s_i, o_i, b_i]
+    signal = torch.stack([p["signal"] for p in parts])[pick, s_i, o_i, b_i]
+    ess = [p["min_ess"] for p in parts if not math.isnan(p["min_ess"])]
+    return dict(inc=pooled, exact=exact, total=total, se=se, min_ess=min(ess, default=float("nan")),
+                n_used=max(p["n_used"] for p in parts), used="; ".join(str(p["used"]) for p in parts),
+                rounds=[r for p in parts for r in p["rounds"]], ys_at=ys_at, onestep_lp=lp, signal=signal)
+
+
+def _dataset(p: dict, y, mask, te, hs, T1, se_tol, num_samples, num_replicates, seed) -> xr.Dataset:
+    """The metrics of one pass (or a pooled one) as the documented ``xarray.Dataset``."""
+    B, T, D = y.shape
+    T2 = T - T1
+    origins = torch.arange(T1 - 1, T - 1)
+    use_kalman, total, se, rounds = p["exact"], p["total"], p["se"], p["rounds"]
+    test_ll = p["inc"].mean(0)[:, T1:]  # (B,T2)
     n_obs = int(te.mask.sum())
     se_step = se / (B * T2)
     se_ok = bool(use_kalman or se_tol is None or se_step <= se_tol)
@@ -380,7 +465,7 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
     by_target = {k: np.full((len(hs), B, T2, D), np.nan) for k in ("crps", "sqerr")}
     for ih, k in enumerate(hs):
         n_orig = T2 - k + 1
-        X = ys_at[k][:, :n_orig].double()  # (S,n,B,D)
+        X = p["ys_at"][k][:, :n_orig].double()  # (S,n,B,D)
         tt = origins[:n_orig] + k
         yt = y[:, tt].transpose(0, 1).double()
         mt = mask[:, tt].transpose(0, 1)
@@ -409,25 +494,26 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
             "heldout_logev_se": ((), se),
             "heldout_logev_per_step_se": ((), se_step),
             "heldout_logev_per_obs_se": ((), se / max(n_obs, 1)),
-            "min_ess": ((), min_ess),
+            "min_ess": ((), p["min_ess"]),
             "se_ok": ((), np.int8(se_ok)),
             "heldout_log_lik": (("sequence", "time"), test_ll.numpy()),
             **{k: (("horizon",), np.asarray(v)) for k, v in rows.items()},
             "num_forecasts": (("horizon",), np.asarray(n_fc)),
             "crps_by_target": (("horizon", "sequence", "time", "obs"), by_target["crps"]),
             "sqerr_by_target": (("horizon", "sequence", "time", "obs"), by_target["sqerr"]),
-            "onestep_log_lik": (("draw", "sequence", "time"), onestep_lp.permute(0, 2, 1).numpy()),
+            "onestep_log_lik": (("draw", "sequence", "time"), p["onestep_lp"].permute(0, 2, 1).numpy()),
             "onestep_y": (("draw", "sequence", "time", "obs"),
-                          ys_at[1].permute(0, 2, 1, 3).double().numpy()),
-            "filtered_signal": (("draw", "sequence", "time", "obs"), signal.permute(0, 2, 1, 3).double().numpy()),
+                          p["ys_at"][1].permute(0, 2, 1, 3).double().numpy()),
+            "filtered_signal": (("draw", "sequence", "time", "obs"),
+                                p["signal"].permute(0, 2, 1, 3).double().numpy()),
         },
         coords={"horizon": list(hs), "time": np.arange(T1, T), "sequence": np.arange(B),
                 "draw": np.arange(num_samples), "obs": np.arange(D)},
         attrs={
             "evidence_method": "kalman" if use_kalman else "particle_filter",
             "evidence_kind": "exact" if use_kalman else "estimate",
-            "proposal": used,
-            "num_particles": n_used,
+            "proposal": p["used"],
+            "num_particles": p["n_used"],
             "num_replicates": 0 if use_kalman else num_replicates,
             "se_tol": float("nan") if se_tol is None else se_tol,
             "particle_rounds": ", ".join(f"N={n}: SE/step {s:.4g}" for n, s in rounds),
@@ -436,7 +522,6 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
             "num_train_steps": T1,
             "num_test_steps": T2,
             "num_observed_test_entries": n_obs,
-            "eval_time_s": eval_time,
             "normalisation": "heldout_logev_per_step = log p(y_test | y_train) / (num_sequences * num_test_steps); "
                              "heldout_logev_per_obs = the same / number of observed test entries",
             "estimator": "particle filter: sum_b (mean_r l_rb + s_b^2/2) over R independent runs (log-normal "

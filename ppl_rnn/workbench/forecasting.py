@@ -39,8 +39,15 @@ def forecast(model, observations, *, horizon: int, method=None, num_samples: int
 
     The filtering distribution :math:`p(h_{T-1}\mid y_{0:T-1})` comes from ``method`` (default:
     :func:`default_filter`); the future is simulated forward with the model's own transition and emission.
-    ``inputs`` (if the model has them) must cover T + horizon steps.
+    ``inputs`` (if the model has them) must cover T + horizon steps. An :class:`~ppl_rnn.Ensemble` forecasts
+    with its linear pool: draw ``s`` comes from member ``k`` in proportion to its weight (stratified), each
+    member filtering with ``method`` on its own; ``state_samples`` is NaN in units a member does not have.
     """
+    from .ensemble import Ensemble
+
+    if isinstance(model, Ensemble):
+        return _forecast_pool(model, observations, horizon=horizon, method=method, num_samples=num_samples,
+                              inputs=inputs, seed=seed)
     check_model_and_method(model, method, optional=True)
     check_seed(seed)
     horizon = check_positive_int(horizon, "horizon")
@@ -71,3 +78,21 @@ def forecast(model, observations, *, horizon: int, method=None, num_samples: int
     samples = torch.stack(ys, 2)
     return Forecast(samples=samples, state_samples=torch.stack(hs, 2), mean=samples.mean(0),
                     method=getattr(method, "name", type(method).__name__), model=model, data=data)
+
+
+def _forecast_pool(ens, observations, *, horizon, method, num_samples, inputs, seed) -> Forecast:
+    r"""The pool's draws :math:`y_{T+k}\sim\sum_k w_k\,p_k(y_{T+k}\mid y_{0:T-1})` (see :func:`forecast`)."""
+    check_seed(seed)
+    num_samples = check_positive_int(num_samples, "num_samples")
+    cw = torch.cumsum(torch.tensor(ens.weights, dtype=torch.float64), 0)
+    comp = torch.clamp(torch.searchsorted(cw, (torch.arange(num_samples, dtype=torch.float64) + 0.5) / num_samples),
+                       max=len(ens) - 1)
+    fcs = [forecast(m, observations, horizon=horizon, method=method, num_samples=num_samples, inputs=inputs,
+                    seed=None if seed is None else seed + k) for k, m in enumerate(ens.models)]
+    ar = torch.arange(num_samples)
+    samples = torch.stack([f.samples for f in fcs])[comp, ar]
+    H = max(f.state_samples.shape[-1] for f in fcs)
+    states = torch.stack([torch.nn.functional.pad(f.state_samples, (0, H - f.state_samples.shape[-1]),
+                                                  value=float("nan")) for f in fcs])[comp, ar]
+    return Forecast(samples=samples, state_samples=states, mean=samples.mean(0),
+                    method="linear pool of " + ", ".join(f.method for f in fcs), model=ens, data=fcs[0].data)
