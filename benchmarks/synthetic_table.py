@@ -58,6 +58,12 @@ Fresh-data check (``--fresh-test 20 1000``, measured 2026-12-01): the 500 held-o
 iterations begun at the generating network end at -0.0049 +- 0.0007: an optimum within 0.005 exists, random
 starts do not reach it yet.
 
+Ensembles (``--ensemble 1,2,3``: the MCEM row from each init seed, pooled with equal weights by
+``pr.fit_ensemble``; measured 2026-12-01 with ``--init gaussian --mcem-restarts 8 --mcem-restart-kind rotation
+--mcem-overrelax 1.8``, 60 iterations): single runs from init seeds 1-6 score fresh delta -0.0197 / -0.0255 /
+-0.0201 / -0.0194 / -0.0236 / -0.0186 (+- 0.0014); the linear pool of seeds 1-3 -0.0160 +- 0.0012 and of seeds
+4-6 -0.0173 +- 0.0013 (held-out delta on the 500 test steps -0.012 and -0.017), each better than its members.
+
 Why (``benchmarks/synthetic_basins.py``, measured 2026-12-01, 60 over-relaxed iterations, fresh delta on 20 x 1000
 steps): init seed 2's rotation candidates continued alone end at training -0.0234 / -0.0173 / -0.0114 nats/step
 (candidates 1 / 5 / 6) with fresh delta -0.026 / -0.022 / -0.027, so the restarts' choice by training evidence
@@ -90,6 +96,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 import numpy as np
@@ -144,7 +151,7 @@ def fresh_scores(models: dict, true_model, a) -> dict:
     drawn from the generating network (after 200 steps of context, seed 12345) by the per-step increments
     :math:`\log\hat p(y_t\mid y_{<t})` of one default particle filter of 2000 particles (seed 0) over context and
     test; returns ``name -> (mean of log p_fit(y_t|y_<t) - log p_true(y_t|y_<t), its HAC SE over the B x T
-    steps)``. With the table's 500 held-out steps the data SE of that difference is about 0.0095 nats/step; at
+    steps)``. An :class:`ppl_rnn.Ensemble` is scored as its linear pool (each member filters on its own). With the table's 500 held-out steps the data SE of that difference is about 0.0095 nats/step; at
     20 x 1000 steps 0.0015 (the filters' Monte Carlo error, a few 1e-4, is well below it). The same increments as
     ``evaluate``'s held-out log-likelihood at 2000 particles (seed 2's restart fit: -0.0255 here, -0.0251 through
     ``evaluate``), in under a minute per model instead of six: no forecast draws, no SE pilot rounds."""
@@ -152,10 +159,17 @@ def fresh_scores(models: dict, true_model, a) -> dict:
 
     B, T = a.fresh_test
     y = true_model.simulate(200 + T, B, seed=12345).observations
+
+    def increments(m):
+        return pr.infer(m, y, method=ParticleFilter(2000), seed=0).diagnostics["log_lik"][:, 200:].double()
+
     ll = {}
     for name, m in {"true generating model": true_model, **models}.items():
-        inc = pr.infer(m, y, method=ParticleFilter(2000), seed=0).diagnostics["log_lik"]
-        ll[name] = inc[:, 200:].double().numpy()
+        if isinstance(m, pr.Ensemble):  # the linear pool: log sum_k w_k p_k(y_t | y_<t)
+            inc = torch.stack([increments(k) + math.log(w) for k, w in zip(m.models, m.weights, strict=True)])
+            ll[name] = torch.logsumexp(inc, 0).numpy()
+        else:
+            ll[name] = increments(m).numpy()
     out = {}
     for name in models:
         d = ll[name] - ll["true generating model"]
@@ -223,13 +237,23 @@ def mcem_method(a) -> MonteCarloEM:
         overrelax=a.mcem_overrelax)
 
 
+def fit_ensemble_row(a, train):
+    """``--ensemble S1,S2,..``: the table's MCEM from each initial network ``ElmanSSM(4, 1, seed=S)`` (same
+    ``--init`` and options, fit seed 0 for every member), pooled with equal weights (:class:`ppl_rnn.Ensemble`).
+    Returns the ensemble and the total fitting time."""
+    starts = [initial_network(argparse.Namespace(**{**vars(a), "init_seed": s})) for s in a.ensemble]
+    t0 = time.perf_counter()
+    ens = pr.fit_ensemble(starts, train, method=mcem_method(a), seed=[0] * len(starts), progress=a.progress)
+    return ens, time.perf_counter() - t0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     add_common_args(ap)
     ap.add_argument("--mcem-iters", type=int, default=60)
     ap.add_argument("--mf-iters", type=int, default=100)
     ap.add_argument("--bptt-steps", type=int, default=400)
-    ap.add_argument("--only", default=None, help="comma-separated subset of methods: mcem,meanfield,meanfield2,bptt")
+    ap.add_argument("--only", default=None, help="comma-separated subset of methods: mcem,meanfield,meanfield2,bptt (none: only --ensemble)")
     ap.add_argument("--gradient-steps", type=int, default=10, help="Levenberg-Marquardt steps per MCEM M-step")
     ap.add_argument("--mcem-restarts", type=int, default=1, help="MCEM num_restarts (1: single start)")
     ap.add_argument("--mcem-restart-iters", type=int, default=10, help="MCEM iterations per restart candidate")
@@ -242,6 +266,9 @@ def main(argv=None):
     ap.add_argument("--fresh-test", type=int, nargs=2, default=None, metavar=("B", "T"),
                     help="also score every fit against the generating network on B fresh sequences of T steps "
                          "drawn from it (paired per step, HAC SE); e.g. 20 1000")
+    ap.add_argument("--ensemble", type=lambda v: [int(x) for x in v.split(",")], default=None, metavar="S1,S2,..",
+                    help="also fit the MCEM row from each init seed S (same --init) and score the equal-weight linear "
+                         "pool of the fits (pr.Ensemble) and each member; e.g. 1,2,3 with --only mcem")
     ap.add_argument("--trace", default=None, help="write the MCEM trace (netCDF) here")
     a = ap.parse_args(argv)
     if a.quick:
@@ -259,7 +286,7 @@ def main(argv=None):
     }
     keys = dict(zip(("mcem", "meanfield", "meanfield2", "bptt"), list(methods), strict=True))
     if a.only:
-        methods = {keys[k]: methods[keys[k]] for k in a.only.split(",")}
+        methods = {keys[k]: methods[keys[k]] for k in a.only.split(",") if k != "none"}
     rows = [] if a.no_truth else [truth_row(true_model, train, test, a)]
     fitted = {}
     for name, method in methods.items():
@@ -277,6 +304,15 @@ def main(argv=None):
             sc = [round(v / T1, 3) for v in fit.diagnostics["restart_log_evidence"]]
             print(f"# restarts: training nats/step per candidate {sc}, chosen {fit.diagnostics['restart_chosen']}",
                   flush=True)
+    if a.ensemble:
+        ens, wall = fit_ensemble_row(a, train)
+        members = {f"ensemble member: MCEM from init seed {s}": m for s, m in zip(a.ensemble, ens.models, strict=True)}
+        for name, m in {**members, f"MCEM ensemble of init seeds {a.ensemble}, linear pool": ens}.items():
+            sc = score(m, train, test, a)
+            own = float("nan") if m is ens else next(f for f in ens.fits if f.model is m).trace.log_evidence.values[-1] / T1
+            rows.append((name, sc, own, "estimate", wall if m is ens else float("nan")))
+            fitted[name] = m
+            print(f"# done {name}: {sc}", flush=True)
     print(f"\nunkelbach-synthetic, noise seed {a.seed}: {T1} training + {test.shape[1]} test steps; initial network "
           f"ElmanSSM(4, 1, seed={a.init_seed}, weight_init={a.init!r}, weight_scale={a.init_weight_scale}); scored by ppl_rnn.workbench.evaluate.evaluate "
           f"({a.eval_particles} particles per run in the first round, 8 runs, SE target 0.01 nats/step).\n")
