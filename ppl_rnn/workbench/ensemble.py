@@ -88,6 +88,15 @@ class Ensemble:
     def __len__(self) -> int:
         return len(self.models)
 
+    def draw_members(self, num_draws: int):
+        """``(num_draws,)`` member index of each draw, member ``k`` for a fraction :math:`w_k` of them (stratified:
+        draw ``s`` takes the member whose cumulative-weight interval holds :math:`(s + 1/2)/S`)."""
+        import torch
+
+        cw = torch.cumsum(torch.tensor(self.weights, dtype=torch.float64), 0)
+        u = (torch.arange(num_draws, dtype=torch.float64) + 0.5) / num_draws
+        return torch.clamp(torch.searchsorted(cw, u), max=len(self.models) - 1)
+
     @property
     def obs_dim(self) -> int:
         return self.models[0].obs_dim

@@ -349,7 +349,7 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
     with seeded(seed):
         parts = [_score_pass(m, y, mask, u, **opts) for m in members]
         if isinstance(model, Ensemble):
-            p = _pool(parts, model.weights, T1, num_samples)
+            p = _pool(parts, model, T1, num_samples)
         else:
             p = parts[0]
     ds = _dataset(p, y, mask, te, hs, T1, se_tol, num_samples, num_replicates, seed)
@@ -410,7 +410,7 @@ def _score_pass(model, y, mask, u, *, T1, hs, filter, num_particles, max_particl
                 rounds=rounds, ys_at=ys_at, onestep_lp=onestep_lp.double(), signal=signal.double())
 
 
-def _pool(parts: list[dict], weights: Sequence[float], T1: int, num_samples: int) -> dict:
+def _pool(parts: list[dict], ens, T1: int, num_samples: int) -> dict:
     r"""Combine members' passes into the linear pool :math:`\sum_k w_k p_k` (see :mod:`.ensemble`).
 
     Increments per run :math:`r`: :math:`\log\sum_k w_k \hat p_k(y_t\mid y_{0:t-1})` from each member's run
@@ -422,7 +422,7 @@ def _pool(parts: list[dict], weights: Sequence[float], T1: int, num_samples: int
     :math:`\propto w_k\,p_k(y_t\mid y_{0:t-1})` (then PSIS-LOO's harmonic mean returns the pool's one-step score).
     """
     K, S = len(parts), num_samples
-    logw = torch.tensor(weights, dtype=torch.float64).log()
+    logw = torch.tensor(ens.weights, dtype=torch.float64).log()
     R = max(p["inc"].shape[0] for p in parts)
     inc = torch.stack([p["inc"].expand(R, -1, -1) for p in parts])  # (K,R,B,T)
     pooled = torch.logsumexp(inc + logw.view(K, 1, 1, 1), 0)  # (R,B,T)
@@ -431,8 +431,7 @@ def _pool(parts: list[dict], weights: Sequence[float], T1: int, num_samples: int
     total = float(tot.mean(0).sum())
     se = 0.0 if exact else math.sqrt(float((tot.var(0, unbiased=True) / R).sum()))
     # forecast draws: stratified member per draw (the pool's predictive)
-    cw = torch.cumsum(torch.tensor(weights, dtype=torch.float64), 0)
-    comp = torch.clamp(torch.searchsorted(cw, (torch.arange(S, dtype=torch.float64) + 0.5) / S), max=K - 1)
+    comp = ens.draw_members(S)
     ar = torch.arange(S)
     ys_at = {j: torch.stack([p["ys_at"][j].double() for p in parts])[comp, ar] for j in parts[0]["ys_at"]}
     # one-step draws given y_t: member k with probability prop. to w_k p_k(y_t | y_0:t-1)

@@ -84,9 +84,7 @@ def _forecast_pool(ens, observations, *, horizon, method, num_samples, inputs, s
     r"""The pool's draws :math:`y_{T+k}\sim\sum_k w_k\,p_k(y_{T+k}\mid y_{0:T-1})` (see :func:`forecast`)."""
     check_seed(seed)
     num_samples = check_positive_int(num_samples, "num_samples")
-    cw = torch.cumsum(torch.tensor(ens.weights, dtype=torch.float64), 0)
-    comp = torch.clamp(torch.searchsorted(cw, (torch.arange(num_samples, dtype=torch.float64) + 0.5) / num_samples),
-                       max=len(ens) - 1)
+    comp = ens.draw_members(num_samples)
     fcs = [forecast(m, observations, horizon=horizon, method=method, num_samples=num_samples, inputs=inputs,
                     seed=None if seed is None else seed + k) for k, m in enumerate(ens.models)]
     ar = torch.arange(num_samples)

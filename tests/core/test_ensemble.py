@@ -129,6 +129,8 @@ def test_bad_ensembles(pair):
     with pytest.raises(ConfigurationError, match="dtype"):
         Ensemble([a, _lin(3).float()])
     assert Ensemble([a, a], weights=(1, 3)).weights == (0.25, 0.75)
+    assert Ensemble([a, a], weights=(1, 3)).draw_members(8).tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert Ensemble([a, a], weights=(0, 1)).draw_members(5).tolist() == [1] * 5
 
 
 def test_fit_ensemble_fits_every_start(float64):
