@@ -142,7 +142,7 @@ def print_rows(rows) -> None:
             dse = (se ** 2 + t.get("heldout_se", float("nan")) ** 2) ** 0.5
             delta = f"{s['heldout'] - t['heldout']:+.3f} ± {dse:.3f}"
         print(f"| {name} | {s['heldout']:.3f} ± {se:.3f} | {delta} | {s['crps1']:.4f} | {s['crps10']:.4f} | "
-              f"{s['rmse10']:.4f} | {s['cov90_10']:.2f} | {own:.3f} ({kind}) | "
+              f"{s['rmse10']:.4f} | {s['cov90_10']:.2f} | {'–' if own != own else f'{own:.3f} ({kind})'} | "
               f"{'-' if wall != wall else f'{wall:.0f}'} |")
 
 
