@@ -84,13 +84,13 @@ def _forecast_pool(ens, observations, *, horizon, method, num_samples, inputs, s
     r"""The pool's draws :math:`y_{T+k}\sim\sum_k w_k\,p_k(y_{T+k}\mid y_{0:T-1})` (see :func:`forecast`)."""
     check_seed(seed)
     num_samples = check_positive_int(num_samples, "num_samples")
-    comp = ens.draw_members(num_samples)
-    fcs = [forecast(m, observations, horizon=horizon, method=method, num_samples=num_samples, inputs=inputs,
-                    seed=None if seed is None else seed + k) for k, m in enumerate(ens.models)]
-    ar = torch.arange(num_samples)
-    samples = torch.stack([f.samples for f in fcs])[comp, ar]
+    counts = torch.bincount(ens.draw_members(num_samples), minlength=len(ens))  # draws are sorted by member
+    fcs = [forecast(m, observations, horizon=horizon, method=method, num_samples=int(n), inputs=inputs,
+                    seed=None if seed is None else seed + k)
+           for k, (m, n) in enumerate(zip(ens.models, counts, strict=True)) if n > 0]
+    samples = torch.cat([f.samples for f in fcs])
     H = max(f.state_samples.shape[-1] for f in fcs)
-    states = torch.stack([torch.nn.functional.pad(f.state_samples, (0, H - f.state_samples.shape[-1]),
-                                                  value=float("nan")) for f in fcs])[comp, ar]
+    states = torch.cat([torch.nn.functional.pad(f.state_samples, (0, H - f.state_samples.shape[-1]),
+                                                value=float("nan")) for f in fcs])
     return Forecast(samples=samples, state_samples=states, mean=samples.mean(0),
                     method="linear pool of " + ", ".join(f.method for f in fcs), model=ens, data=fcs[0].data)
