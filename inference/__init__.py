@@ -1,25 +1,27 @@
 """Inference strategies. Every method is an object passed to ``pr.infer`` / ``pr.fit``."""
 
 from . import guides
+from .adapted import FullyAdapted
 from .bptt import BPTT
 from .ekf import ExtendedKalmanFilter, ExtendedKalmanSmoother, extended_kalman_filter
 from .ekf_em import EKFEM
-from .ekf_proposal import EKFProposal  # registers ParticleFilter(proposal="ekf")
+from .ekf_proposal import EKFProposal, Guided
 from .global_search import GlobalSearch
 from .kalman import KalmanFilter, KalmanSmoother, kalman_filter, rts_smoother
 from .kalman_em import KalmanEM
 from .mcem import MonteCarloEM
 from .meanfield_em import MeanFieldEM
 from .particle_smoother import ParticleSmoother, ffbsm, pairwise_expectations
-from .proposals import BootstrapProposal, register_proposal
+from .proposals import Auto, Bootstrap, BootstrapProposal, as_proposal
 from .reference import FixedModel, LinearAR, Persistence
 from .rtrl import RTRL
-from .smc import ParticleFilter, run_particle_filter
+from .smc import ParticleFilter, ProposalChoice, best_proposal, run_particle_filter
 from .svi import SVI
 
 __all__ = ["KalmanFilter", "KalmanSmoother", "kalman_filter", "rts_smoother",
            "ParticleFilter", "run_particle_filter", "ParticleSmoother", "ffbsm", "pairwise_expectations",
-           "BootstrapProposal", "register_proposal",
+           "Bootstrap", "Guided", "FullyAdapted", "Auto", "as_proposal", "best_proposal", "ProposalChoice",
+           "BootstrapProposal",
            "ExtendedKalmanFilter", "ExtendedKalmanSmoother", "EKFEM", "EKFProposal", "extended_kalman_filter",
            "SVI", "guides",
            "MonteCarloEM", "KalmanEM", "MeanFieldEM", "BPTT", "RTRL", "GlobalSearch", "Persistence", "LinearAR",

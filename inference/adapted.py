@@ -40,11 +40,10 @@ uniform), else keep them; draw :math:`h^n_t\sim p(h_t\mid h^{a^n}_{t-1}, y_t)`. 
 weight :math:`W^{a}_{t-1} p(h_t\mid h^a_{t-1}) p(y_t\mid h_t)`, so FFBSi, backward MCMC (started at the
 genealogy's ancestor) and FFBSm read the history exactly as they read the bootstrap filter's.
 
-**proposal="auto"** (:class:`AutoProposal`): the best exact-weight proposal the model's declared structure
-allows — fully adapted when the transition and initial law are Gaussian and the emission is declared
-linear-Gaussian (and ``observation_log_prob`` is not overridden); the EKF proposal (:mod:`.ekf_proposal`)
-when the emission is Gaussian but not declared linear; the bootstrap proposal otherwise. The filter records
-the choice (``ParticleFilterRecord.proposal``, ``Posterior.diagnostics["proposal"]``).
+**proposal="auto"**: :func:`~ppl_rnn.inference.smc.best_proposal` chooses this proposal whenever the
+transition and initial law are Gaussian and the emission is declared linear-Gaussian (and
+``observation_log_prob`` is not overridden): its weights are exact and its draws exact, so no proposal has a
+lower variance per particle, and its step costs little more than the bootstrap filter's.
 """
 
 from __future__ import annotations
@@ -59,9 +58,8 @@ from torch.distributions import MultivariateNormal
 from ppl_rnn.capabilities import capability, require
 from ppl_rnn.errors import ModelCapabilityError
 from ppl_rnn.gaussian import psd_cholesky
-from ppl_rnn.model import StateSpaceModel, input_at
 
-from .proposals import register_proposal
+from .resampling import take
 
 _NORMAL_TYPES = (torch.distributions.Normal, pyro.distributions.Normal)
 _INDEPENDENT_TYPES = (torch.distributions.Independent, pyro.distributions.Independent)
@@ -111,11 +109,11 @@ class _Step:
     per_particle: bool  # whether factor/G/chol/s carry the particle dim
 
 
-class FullyAdaptedProposal:
+class FullyAdapted:
     r"""Exact predictive weights :math:`p(y_t\mid h_{t-1})` and exact draws from :math:`p(h_t\mid h_{t-1}, y_t)`
     (module docstring). Needs the model capability ``linear_gaussian_emission`` and Gaussian
     ``initial``/``transition`` laws (``transition_loc_scale`` or a ``Normal(...).to_event(1)`` /
-    ``MultivariateNormal`` distribution). Use ``ParticleFilter(proposal="adapted")`` (or ``"auto"``)."""
+    ``MultivariateNormal`` distribution). Use ``ParticleFilter(proposal=FullyAdapted())`` (or ``"auto"``)."""
 
     name = "adapted"
     #: the filter resamples on the predictive weights before propagating (see smc.run_particle_filter)
@@ -193,8 +191,6 @@ class FullyAdaptedProposal:
         r"""``(N,B,H)`` draws :math:`h^n_t\sim p(h_t\mid h^{a^n}_{t-1}, y_{t,o})` (Matheron's rule, module docstring);
         ``anc (N,B)``: ancestor indices into the predictive's particles (None: identity, or all particles at
         t = 0)."""
-        from .smc import take
-
         mu, factor, G, chol, s = step.mu, step.factor, step.G, step.chol, step.s
         if anc is not None:
             mu = take(mu, anc)
@@ -224,57 +220,15 @@ class FullyAdaptedProposal:
         return hp.add_(gain) if hp is out else hp + gain
 
     def __repr__(self) -> str:
-        return "FullyAdaptedProposal()"
+        return "FullyAdapted()"
 
 
-def _gaussian(d) -> bool:
+def is_gaussian(d) -> bool:
+    """Whether ``d`` is a Gaussian law the EKF can linearise (diagonal, full or low-rank covariance)."""
     return gaussian_factor(d) is not None or type(d).__name__ == "LowRankMultivariateNormal"
 
 
-class AutoProposal:
-    """``proposal="auto"``: resolved by the filter, per model, to the best exact-weight proposal (module
-    docstring). :meth:`resolve` returns the proposal object."""
+#: the older name of :class:`FullyAdapted`
+FullyAdaptedProposal = FullyAdapted
 
-    name = "auto"
-
-    def resolve(self, model, data):
-        """The proposal the declared structure allows: fully adapted > EKF (Gaussian, nonlinear emission) >
-        bootstrap. Probes the laws once at the initial mean (no random numbers drawn)."""
-        from .proposals import BootstrapProposal, get_proposal
-
-        gaussian_tr = gaussian_init = gaussian_em = False
-        with torch.no_grad(), pyro.validation_enabled(False):
-            y = data.observations
-            B, T = y.shape[0], y.shape[1]
-            u0 = input_at(data.inputs, 0)
-            try:
-                d0 = model.initial_batched(u0, (B,))
-                gaussian_init = gaussian_factor(d0) is not None
-                h0 = d0.mean.expand((2,) + tuple(d0.mean.shape[-2:])) if d0.mean.dim() >= 2 else d0.mean
-                if capability(model, "transition_loc_scale") is not None or T < 2:
-                    gaussian_tr = True
-                else:
-                    gaussian_tr = gaussian_factor(model.transition(1, h0, input_at(data.inputs, 1))) is not None
-                gaussian_em = (capability(model, "emission_loc_scale") is not None
-                               or _gaussian(model.emission(0, h0, u0)))
-            except (NotImplementedError, RuntimeError, ValueError, TypeError):  # a law we cannot probe
-                return BootstrapProposal()
-        plain_obs = type(model).observation_log_prob is StateSpaceModel.observation_log_prob
-        if gaussian_init and gaussian_tr and plain_obs:
-            if capability(model, "linear_gaussian_emission") is not None:
-                return FullyAdaptedProposal()
-            if gaussian_em:
-                try:
-                    return get_proposal("ekf")
-                except Exception:  # the EKF module unavailable: bootstrap is always exact-weight
-                    pass
-        return BootstrapProposal()
-
-    def __repr__(self) -> str:
-        return "AutoProposal()"
-
-
-register_proposal("adapted", FullyAdaptedProposal)
-register_proposal("auto", AutoProposal)
-
-__all__ = ["FullyAdaptedProposal", "AutoProposal", "gaussian_factor"]
+__all__ = ["FullyAdapted", "FullyAdaptedProposal", "gaussian_factor", "is_gaussian"]

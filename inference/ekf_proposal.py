@@ -20,8 +20,11 @@ proposal :math:`p(h_t\mid h_{t-1},y_t)`. Vectorised over particles and sequences
 ``inflation`` (>= 1) widens the proposal covariance, a common safeguard when the linearisation is poor.
 
 The Gaussian maths is :mod:`ppl_rnn.gaussian` (:func:`~ppl_rnn.gaussian.linearize`,
-:func:`~ppl_rnn.gaussian.safe_update`). This module registers the proposal name ``"ekf"``
-(``ParticleFilter(proposal="ekf")``) when it is imported, which :mod:`ppl_rnn.inference` does.
+:func:`~ppl_rnn.gaussian.safe_update`). Use ``ParticleFilter(proposal=Guided())`` (or the string ``"ekf"``).
+It costs one Jacobian and one :math:`H\times H` factorisation per particle and step, several times the
+bootstrap filter's step, and where the linearisation fails its weights are unbounded: the default
+``proposal="auto"`` never chooses it (:func:`~ppl_rnn.inference.smc.best_proposal`); pass it explicitly
+where it pays.
 """
 
 from __future__ import annotations
@@ -33,11 +36,9 @@ from ppl_rnn.errors import ConfigurationError
 from ppl_rnn.gaussian import cholesky_pd, gaussian_moments, linearize, matvec, safe_update
 from ppl_rnn.method import check_positive_float
 
-from .proposals import register_proposal
 
-
-class EKFProposal:
-    """Per-particle one-step EKF proposal (see module docstring). Use ``ParticleFilter(proposal="ekf")``."""
+class Guided:
+    """Per-particle one-step EKF proposal (see module docstring). Use ``ParticleFilter(proposal=Guided())``."""
 
     name = "ekf"
 
@@ -52,7 +53,7 @@ class EKFProposal:
         if h_prev is None:
             n = self.num_particles
             if n is None:
-                raise ConfigurationError("EKFProposal needs num_particles to draw h_0 (ParticleFilter calls setup).")
+                raise ConfigurationError("Guided needs num_particles to draw h_0 (ParticleFilter calls setup).")
             B = y_t.shape[0]
             mu, P = gaussian_moments(model.initial_batched(u_t, (B,)), role="initial", model=model,
                                      method="the EKF proposal")
@@ -76,9 +77,10 @@ class EKFProposal:
         return h, q.log_prob(h)
 
     def __repr__(self) -> str:
-        return f"EKFProposal(inflation={self.inflation})"
+        return f"Guided(inflation={self.inflation})"
 
 
-register_proposal("ekf", EKFProposal)
+#: the older name of :class:`Guided`
+EKFProposal = Guided
 
-__all__ = ["EKFProposal"]
+__all__ = ["Guided", "EKFProposal"]

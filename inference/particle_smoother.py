@@ -39,9 +39,9 @@ kernel
 whose ``sample(num)`` draws fresh ones with the same backward method; ``log_evidence`` comes from the
 forward filter (``evidence_kind="estimate"``).
 
-The forward filter is the particle filter's default, ``proposal="auto"`` (the fully adapted auxiliary filter
-where the model declares a linear-Gaussian emission and has a Gaussian transition; see
-:mod:`~ppl_rnn.inference.adapted`). The backward kernels above need only the filtering weights of each step
+The forward filter is a :class:`~ppl_rnn.inference.smc.ParticleFilter` the smoother holds (``filter=``; by
+default ``proposal="auto"``: the fully adapted auxiliary filter where the model declares a linear-Gaussian
+emission and has a Gaussian transition, see :func:`~ppl_rnn.inference.smc.best_proposal`). The backward kernels above need only the filtering weights of each step
 and the transition density, both unchanged by the proposal, so every backward pass works on its history
 (``diagnostics["proposal"]`` says which was used). The backward loops run under
 :func:`ppl_rnn.scope.threads_for`.
@@ -49,6 +49,7 @@ and the transition density, both unchanged by the proposal, so every backward pa
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ from torch.distributions import MultivariateNormal
 
 from ppl_rnn.capabilities import capability
 from ppl_rnn.data import Data
-from ppl_rnn.errors import DegenerateWeightsError
+from ppl_rnn.errors import ConfigurationError, DegenerateWeightsError
 from ppl_rnn.method import InferenceMethod, check_choice, check_positive_int
 from ppl_rnn.model import input_at
 from ppl_rnn.results import Posterior
@@ -337,16 +338,25 @@ def _path_moments(paths: torch.Tensor):
 
 
 class ParticleSmoother(InferenceMethod):
-    """Particle smoother: forward particle filter with history, then a backward pass (module docstring).
+    """Particle smoother: a forward particle filter with history, then a backward pass (module docstring).
 
     Args:
-        num_particles: forward-filter particles per sequence.
         num_paths: smoothed trajectories drawn at inference time (``diagnostics["paths"]``).
+        filter: the forward :class:`~ppl_rnn.inference.smc.ParticleFilter` (its particles, proposal,
+            resampling, ESS threshold, dtype, device); the smoother keeps it as its one source of truth for those
+            options. Default ``ParticleFilter(1000)``.
         backward: ``"simulation"`` (FFBSi, O(N) per path per step), ``"mcmc"`` (backward MH, O(1) per path
             per step), ``"marginal"`` (FFBSm marginal weights, O(N^2) per step; paths by FFBSi).
         mcmc_steps: MH moves per step for ``backward="mcmc"``.
-        proposal, resampling, ess_threshold, dtype, device, progress: as in
-            :class:`~ppl_rnn.inference.smc.ParticleFilter`.
+        num_particles, proposal, resampling, ess_threshold, dtype, device, progress: a convenience that builds
+            ``filter=ParticleFilter(num_particles, proposal=..., ...)`` (unset ones take ParticleFilter's
+            defaults); not allowed together with ``filter``.
+
+    ``ParticleSmoother(filter=ParticleFilter(500, proposal=Bootstrap()), num_paths=100)`` and
+    ``ParticleSmoother(500, 100, proposal="bootstrap")`` are the same smoother. The filter's options are read
+    through it (``smoother.filter.proposal``); ``num_particles``, ``proposal``, ``resampling``,
+    ``ess_threshold``, ``dtype``, ``device`` and ``progress`` are also readable on the smoother (delegated to the
+    filter). :meth:`resized` gives a copy with other particle / path counts.
 
     Memory: the forward history is T*N*B*H floats (see module docstring).
     """
@@ -354,17 +364,53 @@ class ParticleSmoother(InferenceMethod):
     name = "particle_smoother"
     smooths = True
 
-    def __init__(self, num_particles: int = 1000, num_paths: int = 100, *, backward: str = "simulation",
-                 mcmc_steps: int = 1, proposal="auto", resampling="systematic", ess_threshold: float = 0.5,
-                 dtype=None, device=None, progress: bool = False):
-        self.num_particles = check_positive_int(num_particles, "num_particles")
+    def __init__(self, num_particles: int | None = None, num_paths: int = 100, *, filter: ParticleFilter | None = None,
+                 backward: str = "simulation", mcmc_steps: int = 1, proposal=None, resampling=None,
+                 ess_threshold: float | None = None, dtype=None, device=None, progress: bool | None = None):
+        opts = {"num_particles": num_particles, "proposal": proposal, "resampling": resampling,
+                "ess_threshold": ess_threshold, "dtype": dtype, "device": device, "progress": progress}
+        given = {k: v for k, v in opts.items() if v is not None}
+        if filter is not None:
+            if not isinstance(filter, ParticleFilter):
+                raise ConfigurationError(f"filter must be a ParticleFilter(...) (the forward pass, with history); found "
+                                         f"{filter!r}.")
+            if given:
+                raise ConfigurationError(
+                    f"ParticleSmoother: pass the forward filter's options either as filter=ParticleFilter(...) or as "
+                    f"{sorted(given)}, not both; found filter={filter!r} and {given}. Put them in the filter.")
+        else:
+            n = given.pop("num_particles", 1000)
+            filter = ParticleFilter(n, **given)
+        self.filter = filter
         self.num_paths = check_positive_int(num_paths, "num_paths")
         self.backward = check_choice(backward, "backward", BACKWARD_MODES)
         self.mcmc_steps = check_positive_int(mcmc_steps, "mcmc_steps")
-        self._filter = ParticleFilter(num_particles, proposal=proposal, resampling=resampling,
-                                      ess_threshold=ess_threshold, dtype=dtype, device=device, progress=progress)
-        self.proposal, self.resampling, self.ess_threshold = proposal, resampling, self._filter.ess_threshold
-        self.dtype, self.device, self.progress = self._filter.dtype, device, bool(progress)
+
+    # the filter's options, read through the filter (one source of truth)
+    @property
+    def num_particles(self) -> int:
+        return self.filter.num_particles
+
+    @num_particles.setter
+    def num_particles(self, value: int) -> None:  # older callers set it on a copy: re-size the filter instead
+        self.filter = self.filter.resized(value)
+
+    proposal = property(lambda self: self.filter.proposal)
+    resampling = property(lambda self: self.filter.resampling)
+    ess_threshold = property(lambda self: self.filter.ess_threshold)
+    dtype = property(lambda self: self.filter.dtype)
+    device = property(lambda self: self.filter.device)
+    progress = property(lambda self: self.filter.progress)
+
+    def resized(self, num_particles: int | None = None, num_paths: int | None = None) -> ParticleSmoother:
+        """A copy with ``num_particles`` forward-filter particles (the filter's :meth:`~ParticleFilter.resized`)
+        and ``num_paths`` paths; None keeps the current count. ``self`` is unchanged."""
+        new = copy.copy(self)
+        if num_particles is not None:
+            new.filter = self.filter.resized(num_particles)
+        if num_paths is not None:
+            new.num_paths = check_positive_int(num_paths, "num_paths")
+        return new
 
     def _paths(self, model, data, rec, num):
         if self.backward == "mcmc":
@@ -373,7 +419,7 @@ class ParticleSmoother(InferenceMethod):
 
     def _infer(self, model, data, seed):
         with seeded(seed):
-            model, data, rec = self._filter._run(model, data, keep_history=True)
+            model, data, rec = self.filter.run(model, data, keep_history=True)
             paths = self._paths(model, data, rec, self.num_paths)
             marg = ffbsm(model, data, rec) if self.backward == "marginal" else None
         if marg is not None:
@@ -382,7 +428,8 @@ class ParticleSmoother(InferenceMethod):
             mean, var, cross = _path_moments(paths)
         diagnostics = {"paths": paths, "ess": rec.ess, "resampled": rec.resampled, "log_lik": rec.log_lik,
                        "filter_mean": rec.filt_mean, "filter_var": rec.filt_var, "record": rec,
-                       "num_particles": self.num_particles, "backward": self.backward, "proposal": rec.proposal}
+                       "num_particles": self.num_particles, "backward": self.backward, "proposal": rec.proposal,
+                       "proposal_reason": rec.proposal_reason}
         if marg is not None:
             diagnostics["smoothed_log_weights"] = marg.log_weights
         fp, fw = rec.final_particles, rec.final_log_weights

@@ -1,4 +1,4 @@
-r"""Proposals for the particle filter, and the protocol a guided proposal implements.
+r"""Proposals for the particle filter: objects with one small interface, which the filter loop calls.
 
 The filter targets :math:`p(h_t\mid y_{0:t})`. At step :math:`t` each particle draws
 :math:`h_t \sim q_t(\cdot\mid h_{t-1}, y_t)` and receives the incremental log-weight
@@ -9,7 +9,7 @@ The filter targets :math:`p(h_t\mid y_{0:t})`. At step :math:`t` each particle d
 (at :math:`t=0`, :math:`p(h_0)` replaces the transition). :math:`\log p(y_{t,o}\mid h_t)` is always
 ``model.observation_log_prob`` (missing entries add nothing).
 
-**Protocol.** A proposal is any object with
+**Interface.** A proposal is any object with
 
 .. code-block:: python
 
@@ -21,30 +21,47 @@ The filter targets :math:`p(h_t\mid y_{0:t})`. At step :math:`t` each particle d
         # or log_q = None to declare q = the model's prior (initial / transition): the filter then
         # skips log p(h_t|h_{t-1}) - log q, which cancel exactly (the bootstrap filter).
 
-Optionally ``setup(model, data, num_particles)`` is called once before ``t=0`` (for proposals that
-precompute per-sequence quantities). A proposal must be vectorised over particles and sequences and must
-not couple sequences. The filter uses ``torch.no_grad()`` around the whole pass.
+and optionally ``setup(model, data, num_particles)``, called once before ``t=0`` (for proposals that
+precompute per-run quantities), and ``name`` (recorded in the filter's record). A proposal must be
+vectorised over particles and sequences and must not couple sequences. The filter runs the whole pass under
+``torch.no_grad()``. A proposal whose ``propose`` also takes ``out=`` (an ``(N,B,H)`` buffer to draw into)
+says so with ``fills_out = True``.
 
-Proposals are chosen by name with :func:`get_proposal`. ``"bootstrap"`` is built in; other modules add
-theirs with :func:`register_proposal` (the EKF proposal registers ``"ekf"`` from
-``ppl_rnn.inference.ekf_proposal``; :mod:`~ppl_rnn.inference.adapted` registers ``"adapted"``, the fully adapted
-auxiliary filter, and ``"auto"``, which the filter resolves per model to the best exact-weight proposal).
+**Auxiliary (predictive) proposals.** A proposal may instead expose the *predictive weight*
+:math:`\log p(y_t\mid h_{t-1})` and draw from :math:`p(h_t\mid h_{t-1}, y_t)` exactly; the filter then weights
+the particles at :math:`t-1` by it, resamples on those weights and propagates (the fully adapted auxiliary
+filter, :mod:`~ppl_rnn.inference.adapted`):
 
-An *adapted* proposal (attribute ``adapted = True``) follows a second protocol, in which the weights depend
-on :math:`h_{t-1}` only and the filter resamples on them before propagating:
-``predictive(model, t, h_prev, y_t, mask_t, u_t) -> (log p(y_t | h_prev) (P, B), step)`` and
-``sample(step, ancestors, num, out=None) -> h_t (N, B, H)`` (see :mod:`~ppl_rnn.inference.adapted`).
+.. code-block:: python
+
+    def predictive(self, model, t, h_prev, y_t, mask_t, u_t) -> tuple[Tensor, Any]:
+        # log p(y_{t,o} | h_prev) (P, B) (P = 1 at t = 0: every particle shares p(h_0)) and a step object
+    def sample(self, step, ancestors, num, out=None) -> Tensor:   # (num, B, H) exact conditional draws
+
+The built-in proposals:
+
+* :class:`Bootstrap` — :math:`q_t = p(h_t\mid h_{t-1})`, weights :math:`p(y_t\mid h_t)`;
+* :class:`~ppl_rnn.inference.ekf_proposal.Guided` — a one-step extended Kalman update per particle;
+* :class:`~ppl_rnn.inference.adapted.FullyAdapted` — exact predictive weights and exact conditional draws
+  (needs the declared capability ``linear_gaussian_emission``);
+* :class:`Auto` — resolved per model by :func:`~ppl_rnn.inference.smc.best_proposal` (the default).
+
+Objects are the API; :func:`as_proposal` maps the convenience strings ``"auto"``, ``"bootstrap"``,
+``"adapted"`` and ``"ekf"`` to them (one function, no registry).
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+import pyro
 import torch
 
+from ppl_rnn.capabilities import capability
 from ppl_rnn.errors import ConfigurationError
+
+from .adapted import FullyAdapted
+from .ekf_proposal import Guided
 
 
 @runtime_checkable
@@ -61,74 +78,102 @@ def draw(d, shape=()) -> torch.Tensor:
     return d.rsample(shape) if d.has_rsample else d.sample(shape)
 
 
-class BootstrapProposal:
+class Bootstrap:
     r"""The bootstrap proposal :math:`q_t = p(h_t\mid h_{t-1})`, :math:`q_0 = p(h_0)`; weights are the
-    observation likelihoods."""
+    observation likelihoods.
+
+    Fast path (same law): a transition given by the model's ``transition_loc_scale`` capability, or exactly
+    ``Normal(loc, scale).to_event(1)``, is drawn as ``loc + scale * eps`` straight into the filter's buffer."""
 
     name = "bootstrap"
+    #: ``propose`` takes ``out=`` (the filter's (N,B,H) buffer)
+    fills_out = True
 
     def __init__(self, num_particles: int | None = None):
         self.num_particles = num_particles
-
-    def propose(self, model, t, h_prev, y_t, mask_t, u_t):
-        if h_prev is None:
-            n = self.num_particles
-            if n is None:
-                raise ConfigurationError("BootstrapProposal needs num_particles to draw h_0.")
-            return draw(model.initial_batched(u_t, (y_t.shape[0],)), (n,)), None
-        return draw(model.transition(t, h_prev, u_t)), None
+        self._tr_ls = None
 
     def setup(self, model, data, num_particles):
         self.num_particles = num_particles
+        self._tr_ls = capability(model, "transition_loc_scale")
+
+    def propose(self, model, t, h_prev, y_t, mask_t, u_t, out: torch.Tensor | None = None):
+        if h_prev is None:
+            n = self.num_particles
+            if n is None:
+                raise ConfigurationError("Bootstrap needs num_particles to draw h_0 (the filter calls setup).")
+            return draw(model.initial_batched(u_t, (y_t.shape[0],)), (n,)), None
+        if self._tr_ls is not None:
+            loc, scale = self._tr_ls(t, h_prev, u_t)
+        else:
+            d = model.transition(t, h_prev, u_t)
+            g = diag_normal(d)
+            if g is None:
+                return draw(d), None
+            loc, scale = g
+        if out is not None and loc.shape == out.shape:  # scale broadcasts to loc (Normal broadcast them)
+            return torch.addcmul(loc, torch.randn(loc.shape, dtype=loc.dtype, device=loc.device), scale, out=out), None
+        shape = torch.broadcast_shapes(loc.shape, scale.shape)
+        return torch.addcmul(loc, torch.randn(shape, dtype=loc.dtype, device=loc.device), scale), None
 
     def __repr__(self) -> str:
-        return "BootstrapProposal()"
+        return "Bootstrap()"
 
 
-_REGISTRY: dict[str, Callable[[], Proposal]] = {"bootstrap": BootstrapProposal}
-#: modules imported on demand when a name is not registered yet
-_LAZY_MODULES = {"ekf": "ppl_rnn.inference.ekf_proposal", "adapted": "ppl_rnn.inference.adapted",
-                 "auto": "ppl_rnn.inference.adapted"}
+class Auto:
+    r"""The default proposal: resolved by the filter, per model, with
+    :func:`~ppl_rnn.inference.smc.best_proposal` — the fully adapted filter where the declared capabilities give
+    it in closed form, the bootstrap filter otherwise (the rule and its reasons are there). The filter records
+    the choice and why (``ParticleFilterRecord.proposal`` / ``proposal_reason``)."""
+
+    name = "auto"
+
+    def __repr__(self) -> str:
+        return "Auto()"
 
 
-def register_proposal(name: str, factory: Callable[[], Proposal]) -> None:
-    """Make ``ParticleFilter(proposal=name)`` build its proposal with ``factory()``."""
-    if not isinstance(name, str) or not name:
-        raise ConfigurationError(f"proposal name must be a non-empty str; found {name!r}.")
-    if not callable(factory):
-        raise ConfigurationError(f"factory for proposal {name!r} must be callable; found {factory!r}.")
-    _REGISTRY[name] = factory
+_NORMAL_TYPES = frozenset({torch.distributions.Normal, pyro.distributions.Normal})
+_INDEPENDENT_TYPES = frozenset({torch.distributions.Independent, pyro.distributions.Independent})
 
 
-def available_proposals() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_LAZY_MODULES))
+def diag_normal(d):
+    """``(loc, scale)`` when ``d`` is exactly ``Independent(Normal, 1)`` (a diagonal Gaussian over the last
+    dim, e.g. ``Normal(loc, scale).to_event(1)``; subclasses excluded), else None. ``loc`` and ``scale`` are
+    broadcast to the full batch-and-event shape by ``Normal``."""
+    if type(d) in _INDEPENDENT_TYPES and d.reinterpreted_batch_ndims == 1 and type(d.base_dist) in _NORMAL_TYPES:
+        return d.base_dist.loc, d.base_dist.scale
+    return None
 
 
-def get_proposal(spec) -> Proposal:
-    """A fresh proposal object from a registered name, or ``spec`` itself if it implements the protocol."""
+_NAMES = ("auto", "bootstrap", "adapted", "ekf")
+
+
+def as_proposal(spec) -> object:
+    """A proposal object from ``spec``: an object with ``propose`` (or ``predictive``/``sample``) or an
+    :class:`Auto` is returned as is; the convenience strings map to fresh objects: ``"auto"`` ->
+    :class:`Auto`, ``"bootstrap"`` -> :class:`Bootstrap`, ``"adapted"`` ->
+    :class:`~ppl_rnn.inference.adapted.FullyAdapted`, ``"ekf"`` -> :class:`~ppl_rnn.inference.ekf_proposal.Guided`."""
     if isinstance(spec, str):
-        if spec not in _REGISTRY and spec in _LAZY_MODULES:
-            try:
-                importlib.import_module(_LAZY_MODULES[spec])
-            except ImportError:
-                pass
-        if spec not in _REGISTRY:
-            if spec in _LAZY_MODULES:
-                raise ConfigurationError(
-                    f"proposal={spec!r} is not available yet (its module {_LAZY_MODULES[spec]} does not register "
-                    f"it). Use proposal='bootstrap', or pass an object with a propose(...) method."
-                )
-            raise ConfigurationError(
-                f"proposal must be one of {available_proposals()} or an object with a propose(model, t, h_prev, "
-                f"y_t, mask_t, u_t) method; found {spec!r}."
-            )
-        return _REGISTRY[spec]()
-    if callable(getattr(spec, "propose", None)):
+        if spec == "auto":
+            return Auto()
+        if spec == "bootstrap":
+            return Bootstrap()
+        if spec == "adapted":
+            return FullyAdapted()
+        if spec == "ekf":
+            return Guided()
+    elif isinstance(spec, Auto) or callable(getattr(spec, "propose", None)) or (
+            callable(getattr(spec, "predictive", None)) and callable(getattr(spec, "sample", None))):
         return spec
     raise ConfigurationError(
-        f"proposal must be one of {available_proposals()} or an object with a propose(model, t, h_prev, y_t, "
-        f"mask_t, u_t) method; found {spec!r}."
-    )
+        f"proposal must be a proposal object (Bootstrap(), Guided(), FullyAdapted(), Auto(), or any object with a "
+        f"propose(model, t, h_prev, y_t, mask_t, u_t) method) or one of the names {list(_NAMES)}; found {spec!r}.")
 
 
-__all__ = ["Proposal", "BootstrapProposal", "register_proposal", "get_proposal", "available_proposals", "draw"]
+#: the name under which older code asked for a proposal object
+get_proposal = as_proposal
+
+# older names of the built-in proposals
+BootstrapProposal = Bootstrap
+
+__all__ = ["Proposal", "Bootstrap", "Auto", "as_proposal", "draw", "diag_normal", "BootstrapProposal", "get_proposal"]

@@ -21,8 +21,8 @@ without a ``progress`` option.
 from __future__ import annotations
 
 import difflib
-import importlib
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,11 +50,15 @@ class MethodEntry:
     progress: bool = True
 
     def resolve(self) -> Callable[..., InferenceMethod]:
-        """The factory itself (importing ``"module:attribute"`` on first use)."""
+        """The factory itself (``"module:attribute"`` read from the loaded module: ``ppl_rnn.inference`` loads
+        every module its entries name; register a callable for a module of your own)."""
         if callable(self.factory):
             return self.factory
         module, _, attr = self.factory.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        if module not in sys.modules:
+            raise ConfigurationError(f"method {self.name!r}: its module {module!r} is not loaded; import it first, or "
+                                     f"register the factory itself (a callable) instead of {self.factory!r}.")
+        return getattr(sys.modules[module], attr)
 
     @property
     def target(self) -> str:

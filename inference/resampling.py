@@ -104,18 +104,27 @@ def systematic(log_weights: torch.Tensor, num: int, generator: torch.Generator |
     return idx.clamp_(max=n - 1).T
 
 
-def systematic_from_weights(weights: torch.Tensor, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def systematic_from_weights(weights: torch.Tensor, num: int, generator: torch.Generator | None = None, *,
+                            uniform: torch.Tensor | None = None, counts: torch.Tensor | None = None,
+                            ones: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`systematic` from non-negative weights ``(N, B)`` (any positive total per sequence) instead of
     log-weights: the same law, without the softmax and transposes (the particle filter's fast path, which
-    has the normalised weights at hand). ``(num, B)``."""
+    has the normalised weights at hand). ``(num, B)``.
+
+    The particle filter passes its own buffers (same result, no allocation): ``uniform`` ``(1, B)`` float64, the
+    :math:`V` of each sequence (drawn here otherwise), ``counts`` ``(num + 1, B)`` int64 scratch and ``ones``
+    ``(N, B)`` int64 ones."""
     c = torch.cumsum(weights, 0, dtype=torch.float64)
     c = c / c[-1]  # (N, B), last row exactly 1
     n, b = c.shape
-    v = torch.rand((1, b), dtype=torch.float64, device=c.device, generator=generator)
+    v = torch.rand((1, b), dtype=torch.float64, device=c.device, generator=generator) if uniform is None else uniform
     # nondecreasing along N, equal for a zero weight; in [0, num] (c in [0, 1], last row num) without clamping
     m = c.mul_(num).sub_(v).ceil_().long()
-    counts = torch.zeros((num + 1, b), dtype=torch.long, device=c.device)
-    counts.scatter_add_(0, m, torch.ones_like(m))
+    if counts is None:
+        counts = torch.zeros((num + 1, b), dtype=torch.long, device=c.device)
+    else:
+        counts.zero_()
+    counts.scatter_add_(0, m, torch.ones_like(m) if ones is None else ones)
     return torch.cumsum(counts[:num], 0)  # <= n - 1: the last particle's m is num > every k
 
 
@@ -167,6 +176,17 @@ def get_resampler(name_or_fn) -> Resampler:
     return RESAMPLERS[name_or_fn]
 
 
+def take(x: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """``x[idx[p, b], b]``: rows of ``x (N,B,...)`` at per-sequence indices ``idx (P,B)`` -> ``(P,B,...)``
+    (one flat ``index_select``, about 3x faster than ``gather`` with an expanded index). ``offsets``:
+    ``arange(B)`` when the caller has it at hand."""
+    n, b = x.shape[0], x.shape[1]
+    if offsets is None:
+        offsets = torch.arange(b, device=idx.device)
+    flat = idx.reshape(-1) if b == 1 else offsets.add(idx, alpha=b).reshape(-1)
+    return x.reshape(n * b, *x.shape[2:]).index_select(0, flat).reshape(idx.shape[0], b, *x.shape[2:])
+
+
 def effective_sample_size(log_weights: torch.Tensor, dim: int = 0) -> torch.Tensor:
     r"""ESS :math:`1/\sum_i (W^i)^2` of (unnormalised) log-weights along ``dim``."""
     lw = log_weights - torch.logsumexp(log_weights, dim=dim, keepdim=True)
@@ -175,5 +195,5 @@ def effective_sample_size(log_weights: torch.Tensor, dim: int = 0) -> torch.Tens
 
 __all__ = [
     "multinomial", "stratified", "systematic", "systematic_from_weights", "residual", "RESAMPLERS", "get_resampler",
-    "effective_sample_size",
+    "effective_sample_size", "take",
 ]

@@ -8,7 +8,7 @@ import warnings
 import pyro.distributions as dist
 import pytest
 import torch
-from ppl_rnn.inference import ParticleFilter, ParticleSmoother, run_particle_filter
+from ppl_rnn.inference import ParticleFilter, ParticleSmoother, best_proposal, run_particle_filter
 from ppl_rnn.inference.adapted import FullyAdaptedProposal
 from ppl_rnn.inference.kalman import kalman_filter
 from ppl_rnn.inference.resampling import RESAMPLERS
@@ -17,6 +17,7 @@ from ppl_rnn.models import ElmanSSM, LinearGaussianSSM
 import ppl_rnn as pr
 from ppl_rnn.data import prepare
 from ppl_rnn.errors import ModelCapabilityError
+from ppl_rnn.model import StateSpaceModel
 from ppl_rnn.rng import seeded
 
 
@@ -232,7 +233,7 @@ class _StudentEmission(ElmanSSM):
     (ElmanSSM(2, 1, activation="identity"), "adapted"),
     (ElmanSSM(2, 1, activation="tanh"), "adapted"),
     (LinearGaussianSSM(2, 2, seed=0), "adapted"),
-    (_TanhEmission(2, 1), "ekf"),
+    (_TanhEmission(2, 1), "bootstrap"),  # Gaussian but not declared linear: the EKF proposal is never automatic
     (_StudentEmission(2, 1), "bootstrap"),
 ])
 def test_auto_picks_the_best_exact_weight_proposal(model, expected):
@@ -240,7 +241,57 @@ def test_auto_picks_the_best_exact_weight_proposal(model, expected):
     for method in (ParticleFilter(16), ParticleSmoother(16, 4)):
         post = pr.infer(model, y, method=method, seed=0)
         assert post.diagnostics["proposal"] == expected
+        assert post.diagnostics["proposal_reason"].startswith(expected + ":")
         assert bool(torch.isfinite(post.log_evidence).all())
+    choice = best_proposal(model)
+    assert choice.proposal.name == expected and choice.reason.startswith(expected + ":")
+
+
+class _GSS(StateSpaceModel):
+    """The Gordon-Salmond-Smith benchmark as a user writes it (no capabilities): x_t = x/2 + 25x/(1+x^2) +
+    8 cos(1.2t) + N(0, 10), y = x^2/20 + N(0, 1)."""
+
+    def __init__(self):
+        super().__init__(1, 1)
+
+    def initial(self, u0):
+        return dist.Normal(torch.zeros(1), math.sqrt(5.0) * torch.ones(1)).to_event(1)
+
+    def transition(self, t, h, u_t):
+        return dist.Normal(0.5 * h + 25 * h / (1 + h * h) + 8 * math.cos(1.2 * t), math.sqrt(10.0)).to_event(1)
+
+    def emission(self, t, h, u_t):
+        return dist.Normal(h * h / 20, 1.0).to_event(1)
+
+
+def test_auto_is_bootstrap_on_the_gss_user_model():
+    """The default filter on a strongly nonlinear Gaussian emission (x^2/20) is the bootstrap filter, and the
+    record says why (benchmarks/bench_peers.py measures its time x Var log Z against the bootstrap filter's)."""
+    model = _GSS()
+    y = model.simulate(20, 1, seed=0).observations
+    post = pr.infer(model, y, method=ParticleFilter(64), seed=0)
+    assert post.diagnostics["proposal"] == "bootstrap"
+    assert "not declared linear" in post.diagnostics["proposal_reason"]
+    boot = pr.infer(model, y, method=ParticleFilter(64, proposal="bootstrap"), seed=0)
+    assert torch.equal(post.log_evidence, boot.log_evidence)  # the same filter, the same random stream
+
+
+class _Unprobeable(ElmanSSM):
+    def emission(self, t, h, u_t):
+        if h.dim() == 3 and h.shape[0] == 2:  # the probe's shape only
+            raise RuntimeError("cannot evaluate here")
+        return super().emission(t, h, u_t)
+
+
+def test_auto_warns_when_it_falls_back():
+    """Issue 28: a law that raises while "auto" probes it gives a RuntimeWarning naming the error, then the
+    bootstrap filter (recorded with the reason)."""
+    model = _Unprobeable(2, 1)
+    y = model.simulate(5, 1, seed=0).observations
+    with pytest.warns(RuntimeWarning, match="raised RuntimeError: cannot evaluate here; falling back to the bootstrap filter"):
+        post = pr.infer(model, y, method=ParticleFilter(16), seed=0)
+    assert post.diagnostics["proposal"] == "bootstrap"
+    assert "could not be probed" in post.diagnostics["proposal_reason"]
 
 
 def test_adapted_needs_the_capability():

@@ -176,3 +176,30 @@ def test_ffbsm_normalises_final_weights(float64):
     a = ffbsm(model, data, rec)
     b = ffbsm(model, data, dataclasses.replace(rec, log_weights=LW))
     assert torch.allclose(a.mean, b.mean, atol=1e-10) and torch.allclose(a.log_weights, b.log_weights, atol=1e-10)
+
+
+def test_smoother_consumes_its_filter():
+    """ParticleSmoother(filter=ParticleFilter(...)) holds the filter as its one source of truth; the
+    num_particles/proposal/... convenience builds the same filter; resized copies leave the original alone."""
+    from ppl_rnn.inference import Bootstrap, ParticleFilter
+
+    pf = ParticleFilter(64, proposal=Bootstrap(), ess_threshold=0.7)
+    sm = ParticleSmoother(filter=pf, num_paths=10)
+    assert sm.filter is pf and "num_particles" not in vars(sm) and "proposal" not in vars(sm)
+    assert (sm.num_particles, sm.proposal, sm.ess_threshold, sm.resampling) == (64, pf.proposal, 0.7, "systematic")
+    conv = ParticleSmoother(64, 10, proposal="bootstrap", ess_threshold=0.7)
+    assert isinstance(conv.filter, ParticleFilter) and conv.filter.num_particles == 64
+    model = ElmanSSM(2, 1, seed=0)
+    y = model.simulate(8, 1, seed=1).observations
+    a, b = pr.infer(model, y, method=sm, seed=3), pr.infer(model, y, method=conv, seed=3)
+    assert torch.equal(a.diagnostics["paths"], b.diagnostics["paths"]) and a.diagnostics["proposal"] == "bootstrap"
+    small = sm.resized(num_particles=16, num_paths=4)
+    assert (small.num_particles, small.num_paths, small.filter.proposal) == (16, 4, pf.proposal)
+    assert (sm.num_particles, sm.num_paths, pf.num_particles) == (64, 10, 64)
+    assert sm.resized(num_paths=3).filter is pf
+    assert pr.infer(model, y, method=small, seed=0).diagnostics["paths"].shape == (4, 1, 8, 2)
+    assert pf.resized(8).num_particles == 8 and pf.num_particles == 64
+    with pytest.raises(ConfigurationError, match="not both"):
+        ParticleSmoother(num_particles=10, filter=pf)
+    with pytest.raises(ConfigurationError, match="filter must be a ParticleFilter"):
+        ParticleSmoother(filter="bootstrap")

@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-from ppl_rnn.inference import ParticleFilter, register_proposal, run_particle_filter
+from ppl_rnn.inference import Auto, Bootstrap, FullyAdapted, Guided, ParticleFilter, run_particle_filter
 from ppl_rnn.inference.kalman import kalman_filter
-from ppl_rnn.inference.proposals import get_proposal
+from ppl_rnn.inference.proposals import as_proposal
 from ppl_rnn.inference.resampling import RESAMPLERS
 from ppl_rnn.models import ElmanSSM, LinearGaussianSSM
 
@@ -185,10 +185,15 @@ def test_custom_proposal_weights(float64):
     assert torch.all((m - kf.filt_mean[0]).abs() < 6 * se + 1e-3)
 
 
-def test_proposal_registry():
-    register_proposal("wide-test", _WideProposal)
-    assert isinstance(get_proposal("wide-test"), _WideProposal)
-    with pytest.raises(ConfigurationError, match="proposal must be one of"):
+def test_proposal_objects_and_names():
+    """Proposals are objects (passed through as they are); the four convenience names map to fresh objects in
+    one function; anything else is a ConfigurationError that lists what is accepted."""
+    wide = _WideProposal()
+    assert as_proposal(wide) is wide and ParticleFilter(10, proposal=wide).proposal is wide
+    for name, cls in (("auto", Auto), ("bootstrap", Bootstrap), ("adapted", FullyAdapted), ("ekf", Guided)):
+        assert type(as_proposal(name)) is cls and type(ParticleFilter(10, proposal=name).proposal) is cls
+    assert as_proposal("bootstrap") is not as_proposal("bootstrap")
+    with pytest.raises(ConfigurationError, match="proposal must be a proposal object"):
         ParticleFilter(10, proposal="no-such-proposal")
     with pytest.raises(ConfigurationError):
         ParticleFilter(10, proposal=42)
