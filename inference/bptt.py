@@ -28,11 +28,13 @@ parameters, ``wall_time_s``.
 
 from __future__ import annotations
 
+import copy
+
 import pyro
 import torch
 
 from ppl_rnn.capabilities import require
-from ppl_rnn.errors import DivergenceError
+from ppl_rnn.errors import ConfigurationError, DivergenceError
 from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive_int
 from ppl_rnn.model import input_at
 
@@ -90,6 +92,7 @@ class BPTT(InferenceMethod):
     """
 
     name = "bptt"
+    resumable = True  # pr.fit(..., resume=fit): the parameters and Adam's moments (FitState.trainer)
 
     def __init__(self, *, num_steps: int = 500, lr: float = 0.01, truncation: int | None = 100,
                  max_grad_norm: float | None = 10.0, noise_floor: float = 1e-4, record_every: int | None = None,
@@ -104,13 +107,21 @@ class BPTT(InferenceMethod):
         self.tol = check_positive_float(tol, "tol", allow_zero=True)
         self.progress = bool(progress)
 
-    def _fit(self, model, data, seed):
+    def _fit(self, model, data, seed, resume=None):
         # the noise-free rollout does not depend on the process noise or the initial spread: their gradients
         # are exactly zero, so Adam leaves them at the floor
         set_noise_floor(model, self.noise_floor)
         params = list(model.parameters())
         n_obs = max(data.num_observed, 1)
         opt = torch.optim.Adam(params, lr=self.lr)
+        if resume is not None:  # continue the earlier fit: its parameters and Adam's moments
+            try:
+                model.load_state_dict(resume.state.parameters)
+                opt.load_state_dict(copy.deepcopy(resume.state.trainer))
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise ConfigurationError(
+                    f"resume: the earlier BPTT fit's state does not fit this model ({e}). Pass the same kind of "
+                    "model (same class and sizes) as the earlier fit.") from e
 
         def evaluate(k):
             opt.zero_grad()
@@ -141,7 +152,8 @@ class BPTT(InferenceMethod):
                       progress=self.progress, desc="BPTT")
         return loop.run(model, evaluate=evaluate, update=update, seed=seed,
                         attrs={"objective": "deterministic (zero process noise) log-likelihood"},
-                        diagnostics={"noise_floor": self.noise_floor})
+                        diagnostics={"noise_floor": self.noise_floor}, resume=resume,
+                        snapshot=lambda: copy.deepcopy(opt.state_dict()), data_shape=tuple(data.observations.shape))
 
 
 __all__ = ["BPTT", "deterministic_log_likelihood", "set_noise_floor"]

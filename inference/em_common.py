@@ -36,8 +36,19 @@ below the last accepted one by more than ``reject_se`` standard errors of the di
 :math:`\ell_{k+1} < \ell_k - r\sqrt{s_k^2 + s_{k+1}^2}`, or whose E-step degenerates, is rejected: the row is
 recorded with ``rejected = 1``, the parameters return to :math:`\theta_k`, the trainer's ``on_reject``
 raises the number of particles (returns False when it cannot), and :math:`\theta_k` is evaluated again.
-Steps with :math:`s = 0` are never rejected. A run that cannot raise its particles any further stops at
-the last accepted parameters (``diagnostics["stopped"] = "rejected"``).
+Steps with :math:`s = 0` are not rejected, except a ``strict`` one (an exact value that must not fall, e.g.
+the exact evidence after an over-relaxed EM step, whose plain counterpart cannot lower it): that one is
+rejected as soon as :math:`\ell_{k+1} < \ell_k - 10^{-9}\max(1, |\ell_k|)` (the margin absorbs rounding). A run
+that cannot raise its particles any further stops at the last accepted parameters
+(``diagnostics["stopped"] = "rejected"``).
+
+**Resuming** (``run(..., resume=earlier)``). A run that ends at its last iteration or by the rule records a
+:class:`ppl_rnn.results.FitState` in ``FitResult.state``: :math:`\theta_K` (the working model's state), the
+torch RNG state just before :math:`\theta_K` was evaluated, the rule's history, and the trainer's own
+state (``snapshot()``). A resumed run restores them, evaluates :math:`\theta_K` again from that RNG state (the
+same draws, so the same value and the same M-step input as the uninterrupted run had; this costs one
+evaluation), overwrites trace row :math:`K` with it, and goes on with update :math:`K`: ``K`` then ``L - K``
+iterations give the parameters and trace of ``L`` uninterrupted ones. The trace is the whole run.
 
 **Divergence**: non-finite parameters after an update, or a non-finite value, raise
 :class:`ppl_rnn.DivergenceError` naming the iteration and carrying the last good ``FitResult``.
@@ -48,6 +59,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,8 +69,19 @@ import xarray as xr
 
 from ppl_rnn.errors import ConfigurationError, DegenerateWeightsError, DivergenceError
 from ppl_rnn.method import InferenceMethod, check_positive_float, check_positive_int
-from ppl_rnn.results import FitResult, params_snapshot
+from ppl_rnn.results import FitResult, FitState, params_snapshot
 from ppl_rnn.rng import seeded
+
+
+def load_resumed_parameters(model, resume: FitResult, method: str) -> None:
+    """Set ``model`` to the parameters of ``resume.state`` (:class:`ppl_rnn.results.FitState`), or raise a
+    clear :class:`ConfigurationError` when they do not fit it (another class or other sizes)."""
+    try:
+        model.load_state_dict(resume.state.parameters)
+    except RuntimeError as e:
+        raise ConfigurationError(
+            f"resume: the earlier {method} fit's parameters do not fit this model ({e}). Pass the same kind of "
+            "model (same class and sizes) as the earlier fit.") from e
 
 
 def params_finite(model) -> list[str]:
@@ -89,6 +112,24 @@ class TraceRecorder:
         for k, v in scalars.items():
             col = self.scalars.setdefault(k, [math.nan] * self.n)
             col[-1] = float(v)
+
+    @classmethod
+    def from_dataset(cls, trace: xr.Dataset, param_names) -> TraceRecorder:
+        """A recorder holding the rows of an earlier ``dataset()`` (``param_names``: the parameter variables,
+        the rest being scalars), with its clock set so ``wall_time_s`` goes on from the last row."""
+        rec = cls()
+        names = set(param_names)
+        rec.n = int(trace.sizes.get("iteration", 0))
+        for k, v in trace.data_vars.items():
+            arr = np.asarray(v.values)
+            if k in names:
+                rec.params[k] = [np.array(a, dtype=np.float64) for a in arr]
+            else:
+                rec.scalars[k] = [float(a) for a in arr]
+        wall = rec.scalars.get("wall_time_s")
+        if wall and math.isfinite(wall[-1]):
+            rec.t0 -= wall[-1]
+        return rec
 
     def last(self, name: str) -> float:
         return self.scalars[name][-1]
@@ -134,6 +175,8 @@ class EMStep:
     se: float = 0.0
     scalars: dict = field(default_factory=dict)
     state: Any = None
+    #: an exact value (``se == 0``) that must not fall below the last accepted one (module docstring)
+    strict: bool = False
 
 
 class ConvergenceRule:
@@ -192,15 +235,32 @@ class EMLoop:
 
     def run(self, model, *, evaluate: Callable[[int], EMStep], update: Callable[[int, EMStep], dict | None],
             seed, posterior: Callable[[EMStep], Any] | None = None, on_reject: Callable[[int], bool] | None = None,
-            diagnostics: dict | None = None, attrs: dict | None = None) -> FitResult:
-        """Run the loop on ``model`` in place; returns the :class:`ppl_rnn.FitResult`."""
+            diagnostics: dict | None = None, attrs: dict | None = None, resume: FitResult | None = None,
+            snapshot: Callable[[], Any] | None = None, data_shape: tuple = ()) -> FitResult:
+        """Run the loop on ``model`` in place; returns the :class:`ppl_rnn.FitResult`.
+
+        ``resume``: an earlier FitResult whose ``state`` this run continues (module docstring, "Resuming"):
+        ``model`` must already hold the state's parameters and the trainer its own state; ``snapshot()``
+        returns the trainer's state for the record of this run (``FitState.trainer``); ``data_shape`` goes
+        into the record."""
         t0 = time.perf_counter()
-        rec = TraceRecorder()
+        state = None if resume is None else resume.state
+        if state is not None and state.iteration > self.num_iterations:
+            raise ConfigurationError(
+                f"resume: the earlier fit has done {state.iteration} iterations; num_iterations="
+                f"{self.num_iterations} would end before it. Use num_iterations > {state.iteration} (a resumed "
+                "fit runs up to the method's num_iterations in all).")
+        if state is None:
+            rec = TraceRecorder()
+        else:
+            rec = TraceRecorder.from_dataset(resume.trace, params_snapshot(model))
+            t0 -= float(resume.wall_time_s)
         trace_attrs = {"method": self.method, "evidence_kind": self.evidence_kind, **(attrs or {})}
         diag = dict(diagnostics or {})
-        values: list[float] = []
-        ses: list[float] = []
+        values: list[float] = [] if state is None else list(state.values)
+        ses: list[float] = [] if state is None else list(state.ses)
         good = model.copy()
+        rng_before = None  # torch's RNG state before the last accepted evaluation (FitState.rng_state)
         last_step: EMStep | None = None
         converged, stopped = False, None
         rejecting = self.reject_se is not None
@@ -211,11 +271,11 @@ class EMLoop:
 
             bar = tqdm(total=self.num_iterations, desc=self.desc)
 
-        def result(m, step, conv, upto=None):
+        def result(m, step, conv, upto=None, fit_state=None):
             return FitResult(model=m, trace=rec.dataset(upto, attrs=trace_attrs),
                              posterior=None if (step is None or posterior is None) else posterior(step),
                              wall_time_s=time.perf_counter() - t0, converged=conv, method=self.method,
-                             evidence_kind=self.evidence_kind, diagnostics=diag)
+                             evidence_kind=self.evidence_kind, diagnostics=diag, state=fit_state)
 
         def last_good():
             return result(good.copy(), None, False)
@@ -226,10 +286,42 @@ class EMLoop:
                 "particles, a smaller step (learning rate, gradient steps) or a better initialisation.",
                 iteration=k, last_good=last_good() if k else None) from cause
 
-        k = 0
+        def advance(k, step):
+            """Update ``k`` (theta_k -> theta_{k+1}); returns k + 1."""
+            try:
+                extra = update(k, step)
+            except DivergenceError as e:
+                if e.last_good is None:
+                    e.last_good = last_good()
+                raise
+            if extra and rec.n and k % self.record_every == 0:
+                rec.amend(**extra)
+            if bar is not None:
+                bar.update(1)
+            check_finite(model, iteration=k + 1, method=self.method, last_good=last_good)
+            return k + 1
+
+        k = 0 if state is None else state.iteration
         try:
-            with seeded(seed):
-                while True:
+            with seeded(seed), (torch.random.fork_rng(devices=[]) if state is not None else nullcontext()):
+                ended = False
+                if state is not None:  # theta_K again from the recorded RNG state: the step the earlier run ended on
+                    torch.set_rng_state(state.rng_state)
+                    rng_before = torch.get_rng_state()
+                    step = last_step = evaluate(k)
+                    if not math.isfinite(step.value):
+                        diverged(k, f"the resumed evaluation is not finite ({step.value})")
+                    scal = {n: v for n, v in step.scalars.items() if n != "wall_time_s"}
+                    if "log_evidence_se" in rec.scalars:
+                        scal["log_evidence_se"] = step.se
+                    rec.amend(**scal)  # the earlier run's last row, with this run's scalars (e.g. its schedule)
+                    if bar is not None:
+                        bar.update(k)
+                    ended = k == self.num_iterations
+                    if not ended:
+                        k = advance(k, step)
+                while not ended:
+                    rng_now = torch.get_rng_state()
                     try:
                         step = evaluate(k)
                         bad = not math.isfinite(step.value)
@@ -260,7 +352,7 @@ class EMLoop:
                         scal["rejected"] = 0
                     values.append(float(step.value))
                     ses.append(float(step.se))
-                    last_step = step
+                    last_step, rng_before = step, rng_now
                     good = model.copy()
                     final = k == self.num_iterations
                     converged = self.rule.converged(values, ses, self.n_obs)
@@ -270,37 +362,37 @@ class EMLoop:
                         bar.set_postfix(value=f"{step.value:.2f}" + (f"+-{step.se:.2f}" if step.se else ""))
                     if final or converged:
                         break
-                    try:
-                        extra = update(k, step)
-                    except DivergenceError as e:
-                        if e.last_good is None:
-                            e.last_good = last_good()
-                        raise
-                    if extra and rec.n and k % self.record_every == 0:
-                        rec.amend(**extra)
-                    k += 1
-                    if bar is not None:
-                        bar.update(1)
-                    check_finite(model, iteration=k, method=self.method, last_good=last_good)
+                    k = advance(k, step)
         finally:
             if bar is not None:
                 bar.close()
         diag.update(num_iterations=k, **({"stopped": stopped} if stopped else {}))
-        return result(model, last_step, converged)
+        fit_state = None
+        if stopped is None and rng_before is not None:
+            fit_state = FitState(method=self.method, iteration=k,
+                                 parameters={n: v.detach().clone() for n, v in model.state_dict().items()},
+                                 rng_state=rng_before, values=tuple(values), ses=tuple(ses),
+                                 data_shape=tuple(data_shape), trainer=None if snapshot is None else snapshot())
+        return result(model, last_step, converged, fit_state=fit_state)
 
     def _falls(self, prev: float, prev_se: float, step: EMStep) -> bool:
-        """Whether ``step``'s estimate falls more than ``reject_se`` standard errors below ``prev``."""
+        """Whether ``step``'s estimate falls more than ``reject_se`` standard errors below ``prev`` (a
+        ``strict`` exact value: whether it falls at all, beyond rounding; module docstring)."""
         s = math.sqrt(prev_se**2 + step.se**2) if math.isfinite(step.se) else math.nan
         if not (s > 0):
-            return not math.isfinite(s)
+            if not math.isfinite(s):
+                return True
+            return step.strict and step.value < prev - 1e-9 * max(1.0, abs(prev))
         return step.value < prev - self.reject_se * s
 
 
 class ClosedFormEM(InferenceMethod):
     """Options shared by the deterministic EM trainers (KalmanEM, MeanFieldEM): ``num_iterations``, ``tol``
-    (the rule's relative tolerance; ``None``: the class's ``default_tol``), ``learn_initial``, ``progress``."""
+    (the rule's relative tolerance; ``None``: the class's ``default_tol``), ``learn_initial``, ``progress``.
+    Their state is the parameters alone, so ``pr.fit(..., resume=fit)`` continues them (``_fit(..., resume=)``)."""
 
     default_tol = 1e-7
+    resumable = True
 
     def __init__(self, *, num_iterations: int = 100, tol: float | None = None, learn_initial: bool = True,
                  progress: bool = False):

@@ -50,7 +50,7 @@ from ppl_rnn.capabilities import require
 from ppl_rnn.method import check_choice
 from ppl_rnn.model import LinearGaussianParams
 
-from .em_common import ClosedFormEM, ConvergenceRule, EMLoop, EMStep
+from .em_common import ClosedFormEM, ConvergenceRule, EMLoop, EMStep, load_resumed_parameters
 from .kalman import KalmanSmoother, kalman_filter, rts_smoother
 from .reference import ar_start
 
@@ -238,10 +238,12 @@ class KalmanEM(ClosedFormEM):
         super().__init__(num_iterations=num_iterations, tol=tol, learn_initial=learn_initial, progress=progress)
         self.init = check_choice(init, "init", INITS)
 
-    def _fit(self, model, data, seed):
+    def _fit(self, model, data, seed, resume=None):
         require(model, "linear_gaussian", needed_by="KalmanEM", alternative=_ALT)
         set_lg = require(model, "set_linear_gaussian", needed_by="KalmanEM", alternative=_ALT)
-        if self.init == "ar":
+        if resume is not None:  # pr.fit(..., resume=fit): continue from its parameters, no AR start
+            load_resumed_parameters(model, resume, self.name)
+        elif self.init == "ar":
             set_lg(ar_start(data, model.hidden_dim, dtype=model.dtype))
 
         def evaluate(k):
@@ -256,4 +258,5 @@ class KalmanEM(ClosedFormEM):
                       rule=ConvergenceRule(self.tol), n_obs=data.num_observed, progress=self.progress,
                       desc="KalmanEM")
         return loop.run(model, evaluate=evaluate, update=update, seed=seed,
-                        posterior=lambda step: KalmanSmoother().infer_prepared(model, data, None))
+                        posterior=lambda step: KalmanSmoother().infer_prepared(model, data, None),
+                        resume=resume, data_shape=tuple(data.observations.shape))

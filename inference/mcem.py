@@ -34,7 +34,11 @@ for the exponential-family blocks is exactly the averaging of sufficient statist
 **The loop** is :class:`~ppl_rnn.inference.em_common.EMLoop`, shared with every EM-style trainer.
 
 **Standard error.** Each log-evidence estimate :math:`\hat\ell_k` gets a Monte Carlo standard error
-:math:`s_k` from ``se_runs`` (:math:`R`, default 4) *independent* particle filters with :math:`N/R` particles
+:math:`s_k`. With a particle smoother it comes from the E-step filter's own genealogy at no extra filtering
+(the Lee & Whiteley 2018 estimator over blocks of resampling events, :mod:`~ppl_rnn.inference.evidence_se`;
+measured against the spread of 300 independent filters it runs 0.67-0.77 of the true SD with the default
+systematic resampling, 0.87-0.97 with multinomial: ``tests/inference/test_evidence_se.py``). For an E-step
+without a genealogy it comes from ``se_runs`` (:math:`R`, default 4) *independent* particle filters with :math:`N/R` particles
 each (the smoother's proposal, resampling and dtype), run as one batched filter on :math:`R` copies of the
 data (about the cost of one filter pass without history): with :math:`\mathrm{sd}_R` the standard deviation
 of their :math:`R` estimates, :math:`s_k = \mathrm{sd}_R\sqrt{(N/R)/N} = \mathrm{sd}_R/\sqrt R`, since the
@@ -125,9 +129,18 @@ measured float32 failing outright with the EKF proposal (held-out -7.2, jitter w
 
 **Trace** (``FitResult.trace``, dim ``iteration``; row ``k`` = parameters :math:`\theta_k`, row 0 = the initial
 model): ``log_evidence`` (estimate at :math:`\theta_k`), ``objective`` (:math:`\hat Q_{k-1}(\theta_k)`, NaN at
-``k=0`` and where the ascent test refused the step), ``num_particles``, ``num_paths``, ``gamma``, ``wall_time_s`` (cumulative) and every parameter.
+``k=0`` and where the ascent test refused the step), ``num_particles``, ``num_paths``, ``gamma`` (SAEM's step size
+for the M-step from row ``k``'s paths), ``wall_time_s`` (cumulative) and every parameter.
 ``K`` iterations cost ``K`` M-steps and ``K+1`` E-steps (the last gives ``FitResult.posterior`` at the fitted
 parameters).
+
+**Resuming** (``pr.fit(model, y, method=MonteCarloEM(...), resume=earlier_fit)``): the fit's state is a
+frozen record, :class:`ppl_rnn.results.FitState` (parameters, RNG state, iteration, the convergence rule's
+history) with the trainer's part :class:`MCEMState` (SAEM's bank, the particle boost, :math:`\omega` and its
+grow flag, Adam's moments); the resumed run continues it to ``num_iterations`` exactly as an uninterrupted run
+(:mod:`~ppl_rnn.inference.em_common`, "Resuming"); the warm start and the restarts are not re-run. Schedules
+that depend on ``num_iterations`` (a geometric ``particle_schedule``, ``saem=alpha``) go on under the resumed
+method's length, so there the continuation is not the uninterrupted run of that length.
 
 **Initialisation matters more than restarts.** EM climbs to the local maximum of the basin it starts in. For
 a tanh network on oscillating data, Gaussian random weights tend to end in a "linear-regime" optimum (small
@@ -149,7 +162,8 @@ generators seeded from ``seed`` and the candidate index. Each candidate gets
 ``restart_iterations`` plain MCEM iterations with the smoother's own sizes; the one with the largest
 training log-evidence estimate (the mean of its last two E-step estimates) is kept and the full run continues
 from it. ``FitResult.diagnostics`` gets ``restart_log_evidence`` (the k scores), ``restart_chosen`` (the
-index) and ``restart_wall_time_s``; the trace is the continued run's.
+index), ``restart_models`` (the k candidates' fitted models, None where one diverged; the continued run
+begins at ``restart_models[restart_chosen]``) and ``restart_wall_time_s``; the trace is the continued run's.
 
 **Over-relaxation** (``overrelax=``:math:`\omega`, default 1: plain EM). Near a maximum EM is a linear
 iteration, :math:`\theta_{k+1}-\theta^*\approx J(\theta_k-\theta^*)`, whose rate along an eigendirection of
@@ -197,6 +211,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Mapping
@@ -208,7 +223,7 @@ from ppl_rnn.data import Data
 from ppl_rnn.errors import ConfigurationError, DegenerateWeightsError, DivergenceError
 from ppl_rnn.method import InferenceMethod, check_choice, check_positive_float, check_positive_int
 
-from .em_common import ConvergenceRule, EMLoop, EMStep
+from .em_common import ConvergenceRule, EMLoop, EMStep, load_resumed_parameters
 
 MSTEPS = ("auto", "closed_form", "gradient")
 INITS = ("model", "linear", "nar")
@@ -232,9 +247,66 @@ def _geometric(a: int, b: int, k: int, n: int) -> int:
     return max(1, int(round(a * (b / a) ** f)))
 
 
+@dataclasses.dataclass(frozen=True)
+class MCEMState:
+    r"""The trainer's part of a Monte Carlo EM fit's state (``FitResult.state.trainer``; the parameters, the
+    RNG state, the iteration and the rule's history are in :class:`ppl_rnn.results.FitState`).
+
+    bank: ``((paths, weight), ...)`` SAEM's averaging bank: past E-steps' paths with their weights (empty
+        without ``saem``, where every step size is 1 and the next M-step uses only its own paths)
+    optimizer: the gradient M-step's Adam ``state_dict`` (None until the first gradient M-step)
+    objective: :math:`\hat Q_{k-1}(\theta_k)` of the last M-step (NaN when none was kept)
+    boost: the factor on the particles and paths that rejections have raised (1, 2, 4, ... ``max_boost``)
+    omega: :math:`\omega` of the next over-relaxed M-step; grow: whether it grows first (not right after a
+        fallback to plain EM)
+    omega_of, prev_omega_of: the :math:`\omega` that produced the current / the previous parameters
+    """
+
+    bank: tuple = ()
+    optimizer: dict | None = None
+    objective: float = math.nan
+    boost: int = 1
+    omega: float = 1.0
+    grow: bool = False
+    omega_of: float = math.nan
+    prev_omega_of: float = math.nan
+
+
+class _Progress:
+    """The mutable working copy of :class:`MCEMState` during a run (one object shared by the E-step, the
+    M-step and the acceptance rules of :meth:`MonteCarloEM._run`)."""
+
+    def __init__(self, state: MCEMState):
+        self.bank = list(state.bank)
+        self.opt = None
+        self.opt_state = state.optimizer  # loaded into the optimiser when the gradient M-step creates it
+        self.obj, self.boost, self.omega, self.grow = state.objective, state.boost, state.omega, state.grow
+        self.omega_of, self.prev_omega_of = state.omega_of, state.prev_omega_of
+
+    def freeze(self, keep_bank: bool = True) -> MCEMState:
+        """The frozen state; ``keep_bank=False`` (plain MCEM, every step size 1: the next M-step drops the
+        bank) leaves the paths out of it."""
+        opt = self.opt_state if self.opt is None else copy.deepcopy(self.opt.state_dict())
+        return MCEMState(bank=tuple(self.bank) if keep_bank else (), optimizer=opt, objective=self.obj, boost=self.boost,
+                         omega=self.omega, grow=self.grow, omega_of=self.omega_of, prev_omega_of=self.prev_omega_of)
+
+    def fall_back(self) -> bool:
+        """After a rejected or refused step: if it was stretched (omega > 1), the next M-step is plain EM
+        (omega = 1, growing again by ``_OMEGA_GROWTH`` per accepted step) and True (no particle boost)."""
+        stretched = self.omega_of > 1.0
+        self.omega_of = self.prev_omega_of  # the parameters are back at theta_k
+        if stretched:
+            self.omega, self.grow = 1.0, False
+        return stretched
+
+
 def _resized(smoother, num_particles: int | None, num_paths: int):
-    """A shallow copy of ``smoother`` with ``num_particles`` / ``num_paths`` set (and on any nested method,
-    e.g. a particle smoother's forward filter)."""
+    """``smoother`` with ``num_particles`` / ``num_paths``: its own ``resized(num_particles=, num_paths=)`` where
+    it has one (``ParticleSmoother.resized``: a copy whose forward filter is ``filter.resized(N)``); otherwise a
+    shallow copy with those attributes set (and on any nested method that has ``num_particles``)."""
+    fn = getattr(smoother, "resized", None)
+    if callable(fn) and "num_paths" in inspect.signature(fn).parameters:
+        return fn(num_particles=num_particles, num_paths=num_paths)
     sm = copy.copy(smoother)
     if num_particles is not None and hasattr(sm, "num_particles"):
         sm.num_particles = num_particles
@@ -253,9 +325,9 @@ class MonteCarloEM(InferenceMethod):
 
     Args:
         smoother: the E-step method (default ``ParticleSmoother(num_particles=500, num_paths=100,
-            backward="mcmc")``: backward Metropolis-Hastings, O(paths) per step, so one iteration costs about
-            2.7x one particle-filter pass; ``backward="simulation"`` (FFBSi, O(particles x paths) per step,
-            independent paths) about 4x — ``benchmarks/bench_mcem.py``).
+            backward="mcmc")``: backward Metropolis-Hastings, O(paths) per step; ``backward="simulation"`` (FFBSi,
+            O(particles x paths) per step, independent paths) costs more — the cost of an iteration against a
+            particle-filter pass is measured by ``benchmarks/bench_mcem.py``).
         num_iterations: maximum number of EM iterations (M-steps).
         particle_schedule: ``None`` (the smoother's sizes every iteration); ``(start, end)`` ints: number of
             particles growing geometrically from ``start`` to ``end`` over the iterations (paths: the
@@ -282,7 +354,9 @@ class MonteCarloEM(InferenceMethod):
             errors (parameters kept, particles and paths doubled; ``None``: never reject).
         max_boost: the largest factor by which rejections may multiply the particles and paths.
         se_runs: independent filters (of ``N / se_runs`` particles each) that estimate the standard error of
-            each log-evidence estimate (``0``: no standard error, no rejection, the rule as for exact values).
+            each log-evidence estimate where the E-step's posterior has no filter genealogy (a particle
+            smoother's has: its standard error costs no extra filter); ``0``: no standard error, no rejection,
+            the rule as for exact values.
         dtype: ``"float64"`` (default: the run in float64 on a float64 copy, written back into the model),
             ``"float32"``, or ``None`` (the model's dtype).
         saem: ``None`` (plain MCEM), a float ``alpha`` in (0.5, 1] (step sizes 1 for the first half of the
@@ -312,6 +386,7 @@ class MonteCarloEM(InferenceMethod):
     """
 
     name = "mcem"
+    resumable = True
 
     def __init__(self, *, smoother: InferenceMethod | None = None, num_iterations: int = 50,
                  particle_schedule=None, tol: float = 1e-5, window: int = 5, z: float = 2.0, saem=None,
@@ -496,7 +571,7 @@ class MonteCarloEM(InferenceMethod):
             raise DivergenceError(
                 f"{self.name}: every one of the {self.num_restarts} restart candidates diverged. Use more "
                 "particles or num_restarts=1.", iteration=0, last_good=None)
-        return fits[best], {"restart_log_evidence": scores, "restart_chosen": best,
+        return fits[best], {"restart_log_evidence": scores, "restart_chosen": best, "restart_models": tuple(fits),
                             "restart_wall_time_s": time.perf_counter() - t0}
 
     def _linear_start(self, model, data, seed) -> dict:
@@ -547,10 +622,18 @@ class MonteCarloEM(InferenceMethod):
 
     def _evidence_se(self, model, data, post, N) -> float:
         r"""Monte Carlo standard error of the E-step's log-evidence estimate (module docstring, "Standard
-        error"): ``se_runs`` independent particle filters with :math:`N/R` particles each, run as one batched
-        filter on ``R`` copies of the data; :math:`\widehat{SE}_N = \mathrm{sd}_R\sqrt{(N/R)/N}`."""
+        error"): from the E-step filter's own genealogy where its posterior carries the filter's record with
+        ancestors (:func:`~ppl_rnn.inference.evidence_se.genealogy_log_evidence_var`, summed over the
+        independent sequences); otherwise ``se_runs`` independent particle filters with :math:`N/R` particles
+        each, run as one batched filter on ``R`` copies of the data; :math:`\widehat{SE}_N =
+        \mathrm{sd}_R\sqrt{(N/R)/N}`."""
         if post.evidence_kind == "exact" or self.se_runs < 2 or N is None:
             return 0.0
+        rec = post.diagnostics.get("record") if isinstance(post.diagnostics, Mapping) else None
+        if getattr(rec, "ancestors", None) is not None and getattr(rec, "log_weights", None) is not None:
+            from .evidence_se import genealogy_log_evidence_var
+
+            return float(genealogy_log_evidence_var(rec).sum().sqrt())
         from .smc import ParticleFilter
 
         sm, R = self.smoother, self.se_runs
@@ -562,13 +645,29 @@ class MonteCarloEM(InferenceMethod):
         le = le.to(torch.float64).reshape(R, -1).sum(1)
         return float(le.std()) * math.sqrt(n / N)
 
-    def _fit(self, model, data, seed):
+    def _fit(self, model, data, seed, resume=None):
         info = {}
         dtype = _DTYPES[self.dtype]
         work, wdata = model, data
         if dtype is not None and dtype != model.dtype:
             work = model.copy().to(dtype)
             wdata = Data(data.observations.to(dtype), data.mask, None if data.inputs is None else data.inputs.to(dtype))
+        if resume is not None:  # continue the earlier fit: no warm start, no restarts
+            if not isinstance(resume.state.trainer, MCEMState):
+                raise ConfigurationError(
+                    f"resume: the earlier fit's state has no MonteCarloEM part (found "
+                    f"{type(resume.state.trainer).__name__}); resume a fit made by MonteCarloEM.")
+            load_resumed_parameters(work, resume, self.name)
+            info = {k: v for k, v in resume.diagnostics.items() if k not in ("num_iterations", "stopped")}
+            res = self._run(work, wdata, seed, info, resume)
+        else:
+            res = self._fit_new(work, wdata, seed, info)
+        if work is not model:
+            model.load_state_dict(work.state_dict())
+            res = dataclasses.replace(res, model=model)
+        return res
+
+    def _fit_new(self, work, wdata, seed, info):
         if self.init == "linear":
             info.update(self._linear_start(work, wdata, seed))
             info["initial_model"] = work.copy()
@@ -579,36 +678,31 @@ class MonteCarloEM(InferenceMethod):
             chosen, restart_info = self._restarts(work, wdata, seed)
             work.load_state_dict(chosen.state_dict())
             info.update(restart_info)
-        res = self._run(work, wdata, seed, info)
-        if work is not model:
-            model.load_state_dict(work.state_dict())
-            res = dataclasses.replace(res, model=model)
-        return res
+        return self._run(work, wdata, seed, info)
 
-    def _run(self, model, data, seed, info):
+    def _run(self, model, data, seed, info, resume=None):
         mode = self._resolve_mstep(model)
         if self.anneal_noise is not None:
             for name in ("noise_scales", "set_noise_scales"):
                 require(model, name, needed_by="MonteCarloEM(anneal_noise=...)", alternative="use anneal_noise=None")
         n_obs = max(data.num_observed, 1)
-        # omega: the stretch of the next M-step; grow: whether it may grow first (not right after a fallback);
-        # omega_of / prev_omega_of: the stretch that produced the current / the previous parameters
-        st = {"bank": [], "opt": None, "obj": math.nan, "boost": 1, "omega": self.overrelax, "grow": False,
-              "omega_of": math.nan, "prev_omega_of": math.nan}
+        st = _Progress(MCEMState(omega=self.overrelax) if resume is None else resume.state.trainer)
 
         def evaluate(k):
             N, P = self._sizes(k)
-            if st["boost"] > 1:
-                N = None if N is None else N * st["boost"]
-                P = P * st["boost"]
+            if st.boost > 1:
+                N = None if N is None else N * st.boost
+                P = P * st.boost
             post, paths, le = self._estep(model, data, N, P)
             se = self._evidence_se(model, data, post, N) if math.isfinite(le) else math.nan
-            gamma = self._gamma(k) if k < self.num_iterations else math.nan
-            scalars = {"log_evidence": le, "objective": st["obj"], "num_particles": -1 if N is None else N,
+            gamma = self._gamma(k)  # of the M-step from these paths (recorded on the last row too: resumable)
+            scalars = {"log_evidence": le, "objective": st.obj, "num_particles": -1 if N is None else N,
                        "num_paths": P, "gamma": gamma}
             if self.overrelax != 1.0:  # the stretch of the M-step that produced these parameters
-                scalars["overrelax"] = st["omega_of"]
-            return EMStep(value=le, se=se, state=(post, paths), scalars=scalars)
+                scalars["overrelax"] = st.omega_of
+            # over-relaxation's guard with an exact E-step: the exact evidence must not fall at all
+            strict = post.evidence_kind == "exact" and self.overrelax != 1.0
+            return EMStep(value=le, se=se, state=(post, paths), scalars=scalars, strict=strict)
 
         def update(k, step):
             before = model.copy() if self.ascent_z is not None else None
@@ -619,36 +713,36 @@ class MonteCarloEM(InferenceMethod):
 
         def _mstep(k, step):
             paths, gamma = step.state[1], step.scalars["gamma"]
-            bank = [(p, w * (1 - gamma)) for p, w in st["bank"] if w * (1 - gamma) >= 1e-3] + [(paths, gamma)]
-            st["bank"] = bank
+            bank = [(p, w * (1 - gamma)) for p, w in st.bank if w * (1 - gamma) >= 1e-3] + [(paths, gamma)]
+            st.bank = bank
             tot = sum(w for _, w in bank)
             allp = torch.cat([p for p, _ in bank], 0)
             wts = torch.cat([torch.full((p.shape[0],), w / tot / p.shape[0], dtype=allp.dtype) for p, w in bank])
             old = ({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
                    if self.overrelax != 1.0 else None)
             if mode == "closed_form":
-                st["obj"] = float(model.closed_form_mstep(allp, data.observations, data.mask, data.inputs,
+                st.obj = float(model.closed_form_mstep(allp, data.observations, data.mask, data.inputs,
                                                           weights=wts, transition_steps=self.gradient_steps,
                                                           learn_initial=self.learn_initial))
             else:
-                st["opt"], st["obj"] = self._gradient_mstep(model, data, allp, wts, st["opt"], n_obs)
+                st.obj = self._gradient_mstep(model, data, allp, wts, st, n_obs)
             if old is not None:
-                if st["grow"]:  # the last stretched step was accepted: omega grows back towards overrelax
-                    st["omega"] = min(self.overrelax, st["omega"] * _OMEGA_GROWTH)
-                st["grow"], st["prev_omega_of"], st["omega_of"] = True, st["omega_of"], st["omega"]
-                _overrelax(model, old, st["omega"])
+                if st.grow:  # the last stretched step was accepted: omega grows back towards overrelax
+                    st.omega = min(self.overrelax, st.omega * _OMEGA_GROWTH)
+                st.grow, st.prev_omega_of, st.omega_of = True, st.omega_of, st.omega
+                _overrelax(model, old, st.omega)
                 with torch.no_grad():  # the objective at the stretched parameters
-                    st["obj"] = float(_q_hat(model, allp, wts, data))
+                    st.obj = float(_q_hat(model, allp, wts, data))
             if self.anneal_noise is not None and k < self.anneal_noise[1]:
                 infl = 1.0 + (self.anneal_noise[0] - 1.0) * (1.0 - k / self.anneal_noise[1])
                 model.set_noise_scales(process=model.noise_scales()["process"].detach() * infl)
 
         def on_reject(k):
-            if self._fall_back(st):  # a stretched step fell: retry theta_k with a plain EM step, same particles
+            if st.fall_back():  # a stretched step fell: retry theta_k with a plain EM step, same particles
                 return True
-            if st["boost"] * 2 > self.max_boost:
+            if st.boost * 2 > self.max_boost:
                 return False
-            st["boost"] *= 2
+            st.boost *= 2
             return True
 
         loop = EMLoop(method=self.name, evidence_kind="estimate", num_iterations=self.num_iterations,
@@ -656,7 +750,9 @@ class MonteCarloEM(InferenceMethod):
                       reject_se=self.reject_se, progress=self.progress, desc="MonteCarloEM")
         return loop.run(model, evaluate=evaluate, update=update, seed=seed, on_reject=on_reject,
                         posterior=lambda step: step.state[0], attrs={"mstep": mode},
-                        diagnostics={"mstep": mode, **info})
+                        diagnostics={"mstep": mode, **info}, resume=resume,
+                        snapshot=lambda: st.freeze(keep_bank=self.saem is not None),
+                        data_shape=tuple(data.observations.shape))
 
     def _ascent_test(self, model, before, data, st, k) -> dict:
         r"""The ascent test (module docstring): fresh paths :math:`x^{(s)}` at :math:`\theta_k` (``before``), the
@@ -666,8 +762,8 @@ class MonteCarloEM(InferenceMethod):
         from .complete_data import complete_data_log_likelihood
 
         N, P = self._sizes(k)
-        N = None if N is None else N * st["boost"]
-        _, fresh, _ = self._estep(before, data, N, P * st["boost"])
+        N = None if N is None else N * st.boost
+        _, fresh, _ = self._estep(before, data, N, P * st.boost)
         with torch.no_grad():
             d = (complete_data_log_likelihood(model, fresh, data).sum(-1)
                  - complete_data_log_likelihood(before, fresh, data).sum(-1)).reshape(-1).to(torch.float64)
@@ -676,32 +772,25 @@ class MonteCarloEM(InferenceMethod):
         ok = dq - self.ascent_z * se > 0
         if not ok:
             model.load_state_dict(before.state_dict())
-            st["obj"] = math.nan  # no M-step kept: the refused step's Q-hat is not theta_k's
-            if not self._fall_back(st) and st["boost"] * 2 <= self.max_boost:
-                st["boost"] *= 2
+            st.obj = math.nan  # no M-step kept: the refused step's Q-hat is not theta_k's
+            if not st.fall_back() and st.boost * 2 <= self.max_boost:
+                st.boost *= 2
         return {"ascent_dq": dq, "ascent_se": se, "ascent_kept": int(ok)}
 
-    @staticmethod
-    def _fall_back(st) -> bool:
-        """After a rejected or refused step: if it was stretched (omega > 1), the next M-step is plain EM
-        (omega = 1, growing again by ``_OMEGA_GROWTH`` per accepted step) and True (no particle boost)."""
-        stretched = st["omega_of"] > 1.0
-        st["omega_of"] = st["prev_omega_of"]  # the parameters are back at theta_k
-        if stretched:
-            st["omega"], st["grow"] = 1.0, False
-        return stretched
-
-    def _gradient_mstep(self, model, data, paths, wts, opt, n_obs):
-        params = [p for p in model.parameters() if p.requires_grad]
-        if opt is None:
-            opt = torch.optim.Adam(params, lr=self.lr)
+    def _gradient_mstep(self, model, data, paths, wts, st, n_obs) -> float:
+        r"""``gradient_steps`` Adam steps on :math:`-\hat Q/n_{obs}` (the optimiser, kept in ``st``, carries its
+        moments across iterations); returns :math:`\hat Q` after them."""
+        if st.opt is None:
+            st.opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=self.lr)
+            if st.opt_state is not None:  # a resumed fit: the earlier run's moments
+                st.opt.load_state_dict(copy.deepcopy(st.opt_state))
+        opt = st.opt
         for _ in range(self.gradient_steps):
             opt.zero_grad()
             (-_q_hat(model, paths, wts, data) / n_obs).backward()
             opt.step()
         with torch.no_grad():
-            obj = float(_q_hat(model, paths, wts, data))
-        return opt, obj
+            return float(_q_hat(model, paths, wts, data))
 
 
 _OMEGA_GROWTH = 1.1  # after a fallback to plain EM, omega grows by this factor per accepted step
@@ -723,4 +812,4 @@ def _overrelax(model, old: dict, omega: float) -> None:
             p.copy_(old[n] + omega * (p - old[n]))
 
 
-__all__ = ["MonteCarloEM"]
+__all__ = ["MonteCarloEM", "MCEMState"]

@@ -58,7 +58,7 @@ from ppl_rnn.errors import ModelCapabilityError
 from ppl_rnn.gaussian import kalman_update
 from ppl_rnn.results import Posterior
 
-from .em_common import ClosedFormEM, ConvergenceRule, EMLoop, EMStep
+from .em_common import ClosedFormEM, ConvergenceRule, EMLoop, EMStep, load_resumed_parameters
 from .kalman_em import emission_mstep_diag
 
 _ACT = {"tanh": (torch.tanh, torch.atanh), "identity": (lambda x: x, lambda x: x)}
@@ -167,8 +167,10 @@ class MeanFieldEM(ClosedFormEM):
 
     default_tol = 1e-6
 
-    def _fit(self, model, data, seed):
+    def _fit(self, model, data, seed, resume=None):
         _check_model(model)
+        if resume is not None:  # pr.fit(..., resume=fit): continue from its parameters
+            load_resumed_parameters(model, resume, self.name)
 
         def evaluate(k):
             z, S, ll = meanfield_estep(model, data)
@@ -189,7 +191,8 @@ class MeanFieldEM(ClosedFormEM):
                       desc="MeanFieldEM")
         return loop.run(model, evaluate=evaluate, update=update, seed=seed, posterior=posterior,
                         attrs={"objective": "mean-field log-likelihood surrogate"},
-                        diagnostics={"objective": "sum_t log N(y_t; C h~_t + d, C Q C^T + R) (mean-field)"})
+                        diagnostics={"objective": "sum_t log N(y_t; C h~_t + d, C Q C^T + R) (mean-field)"},
+                        resume=resume, data_shape=tuple(data.observations.shape))
 
 
 __all__ = ["MeanFieldEM", "meanfield_estep", "meanfield_mstep"]

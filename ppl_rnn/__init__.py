@@ -22,7 +22,7 @@ from .errors import (
 )
 from .method import InferenceMethod
 from .model import ElmanForm, LinearGaussianParams, NARParams, Simulation, StateSpaceModel
-from .results import FitResult, Forecast, Posterior
+from .results import FitResult, FitState, Forecast, Posterior
 from .verbs import fit, infer
 from .workbench import datasets
 from .workbench.arviz_export import to_inference_data
@@ -36,7 +36,7 @@ from .workbench.selection import select_by_forecast
 __version__ = "0.2.0"
 
 __all__ = [
-    "StateSpaceModel", "LinearGaussianParams", "NARParams", "ElmanForm", "Simulation", "Posterior", "FitResult", "Forecast",
+    "StateSpaceModel", "LinearGaussianParams", "NARParams", "ElmanForm", "Simulation", "Posterior", "FitResult", "FitState", "Forecast",
     "InferenceMethod", "Data", "prepare", "infer", "fit", "forecast", "inference", "models", "errors",
     "capabilities", "ConfigurationError", "DataError", "DegenerateWeightsError", "DivergenceError",
     "ModelCapabilityError", "compare", "to_inference_data", "evaluate", "forecast_difference", "datasets",

@@ -24,10 +24,17 @@ class InferenceMethod:
         methods and the workbench call it too). Subclasses implement ``_infer``."""
         return self._infer(model, data, seed)
 
-    def fit_prepared(self, model, data, seed):
+    #: whether ``pr.fit(..., resume=fit)`` can continue a fit of this method (its ``_fit`` takes ``resume=``)
+    resumable: bool = False
+
+    def fit_prepared(self, model, data, seed, *, resume=None):
         """Train ``model`` **in place** on validated data (``pr.fit`` passes a copy). Subclasses implement
-        ``_fit``."""
-        return self._fit(model, data, seed)
+        ``_fit``. ``resume``: an earlier :class:`~ppl_rnn.FitResult` of the same kind of method on data of the
+        same shape, continued from its ``state`` (:func:`check_resume`) up to this method's iterations."""
+        if resume is None:
+            return self._fit(model, data, seed)
+        check_resume(self, resume, data)
+        return self._fit(model, data, seed, resume=resume)
 
     def _infer(self, model, data, seed):
         raise NotImplementedError(
@@ -44,6 +51,41 @@ class InferenceMethod:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({opts})"
+
+
+def check_resume(method: InferenceMethod, resume, data) -> None:
+    """Raise a :class:`ConfigurationError` unless ``method`` can continue the fit ``resume`` on ``data``: the
+    method supports resuming, ``resume`` is a FitResult carrying a state, made by the same kind of method,
+    on observations of the same shape."""
+    from .results import FitResult
+
+    name = type(method).__name__
+    if not getattr(method, "resumable", False):
+        raise ConfigurationError(
+            f"resume: {name} cannot continue an earlier fit (it keeps no resumable state); found resume="
+            f"{type(resume).__name__}. Drop resume= and fit from the start (pass the earlier fit's .model as the "
+            "model to warm-start it), or use a method that resumes (MonteCarloEM, BPTT, KalmanEM, MeanFieldEM).")
+    if not isinstance(resume, FitResult):
+        raise ConfigurationError(
+            f"resume must be the FitResult of an earlier pr.fit; found {type(resume).__name__}. Pass e.g. "
+            "resume=earlier_fit.")
+    st = resume.state
+    if st is None:
+        raise ConfigurationError(
+            f"resume: the earlier fit (method {resume.method!r}) carries no state to continue from (its method "
+            "records none, or the run stopped early: diagnostics "
+            f"{ {k: v for k, v in resume.diagnostics.items() if k == 'stopped'} }). Fit from the start instead, "
+            "e.g. with the earlier fit's .model as the model.")
+    if st.method != method.name:
+        raise ConfigurationError(
+            f"resume: the earlier fit was made by method {st.method!r}; this method is {name} ({method.name!r}). "
+            f"A fit resumes only with the same kind of method: pass a {st.method!r} method object, or fit from "
+            "the earlier fit's .model without resume=.")
+    shape = tuple(data.observations.shape)
+    if tuple(st.data_shape) != shape:
+        raise ConfigurationError(
+            f"resume: the earlier fit was trained on observations of shape {tuple(st.data_shape)}; found "
+            f"{shape}. Resume on the same data, or fit from the earlier fit's .model without resume=.")
 
 
 def check_positive_int(value, name: str, *, minimum: int = 1) -> int:

@@ -91,6 +91,31 @@ class Posterior:
 
 
 @dataclass(frozen=True)
+class FitState:
+    r"""Where an iterative fit stands after its last accepted evaluation: enough to continue it exactly
+    (``pr.fit(..., resume=fit)``; :class:`~ppl_rnn.inference.em_common.EMLoop`).
+
+    method: name of the trainer that made it (a fit resumes only with the same kind of method)
+    iteration: :math:`k`, the updates done so far; the parameters are :math:`\theta_k`
+    parameters: the working model's ``state_dict`` at :math:`\theta_k` (in the dtype the trainer ran in)
+    rng_state: torch's RNG state just before the evaluation of :math:`\theta_k` (the resumed run redraws
+        that evaluation from it, bit for bit, and goes on as the uninterrupted run would)
+    values, ses: the convergence rule's history :math:`\ell_0..\ell_k` and standard errors :math:`s_0..s_k`
+    data_shape: ``(B, T, D)`` of the observations it was trained on
+    trainer: the trainer's own state (e.g. :class:`~ppl_rnn.inference.mcem.MCEMState`; an optimiser's state)
+    """
+
+    method: str
+    iteration: int
+    parameters: Mapping[str, torch.Tensor] = field(repr=False)
+    rng_state: torch.Tensor = field(repr=False)
+    values: tuple = field(repr=False)
+    ses: tuple = field(repr=False)
+    data_shape: tuple = ()
+    trainer: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class FitResult:
     """Outcome of :func:`ppl_rnn.fit`.
 
@@ -103,6 +128,8 @@ class FitResult:
     evidence_kind: what ``trace.objective`` is (``"exact"``, ``"estimate"``, ``"lower_bound"``, ``"approximation"``)
     diagnostics: per-method extras
     data: the validated :class:`~ppl_rnn.data.Data` it was trained on (set by :func:`ppl_rnn.fit`), or None
+    state: the :class:`FitState` that ``pr.fit(..., resume=this)`` continues from, where the method records
+        one (iterative trainers that ran to their last iteration or converged), else None
     """
 
     model: Any
@@ -114,6 +141,7 @@ class FitResult:
     evidence_kind: str = "estimate"
     diagnostics: Mapping[str, Any] = field(default_factory=dict)
     data: Any = field(default=None, repr=False, compare=False)
+    state: FitState | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,20 @@ def infer(model: StateSpaceModel, observations, *, method: InferenceMethod, inpu
 
 @in_library_scope
 def fit(model: StateSpaceModel, observations, *, method: InferenceMethod, inputs=None,
-        seed: int | None = None) -> FitResult:
-    """Train a **copy** of ``model`` on ``observations`` with ``method``; the input model is untouched."""
+        seed: int | None = None, resume: FitResult | None = None) -> FitResult:
+    """Train a **copy** of ``model`` on ``observations`` with ``method``; the input model is untouched.
+
+    ``resume=earlier_fit`` continues ``earlier_fit`` (made by the same kind of method on data of the same
+    shape) from its recorded state up to ``method``'s number of iterations, exactly as an uninterrupted run
+    would have gone on (its RNG state is in the record, so ``seed`` is not used again); warm starts and
+    restarts are not re-run. The result's trace is the whole run, the earlier iterations included. A method
+    that keeps no resumable state raises :class:`ppl_rnn.errors.ConfigurationError`."""
     check_model_and_method(model, method)
     check_seed(seed)
     data = prepare(model, observations, inputs)
-    return remember(method.fit_prepared(model.copy(), data, seed), data=data)
+    if resume is None:
+        return remember(method.fit_prepared(model.copy(), data, seed), data=data)
+    return remember(method.fit_prepared(model.copy(), data, seed, resume=resume), data=data)
 
 
 __all__ = ["infer", "fit", "check_model_and_method"]

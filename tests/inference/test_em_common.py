@@ -72,7 +72,7 @@ def test_rule_exact_relative_tolerance():
         ConvergenceRule(-1.0)
 
 
-def _toy(values, ses, *, reject_se=3.0, max_boosts=3, num_iterations=None):
+def _toy(values, ses, *, reject_se=3.0, max_boosts=3, num_iterations=None, strict=False):
     """An EMLoop run on ElmanSSM(1) whose update adds 1 to d and whose evaluate returns scripted values."""
     model = ElmanSSM(1, 1, seed=0)
     calls = {"eval": [], "reject": 0}
@@ -80,7 +80,7 @@ def _toy(values, ses, *, reject_se=3.0, max_boosts=3, num_iterations=None):
     def evaluate(k):
         i = len(calls["eval"])
         calls["eval"].append(float(model.d.detach()[0]))
-        return EMStep(value=values[i], se=ses[i], scalars={"log_evidence": values[i]})
+        return EMStep(value=values[i], se=ses[i], scalars={"log_evidence": values[i]}, strict=strict)
 
     def update(k, step):
         model.d = model.d.detach() + 1.0
@@ -109,6 +109,20 @@ def test_loop_rejects_a_step_that_falls_by_more_than_reject_se():
     # a fall within the noise is kept
     res, calls = _toy([0.0, 10.0, 6.0], [1.0] * 3)
     assert calls["reject"] == 0 and float(res.model.d.detach()[0]) == 2.0
+
+
+def test_exact_values_are_rejected_only_when_strict_and_falling():
+    """SE 0: a fall is kept unless the step is ``strict`` (the over-relaxation guard with an exact E-step);
+    a strict step is refused by any fall beyond rounding (1e-9 relative), whatever ``reject_se`` is."""
+    vals = [0.0, 10.0, 10.0 - 1e-3, 10.0, 10.0 - 1e-12]
+    res, calls = _toy(vals, [0.0] * 5, num_iterations=3)
+    assert calls["reject"] == 0 and "stopped" not in res.diagnostics  # not strict: never rejected
+    res, calls = _toy(vals, [0.0] * 5, num_iterations=3, strict=True)
+    # theta_2 falls by 1e-3: rejected; theta_1 again (10.0) kept; theta_2' falls by 1e-12 (rounding): kept
+    np.testing.assert_array_equal(res.trace.rejected.values, [0, 0, 1, 0, 0])
+    assert calls["reject"] == 1 and calls["eval"] == [0.0, 1.0, 2.0, 1.0, 2.0]
+    res, calls = _toy([0.0, 10.0, 9.0, 10.0, 10.5], [0.0] * 5, num_iterations=3, strict=True, reject_se=100.0)
+    assert calls["reject"] == 1  # no standard-error slack for an exact value
 
 
 def test_loop_stops_at_last_accepted_parameters_when_it_cannot_raise_particles():

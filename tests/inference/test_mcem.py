@@ -182,6 +182,15 @@ def test_random_restarts_keep_the_best_candidate(float64):
     assert scores[r.diagnostics["restart_chosen"]] == max(scores)
     # the continued run starts from the chosen candidate's fit, not from the given model
     assert not np.allclose(r.trace.W.values[0], m.W.detach().numpy())
+    # ... and from that candidate's, not another's: row 0 holds its parameters and (exact E-step) its evidence
+    models, chosen = r.diagnostics["restart_models"], r.diagnostics["restart_chosen"]
+    assert len(models) == 3
+    for name in ("W", "b", "C", "q", "r"):
+        np.testing.assert_allclose(r.trace[name].values[0], getattr(models[chosen], name).detach().numpy(),
+                                   rtol=1e-12, err_msg=name)
+    assert r.trace.log_evidence.values[0] == pytest.approx(_exact(models[chosen], y), abs=1e-8)
+    others = [_exact(models[i], y) for i in range(3) if i != chosen]
+    assert min(abs(r.trace.log_evidence.values[0] - o) for o in others) > 1e-3  # the candidates' fits differ
     plain = pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), num_iterations=2, tol=0), seed=0)
     np.testing.assert_allclose(plain.trace.W.values[0], m.W.detach().numpy())
     assert "restart_log_evidence" not in plain.diagnostics
@@ -250,3 +259,40 @@ def test_a_rejected_stretched_step_falls_back_to_plain_em_and_omega_grows_back(f
     plain = pr.fit(ElmanSSM(2, 1, activation="identity", seed=5), _sharp_series(60),
                    method=MonteCarloEM(smoother=ParticleSmoother(100, 20), num_iterations=2, tol=0), seed=0)
     assert "overrelax" not in plain.trace  # plain EM's trace is unchanged
+
+
+def _exact_guard_fit(omega, n):
+    y = _linear_data(T=200, B=1)
+    m = ElmanSSM(2, 1, activation="identity", seed=5)
+    return y, pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), num_iterations=n, tol=0, overrelax=omega),
+                     seed=0)
+
+
+def _kept_never_falls(tr):
+    kept = tr.log_evidence.values[tr.rejected.values == 0]
+    assert np.all(np.diff(kept) >= -1e-9 * np.maximum(1.0, np.abs(kept[:-1]))), np.diff(kept)
+    return kept
+
+
+def test_overrelaxed_step_that_lowers_exact_evidence_is_refused(float64):
+    """Issue 28: with an exact E-step (standard error 0) the over-relaxation guard compares the exact evidence
+    directly: the first stretched step (-31.94 -> -38.05 here) is refused and retried as a plain EM step."""
+    y, r = _exact_guard_fit(1.8, 3)
+    tr = r.trace
+    np.testing.assert_array_equal(tr.rejected.values, [0, 1, 0, 0, 0])
+    assert tr.log_evidence.values[1] < tr.log_evidence.values[0] - 5  # the refused stretched step fell
+    np.testing.assert_allclose(tr.overrelax.values[1:], [1.8, np.nan, 1.0, 1.1])  # row 2: theta_0 again
+    kept = _kept_never_falls(tr)
+    assert kept[-1] == pytest.approx(_exact(r.model, y), abs=1e-8)  # the trace's evidence is the exact one
+
+
+@pytest.mark.slow
+def test_overrelaxed_mcem_never_lowers_exact_evidence(float64):
+    """Issue 28: 40 iterations of over-relaxed MCEM with an exact E-step never lower the exact log-evidence
+    (unguarded, omega = 1.8 ended at 1.420 and 1.95 at 0.773) and end at least where plain EM ends (1.854)."""
+    _, plain = _exact_guard_fit(1.0, 40)
+    for omega in (1.8, 1.95):
+        _, r = _exact_guard_fit(omega, 40)
+        kept = _kept_never_falls(r.trace)
+        assert r.trace.rejected.values.sum() >= 1 and "stopped" not in r.diagnostics
+        assert kept[-1] >= plain.trace.log_evidence.values[-1] - 1e-9, (omega, kept[-1])

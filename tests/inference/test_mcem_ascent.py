@@ -39,6 +39,7 @@ def _mcem(**kw):
     return MonteCarloEM(smoother=ParticleSmoother(100, 4), num_iterations=3, tol=0, **kw)
 
 
+@pytest.mark.slow  # about 30 s: 400 KalmanEM iterations to an exact optimum, then MCEM there
 def test_ascent_test_keeps_an_exact_optimum(float64):
     y = _data()
     opt = pr.fit(ElmanSSM(2, 1, activation="identity", seed=5), y, method=KalmanEM(num_iterations=400, tol=0),
@@ -90,6 +91,14 @@ def test_rotation_restarts_run_and_need_the_capability(float64):
                                            num_restarts=3, restart_iterations=2, restart_kind="rotation"), seed=0)
     scores = fit.diagnostics["restart_log_evidence"]
     assert len(scores) == 3 and fit.diagnostics["restart_chosen"] == int(np.argmax(scores))
+    # the full run continues the chosen candidate's fit (row 0 = its parameters), not another candidate's
+    models = fit.diagnostics["restart_models"]
+    chosen = models[fit.diagnostics["restart_chosen"]]
+    for name in ("W", "b", "C", "q"):
+        np.testing.assert_allclose(fit.trace[name].values[0], getattr(chosen, name).detach().numpy(), rtol=1e-12,
+                                   err_msg=name)
+    assert all(not np.allclose(models[i].W.detach().numpy(), chosen.W.detach().numpy())
+               for i in range(3) if models[i] is not chosen)
     with pytest.raises(ModelCapabilityError, match="rotation_restart"):
         pr.fit(GRUSSM(2, 1, seed=0), y, method=MonteCarloEM(num_iterations=1, num_restarts=2, restart_iterations=1,
                                                              restart_kind="rotation"), seed=0)
