@@ -1,16 +1,21 @@
 r"""Reference rows for comparisons: persistence and a linear autoregressive model.
 
-Both are written as linear-Gaussian state-space models (companion form), so the **same yardstick**
-(:func:`ppl_rnn.workbench.evaluate.evaluate`, here with the exact Kalman filter) scores them like every fitted network.
-Each observed dimension :math:`d` gets its own AR(p) model fitted by least squares on the training data:
+Both are written as linear-Gaussian state-space models (companion form, :class:`~ppl_rnn.models.ARStateSpace`),
+so the **same yardstick** (:func:`ppl_rnn.workbench.evaluate.evaluate`) scores them like every fitted network,
+and scores them *exactly*: it filters their singular form (capability ``singular_linear_gaussian``), so a
+reference row's held-out log-evidence is the reference model's own likelihood of the test steps given the
+past, :math:`\sum_{t\ge T_1}\log N(y_t;\,c+\phi^\top y_{t-1:t-p},\,\sigma^2)` per dimension, and its forecasts
+are that model's. Each observed dimension :math:`d` gets its own AR(p) model fitted by least squares on the
+training data:
 
 .. math:: y_{t,d} = c_d + \sum_{i=1}^{p}\phi_{d,i}\,y_{t-i,d} + \varepsilon_{t,d},\qquad
           \varepsilon_{t,d}\sim N(0,\sigma_d^2),
 
 with state :math:`h_t = (y_t, y_{t-1}, \dots, y_{t-p+1})` per dimension (hidden size :math:`pD`), transition
-the companion matrix, and emission :math:`y_t = h_{t,0} + v_t` with a negligible observation noise
-(:math:`10^{-3}` of the series' scale; the lag components carry the same tiny noise to keep the
-covariances positive definite). **Persistence** ("tomorrow equals today") is the random walk
+the companion matrix, and emission :math:`y_t = h_{t,0}` (the model's conditionals add a regularising noise of
+:math:`10^{-3}` of the series' scale to the lags and the emission; see :mod:`ppl_rnn.models.ar`).
+:math:`\sigma_d^2` is the residual variance :math:`\mathrm{RSS}/(n-p-1)` of the :math:`n` training rows.
+**Persistence** ("tomorrow equals today") is the random walk
 :math:`p=1, \phi=1, c=0` with :math:`\sigma_d^2` the mean squared one-step difference: its k-step predictive
 is :math:`N(y_o, k\sigma^2)`. Rows with missing entries are left out of the least-squares fit.
 
@@ -27,9 +32,10 @@ Use them as methods: ``pr.fit(model, y, method=Persistence())`` ignores ``model`
 **AR start for linear state-space models.** :func:`ar_start` writes least-squares AR(:math:`p`) fits,
 :math:`p = \lfloor H/D\rfloor`, in companion form as a :class:`~ppl_rnn.LinearGaussianParams` of hidden size
 :math:`H` (the :math:`H - pD` remaining states decoupled: zero rows and columns of :math:`A` and :math:`C`, the
-negligible noise). With its negligible observation noise that model's exact log-evidence is the AR fit's
-conditional likelihood, so exact EM started there (``KalmanEM(init="ar")``) begins at the AR reference and
-only climbs.
+regularising noise). That is the AR model's *regularised* form (its ``linear_gaussian``, with the
+:math:`10^{-3}`-of-scale noise on the lags and the emission that exact EM needs: with zero noise the M-step
+could never move :math:`R` off zero), so exact EM started there (``KalmanEM(init="ar")``) begins at the
+regularised AR's log-evidence — near the AR's own conditional likelihood, not equal to it — and only climbs.
 """
 
 from __future__ import annotations

@@ -1,13 +1,23 @@
-r"""Autoregressive models AR(p) per observed dimension, written as linear-Gaussian state-space models
-(companion form), so the same yardstick scores them like every fitted network:
+r"""Autoregressive models AR(p) per observed dimension, in companion form:
 
 .. math:: y_{t,d} = c_d + \sum_{i=1}^{p}\phi_{d,i}\,y_{t-i,d} + \varepsilon_{t,d},\qquad
           \varepsilon_{t,d}\sim N(0,\sigma_d^2),
 
 with state :math:`h_t = (y_t, y_{t-1}, \dots, y_{t-p+1})` per dimension (hidden size :math:`pD`), transition
-the companion matrix, and emission :math:`y_t = h_{t,0} + v_t` with a negligible observation noise
-(:math:`10^{-3}` of the series' scale; the lag components carry the same tiny noise to keep the
-covariances positive definite). The fitting methods (``Persistence``, ``LinearAR``) are in
+the companion matrix, and emission :math:`y_t = h_{t,0}`.
+
+**Two forms.** The process itself is a *singular* linear-Gaussian model: the lags are copied exactly (zero
+noise) and the emission has no noise, so given :math:`y_{0:t-1}` (all of the last :math:`p` values observed)
+the state is known and :math:`p(y_t\mid y_{0:t-1}) = N(c + \phi^\top y_{t-1:t-p},\ \sigma^2)`, the AR's own
+conditional likelihood. The capability ``singular_linear_gaussian`` returns that form; the yardstick
+(:func:`ppl_rnn.workbench.evaluate.evaluate`) scores and forecasts with it by exact Kalman filtering (which
+also marginalises missing lags exactly). The model's three conditionals — the Pyro program that particle
+filters, SVI, ``Predictive`` and the ``linear_gaussian`` capability (Kalman smoothing, the AR start of
+``KalmanEM``) see — add a negligible regularising noise, :math:`10^{-3}` of the series' scale, to the lags and
+the emission, which keeps every covariance positive definite (a zero-noise emission gives a particle filter
+zero weights and an RTS smoother a singular predicted covariance). Their log-evidence is therefore *near*
+the AR's, not equal to it, and the further off the smaller the innovation :math:`\sigma_d` is against the
+series' scale (a smooth series). The fitting methods (``Persistence``, ``LinearAR``) are in
 :mod:`ppl_rnn.inference.reference`.
 """
 
@@ -27,7 +37,8 @@ class ARStateSpace(StateSpaceModel):
     """Independent AR(p) models per observed dimension in companion form (see module docstring).
 
     ``phi`` ``(D, p)``, ``c`` ``(D,)``, ``sigma`` ``(D,)`` innovation scales, ``scale`` ``(D,)`` the series'
-    scale (sets the negligible noises), ``level`` ``(D,)`` the series' mean (the initial state's mean).
+    scale (sets the regularising noises of the conditionals and the initial spread), ``level`` ``(D,)`` the
+    series' mean (the initial state's mean). Initial state: every component N(level, (2 scale)^2), independently.
     """
 
     def __init__(self, phi, c, sigma, scale, level, dtype=None):
@@ -80,6 +91,17 @@ class ARStateSpace(StateSpaceModel):
     def linear_gaussian(self) -> LinearGaussianParams:
         return LinearGaussianParams(A=self.A, b=self.b, Q=torch.diag(self.q**2), C=self.Cmat,
                                     d=torch.zeros(self.obs_dim, dtype=self.dtype), R=torch.diag(self.r**2),
+                                    m0=self.m0, P0=torch.diag(self.s0**2), diagonal_noise=True)
+
+    def singular_linear_gaussian(self) -> LinearGaussianParams:
+        r"""The AR process itself (module docstring): :math:`Q` = diag of :math:`\sigma_d^2` on each block's first
+        state and 0 on its lags, :math:`R = 0`; the same :math:`A, b, C, m_0, P_0` as :meth:`linear_gaussian`."""
+        H = self.hidden_dim
+        q = torch.zeros(H, dtype=self.dtype)
+        q[torch.arange(self.obs_dim) * self.order] = self.sigma
+        return LinearGaussianParams(A=self.A, b=self.b, Q=torch.diag(q**2), C=self.Cmat,
+                                    d=torch.zeros(self.obs_dim, dtype=self.dtype),
+                                    R=torch.zeros(self.obs_dim, self.obs_dim, dtype=self.dtype),
                                     m0=self.m0, P0=torch.diag(self.s0**2), diagonal_noise=True)
 
     def linear_gaussian_emission(self, t, u_t):

@@ -67,6 +67,11 @@ def declare(name: str, signature: str, promise: str, speaks_for: tuple[str, ...]
 # ---- the declared capabilities ------------------------------------------------------------------------
 declare("linear_gaussian", "() -> LinearGaussianParams",
         "the model is exactly the linear-Gaussian SSM returned (exact Kalman filter/smoother, KalmanEM)", _ALL)
+declare("singular_linear_gaussian", "() -> LinearGaussianParams",
+        "the process the model stands for is exactly the linear-Gaussian SSM returned, whose Q and R may be "
+        "singular (an autoregression in companion form: exact lags, no observation noise); the model's "
+        "conditionals regularise it with a negligible noise. The yardstick scores and forecasts with this form "
+        "(exact Kalman filtering), so its held-out score is the process's own likelihood", _ALL)
 declare("set_linear_gaussian", "(params: LinearGaussianParams) -> None",
         "sets the parameters from a linear-Gaussian fit, projected onto the model's family (KalmanEM's "
         "write-back); afterwards linear_gaussian() returns that projection", _ALL)

@@ -1,4 +1,4 @@
-r"""ArviZ export: every result type becomes an ``arviz.InferenceData`` with the DESIGN.md schema.
+r"""ArviZ export: every result type becomes an ``arviz.InferenceData`` with the schema of ``docs/results.md``.
 
 All xarray group building lives in this module (groups are plain ``xarray.Dataset`` s, so a port to
 arviz 1.x touches only this file). Sample dims are always ``(chain, draw)``; ``chain`` is an MCMC chain or

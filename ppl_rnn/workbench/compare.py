@@ -13,7 +13,9 @@ horizon)``:
 ``se_ok``                      0 where the yardstick reached ``max_particles`` with the SE above ``se_tol``
 ``min_ess``, ``num_particles``  the yardstick filter's smallest ESS and particle count per run
 ``rmse``, ``crps``             k-step rolling-origin forecast RMSE and CRPS (horizon)
-``coverage_50/90``             empirical coverage of the central 50% / 90% predictive intervals
+``coverage_50/80/90/95``       empirical coverage of the central 50/80/90/95% predictive intervals
+``mase``, ``mean_wql``         MASE (scaled by the training part's one-step naive MAE) and GluonTS's
+                               mean_wQuantileLoss (horizon; ``ppl_rnn.workbench.metrics``)
 ``crps_by_target``,            each forecast's CRPS / squared error by target (horizon, sequence, time,
 ``sqerr_by_target``            obs): ``pr.forecast_difference(grid.sel({"method": A, "seed": 0}), ...)``
 ``wall_time_s``                fitting time (the method's own ``FitResult.wall_time_s``)
@@ -242,7 +244,8 @@ def _assemble(cells: dict, names, seeds, hs, num_samples, B, T1, T2, D, y_test) 
                 continue
             evm[i] = str(ev.attrs.get("evidence_method", ""))
             for k in metric_names:
-                metr[k][i, j] = ev[k].sel(horizon=list(hs)).values
+                if k in ev:  # cells saved by an older version lack the newer metrics
+                    metr[k][i, j] = ev[k].sel(horizon=list(hs)).values
             ll[i, j] = ev["onestep_log_lik"].values
             yo[i, j] = ev["onestep_y"].values
             sig[i, j] = ev["filtered_signal"].values

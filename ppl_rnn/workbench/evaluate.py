@@ -37,6 +37,13 @@ the same sequences), :func:`evaluate` filters the whole series at the fitted par
   carrying ``obs_dim`` entries), ``*_per_obs`` by the number of observed (non-NaN) test entries.
   ``heldout_log_lik`` (sequence, time) is the mean over runs of the per-step increments (its sum is
   :math:`\sum_b\bar\ell_b`, without the correction).
+
+  **Singular linear-Gaussian forms.** A model that declares ``singular_linear_gaussian`` (the reference rows'
+  :class:`~ppl_rnn.models.ARStateSpace`: an AR(p) in companion form, exact lags, no observation noise) is
+  scored, unless ``filter="particle"``, by exact Kalman filtering of *that* form, not of its regularised
+  conditionals: once the last :math:`p` values are observed the state is known, so the increments are the AR's
+  own conditional densities :math:`N(y_t;\,c+\phi^\top y_{t-1:t-p},\,\sigma^2)` (missing lags marginalised
+  exactly), and the forecasts below roll that form forward (its zero variances copy the mean exactly).
 * **k-step forecasts from rolling origins**: at every origin :math:`o = T_1-1,\dots,T-1-k` draws of
   :math:`h_o\sim p(h_o\mid y_{0:o})` (draw :math:`s` from run :math:`s \bmod R`) are rolled forward ``k``
   steps with the model's own transition and emission — vectorised over origins, draws and sequences in one
@@ -45,7 +52,13 @@ the same sequences), :func:`evaluate` filters the whole series at the fitted par
   - RMSE of the predictive mean, :math:`\sqrt{\overline{(\bar X - y)^2}}`;
   - CRPS in the energy form :math:`E|X-y| - \tfrac12 E|X-X'|` (sample estimate with the unbiased
     :math:`S(S-1)` pair average), lower is better, in the units of :math:`y`;
-  - coverage of the central 50% and 90% predictive intervals (should be 0.5 and 0.9).
+  - ``coverage_50``, ``coverage_80``, ``coverage_90``, ``coverage_95``: the fraction of targets inside the
+    central 50/80/90/95% interval of the draws (should be the nominal level);
+  - ``mase``: :math:`\operatorname{mean}|y-\operatorname{median}X|/s_{b,d}`, :math:`s_{b,d}` the in-sample
+    (training part) MAE of the one-step naive forecast of series :math:`(b,d)` (non-seasonal, :math:`m=1`);
+  - ``mean_wql``: GluonTS's ``mean_wQuantileLoss``, the mean over :math:`q=0.1,\dots,0.9` of
+    :math:`2\sum\rho_q(y-\hat q_q)/\sum|y|` (:math:`\rho_q` the pinball loss, :math:`\hat q_q` the draws'
+    quantile). Exact definitions in :mod:`ppl_rnn.workbench.metrics`.
 
   The per-target CRPS and squared errors are kept (``crps_by_target``, ``sqerr_by_target``), so two models
   scored on the same data can be compared target by target with a standard error that respects the serial
@@ -68,9 +81,10 @@ the same sequences), :func:`evaluate` filters the whole series at the fitted par
 
 An :class:`~ppl_rnn.workbench.ensemble.Ensemble` is scored as the linear pool of its members: each member
 gets the pass above (its own filter rounds and draws), then the per-step increments are pooled per run,
-:math:`\log\sum_k w_k\hat p_k(y_t\mid y_{0:t-1})`, the held-out total is their mean over runs with
-:math:`\operatorname{SE}^2=\sum_b s_b^2/R` (no log-normal correction: the pooled product is not an unbiased
-estimate of a normalising constant), and the forecast and one-step draws are the mixture's (``_pool``).
+:math:`\log\sum_k w_k\hat p_k(y_t\mid y_{0:t-1})`, the runs' held-out totals give :math:`\hat L` and SE with
+the same log-normal correction as a single model's (the pooled product is an unbiased estimate up to
+:math:`O(1/N)`: :func:`ppl_rnn.workbench.ensemble.pooled_log_evidence`), and the forecast and one-step draws
+are the mixture's (``_pool``).
 
 The rolling-origin forecast passes one time index per lead ``j`` (that of the first origin,
 :math:`T_1-1+j`) to ``transition``/``emission``; inputs are taken at each origin's own times. Models
@@ -95,55 +109,31 @@ from pyro.distributions import Independent, MultivariateNormal, Normal
 from ppl_rnn.capabilities import capability
 from ppl_rnn.data import Data, prepare
 from ppl_rnn.errors import ConfigurationError, DataError, DegenerateWeightsError, ModelCapabilityError
-from ppl_rnn.gaussian import gaussian_moments
+from ppl_rnn.gaussian import gaussian_moments, psd_cholesky
 from ppl_rnn.inference.resampling import systematic
 from ppl_rnn.masking import masked_log_prob
 from ppl_rnn.method import check_choice, check_positive_float, check_positive_int
-from ppl_rnn.model import input_at
+from ppl_rnn.model import LinearGaussianParams, StateSpaceModel, input_at
 from ppl_rnn.rng import check_seed, seeded
+
+from .metrics import (
+    COVERAGE_LEVELS,
+    WQL_LEVELS,
+    crps_samples,
+    interval_coverage,
+    mase,
+    naive_scale,
+    replicate_log_evidence,
+    weighted_quantile_loss,
+)
 
 __all__ = ["evaluate", "onestep_predictive", "crps_samples", "metric_names", "check_horizons",
            "replicate_log_evidence", "interval_halfwidth", "default_proposal"]
 
-#: scalar metrics reported per horizon
-metric_names = ("rmse", "crps", "coverage_50", "coverage_90")
+#: scalar metrics reported per horizon (formulas in :mod:`ppl_rnn.workbench.metrics`)
+metric_names = ("rmse", "crps", "coverage_50", "coverage_90", "mase", "mean_wql", "coverage_80", "coverage_95")
 #: pilot rounds aim at this fraction of ``se_tol`` (the reported fresh round's SE scatters around the pilot's)
 PILOT_MARGIN = 0.75
-
-
-def crps_samples(samples: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    r"""Energy-form CRPS :math:`E|X-y| - \tfrac12 E|X-X'|` per entry from draws ``samples`` ``(S, ...)``.
-
-    :math:`E|X-X'|` uses the sorted-sample identity
-    :math:`\sum_{i<j}|x_{(j)}-x_{(i)}| = \sum_i (2i - S + 1)\,x_{(i)}` (0-based :math:`i`), averaged over the
-    :math:`S(S-1)/2` distinct pairs (unbiased). Returns a tensor of shape ``samples.shape[1:]``.
-    """
-    S = samples.shape[0]
-    term1 = (samples - y).abs().mean(0)
-    if S < 2:
-        return term1
-    xs, _ = torch.sort(samples, dim=0)
-    i = torch.arange(S, dtype=samples.dtype, device=samples.device).reshape((S,) + (1,) * (samples.dim() - 1))
-    pair_sum = ((2 * i - S + 1) * xs).sum(0)  # sum over i<j of |x_j - x_i|
-    term2 = pair_sum / (S * (S - 1) / 2)
-    return term1 - 0.5 * term2
-
-
-def replicate_log_evidence(log_z: torch.Tensor) -> tuple[float, float]:
-    r"""Bias-corrected log-evidence and its standard error from ``R`` independent runs.
-
-    ``log_z`` ``(R, B)``: :math:`\ell_{rb}`, run :math:`r`'s log-evidence estimate for sequence :math:`b`.
-    Returns :math:`(\hat L, \operatorname{SE})` with :math:`\hat L = \sum_b(\bar\ell_b + s_b^2/2)` and
-    :math:`\operatorname{SE}^2 = \sum_b (s_b^2/R + s_b^4/(2(R-1)))` (log-normal CLT; see the module docstring).
-    """
-    R = log_z.shape[0]
-    if R < 2:
-        raise ConfigurationError(f"replicate_log_evidence needs at least 2 runs; found {R}.")
-    x = log_z.double()
-    m, s2 = x.mean(0), x.var(0, unbiased=True)
-    est = float((m + 0.5 * s2).sum())
-    var = float((s2 / R + s2.square() / (2 * (R - 1))).sum())
-    return est, math.sqrt(var)
 
 
 def interval_halfwidth(se: float, num_replicates: int, level: float = 0.95) -> float:
@@ -155,10 +145,11 @@ def interval_halfwidth(se: float, num_replicates: int, level: float = 0.95) -> f
 
 
 def default_proposal():
-    """The particle filter's default proposal (``ParticleFilter().proposal``): the yardstick follows it."""
-    from ppl_rnn.inference.smc import ParticleFilter
+    """The particle filter's default proposal (:func:`ppl_rnn.inference.smc.default_proposal`): the yardstick
+    follows it."""
+    from ppl_rnn.inference.smc import default_proposal as filter_default
 
-    return ParticleFilter().proposal
+    return filter_default()
 
 
 def _is_linear_gaussian(model) -> bool:
@@ -234,18 +225,82 @@ def _adaptive_particle_filter(model, y, mask, u, *, first_origin, T1, num_sample
 
 @torch.no_grad()
 def _kalman(model, y, mask, u, first_origin, num_samples):
-    """Exact Kalman increments ``(B,T)`` and draws ``(S, T - first_origin, B, H)`` of the filtering marginals."""
+    """Exact Kalman increments ``(B,T)`` and draws ``(S, T - first_origin, B, H)`` of the filtering marginals
+    (through a Cholesky factor with a 1e-12 jitter, which also serves a singular covariance: a state known
+    exactly, e.g. the lags of an autoregression, is drawn within 1e-6 of itself; where round-off defeats the
+    jitter, a symmetric root with the negative eigenvalues set to zero). A :class:`_LinearGaussianProcess`
+    is filtered in its float64."""
     from ppl_rnn.inference.kalman import kalman_filter
 
     p = capability(model, "linear_gaussian")()
+    if isinstance(model, _LinearGaussianProcess):
+        y, u = y.to(p.A.dtype), None if u is None else u.to(p.A.dtype)
     f = kalman_filter(p, y, mask, u)
     m = f.filt_mean[:, first_origin:].transpose(0, 1)  # (O,B,H)
     P = f.filt_cov[:, first_origin:].transpose(0, 1)
     H = m.shape[-1]
-    L = torch.linalg.cholesky(0.5 * (P + P.transpose(-1, -2)) + 1e-12 * torch.eye(H, dtype=P.dtype))
+    Ps = 0.5 * (P + P.transpose(-1, -2))
+    L, info = torch.linalg.cholesky_ex(Ps + 1e-12 * torch.eye(H, dtype=P.dtype))
+    if bool((info != 0).any()):  # round-off below -1e-12 on a singular covariance: a clipped symmetric root
+        w, V = torch.linalg.eigh(Ps)
+        L = torch.where((info != 0)[..., None, None], V * w.clamp_min(0).sqrt().unsqueeze(-2), L)
     eps = torch.randn((num_samples,) + m.shape, dtype=m.dtype)
     draws = m + (L @ eps.unsqueeze(-1)).squeeze(-1)
     return f.log_lik.double(), draws
+
+
+def _gaussian(loc, cov: torch.Tensor, diagonal: bool):
+    """``N(loc, cov)`` over the last dim, sampleable when ``cov`` is singular: a diagonal one as independent
+    normals whose zero variances copy the mean exactly, a full one through a jittered Cholesky factor."""
+    if diagonal:
+        return Normal(loc, cov.diagonal().clamp_min(0).sqrt().expand_as(loc), validate_args=False).to_event(1)
+    return MultivariateNormal(loc, scale_tril=psd_cholesky(cov), validate_args=False)
+
+
+class _LinearGaussianProcess(StateSpaceModel):
+    r"""A model's ``singular_linear_gaussian`` form as the three conditionals the yardstick rolls forward, in
+    float64: :math:`h_0\sim N(m_0,P_0)`, :math:`h_t\sim N(Ah_{t-1}+b+Bu_t,\,Q)`, :math:`y_t\sim N(Ch_t+d+Du_t,\,R)`,
+    where :math:`Q`, :math:`R` (and :math:`P_0`) may be singular (:func:`_gaussian`). It declares
+    ``linear_gaussian`` (the form itself: exact Kalman) and ``linear_gaussian_emission`` (the integrated one-step
+    pointwise values); its densities are not used where a variance is zero."""
+
+    def __init__(self, p: LinearGaussianParams):
+        D, H = p.C.shape
+        super().__init__(hidden_dim=H, obs_dim=D, input_dim=0 if p.B is None else p.B.shape[-1])
+        f64 = torch.float64
+        for k in ("A", "b", "Q", "C", "d", "R", "m0", "P0"):
+            self.register_buffer(k, getattr(p, k).detach().to(f64).clone())
+        self.Bu = None if p.B is None else p.B.detach().to(f64)
+        self.Du = None if p.D is None else p.D.detach().to(f64)
+        self.diag = {k: bool((M == torch.diag(M.diagonal())).all()) for k, M in
+                     (("Q", self.Q), ("R", self.R), ("P0", self.P0))}
+        self.diagonal_noise = p.diagonal_noise
+
+    def _off(self, base, M, u):
+        return base if u is None or M is None else base + u.to(base.dtype) @ M.T
+
+    def initial(self, u0):
+        return _gaussian(self.m0, self.P0, self.diag["P0"])
+
+    def transition(self, t, h_prev, u_t):
+        return _gaussian(h_prev @ self.A.T + self._off(self.b, self.Bu, u_t), self.Q, self.diag["Q"])
+
+    def emission(self, t, h, u_t):
+        return _gaussian(h @ self.C.T + self._off(self.d, self.Du, u_t), self.R, self.diag["R"])
+
+    def linear_gaussian(self) -> LinearGaussianParams:
+        return LinearGaussianParams(A=self.A, b=self.b, Q=self.Q, C=self.C, d=self.d, R=self.R, m0=self.m0,
+                                    P0=self.P0, B=self.Bu, D=self.Du, diagonal_noise=self.diagonal_noise)
+
+    def linear_gaussian_emission(self, t, u_t):
+        return self.C, self._off(self.d, self.Du, u_t), self.R
+
+
+def _scored_form(model, filter: str):
+    """The model the yardstick filters and rolls forward: a model's exact singular linear-Gaussian form
+    (capability ``singular_linear_gaussian``) unless ``filter="particle"``, else the model itself."""
+    form = None if filter == "particle" else capability(model, "singular_linear_gaussian")
+    return model if form is None else _LinearGaussianProcess(form())
 
 
 def _signal(model, t, h, u):
@@ -311,8 +366,8 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
     Returns:
         ``xarray.Dataset`` with scalars ``heldout_logev``, ``heldout_logev_per_step``, ``heldout_logev_per_obs``,
         their standard errors ``*_se``, ``min_ess`` and ``se_ok`` (0 when the reported SE per step is above ``se_tol``);
-        ``heldout_log_lik`` (sequence, time); ``rmse``, ``crps``, ``coverage_50``, ``coverage_90``,
-        ``num_forecasts`` (horizon); ``crps_by_target`` and ``sqerr_by_target`` (horizon, sequence, time, obs:
+        ``heldout_log_lik`` (sequence, time); ``rmse``, ``crps``, ``coverage_50``, ``coverage_80``,
+        ``coverage_90``, ``coverage_95``, ``mase``, ``mean_wql``, ``num_forecasts`` (horizon); ``crps_by_target`` and ``sqerr_by_target`` (horizon, sequence, time, obs:
         each forecast's CRPS and squared error, indexed by its target time; NaN where there is none) for
         paired comparisons (:func:`ppl_rnn.workbench.paired.forecast_difference`); ``onestep_log_lik`` (draw,
         sequence, time), ``onestep_y`` and ``filtered_signal`` (draw, sequence, time, obs); attrs ``evidence_method``, ``num_particles`` (of the
@@ -369,6 +424,7 @@ def _score_pass(model, y, mask, u, *, T1, hs, filter, num_particles, max_particl
     (held-out totals), ``min_ess``, ``n_used``, ``used``, ``rounds``, ``ys_at`` (lead -> draws ``(S,O,B,D)`` of
     :math:`y_{o+k}` for origins :math:`o = T_1-1..T-2`), ``onestep_lp`` ``(S,O,B)`` and ``signal`` ``(S,O,B,D)``.
     """
+    model = _scored_form(model, filter)
     dtype = model.dtype
     B, T, D = y.shape
     T2 = T - T1
@@ -414,22 +470,21 @@ def _pool(parts: list[dict], ens, T1: int, num_samples: int) -> dict:
     r"""Combine members' passes into the linear pool :math:`\sum_k w_k p_k` (see :mod:`.ensemble`).
 
     Increments per run :math:`r`: :math:`\log\sum_k w_k \hat p_k(y_t\mid y_{0:t-1})` from each member's run
-    :math:`r` (exact members repeat); held-out total :math:`\sum_b \bar\ell_b` with :math:`\operatorname{SE}^2 =
-    \sum_b s_b^2/R` over the pooled runs (no log-normal correction: the pooled product is not an unbiased
-    estimate of a normalising constant). Forecast draw :math:`s` comes from member :math:`k` in proportion to
+    :math:`r` (exact members repeat); held-out total and SE as for a single model, from the pooled runs'
+    totals with the log-normal correction (:func:`ppl_rnn.workbench.ensemble.pooled_log_evidence`).
+    Forecast draw :math:`s` comes from member :math:`k` in proportion to
     :math:`w_k` (stratified), so the draws are the pool's predictive; the one-step pointwise draws and the
     filtered signal at target :math:`t` come from member :math:`k` with its posterior weight
     :math:`\propto w_k\,p_k(y_t\mid y_{0:t-1})` (then PSIS-LOO's harmonic mean returns the pool's one-step score).
     """
+    from .ensemble import pooled_log_evidence
+
     K, S = len(parts), num_samples
     logw = torch.tensor(ens.weights, dtype=torch.float64).log()
     R = max(p["inc"].shape[0] for p in parts)
     inc = torch.stack([p["inc"].expand(R, -1, -1) for p in parts])  # (K,R,B,T)
-    pooled = torch.logsumexp(inc + logw.view(K, 1, 1, 1), 0)  # (R,B,T)
     exact = all(p["exact"] for p in parts)
-    tot = pooled[:, :, T1:].sum(-1)  # (R,B)
-    total = float(tot.mean(0).sum())
-    se = 0.0 if exact else math.sqrt(float((tot.var(0, unbiased=True) / R).sum()))
+    pooled, total, se = pooled_log_evidence(inc, ens.weights, T1, exact=exact)  # (R,B,T), log-normal corrected
     # forecast draws: stratified member per draw (the pool's predictive)
     comp = ens.draw_members(S)
     ar = torch.arange(S)
@@ -459,6 +514,7 @@ def _dataset(p: dict, y, mask, te, hs, T1, se_tol, num_samples, num_replicates, 
     se_step = se / (B * T2)
     se_ok = bool(use_kalman or se_tol is None or se_step <= se_tol)
     rows = {k: [] for k in metric_names}
+    scale = naive_scale(y[:, :T1], mask[:, :T1])  # (B, D): MASE's in-sample naive MAE
     n_fc = []
     # per-target losses (horizon, sequence, test time, obs): the paired comparisons of ppl_rnn.workbench.paired
     by_target = {k: np.full((len(hs), B, T2, D), np.nan) for k in ("crps", "sqerr")}
@@ -481,9 +537,10 @@ def _dataset(p: dict, y, mask, te, hs, T1, se_tol, num_samples, num_replicates, 
             by_target[key][ih, :, k - 1:] = torch.where(mt, v, torch.nan).permute(1, 0, 2).numpy()
         rows["rmse"].append(float(torch.sqrt(sq[mt].mean())))
         rows["crps"].append(float(cr[mt].mean()))
-        q = torch.quantile(X, torch.tensor([0.05, 0.25, 0.75, 0.95], dtype=X.dtype), dim=0)
-        rows["coverage_50"].append(float(((yt >= q[1]) & (yt <= q[2]))[mt].double().mean()))
-        rows["coverage_90"].append(float(((yt >= q[0]) & (yt <= q[3]))[mt].double().mean()))
+        for lvl in COVERAGE_LEVELS:
+            rows[f"coverage_{round(100 * lvl)}"].append(interval_coverage(X, yt, mt, lvl))
+        rows["mase"].append(mase(X, yt, mt, scale))
+        rows["mean_wql"].append(float(weighted_quantile_loss(X, yt, mt, WQL_LEVELS).mean()))
 
     ds = xr.Dataset(
         {
@@ -524,13 +581,20 @@ def _dataset(p: dict, y, mask, te, hs, T1, se_tol, num_samples, num_replicates, 
             "normalisation": "heldout_logev_per_step = log p(y_test | y_train) / (num_sequences * num_test_steps); "
                              "heldout_logev_per_obs = the same / number of observed test entries",
             "estimator": "particle filter: sum_b (mean_r l_rb + s_b^2/2) over R independent runs (log-normal "
-                         "bias correction); SE^2 = sum_b (s_b^2/R + s_b^4/(2(R-1))); Kalman: exact, SE 0",
+                         "bias correction); SE^2 = sum_b (s_b^2/R + s_b^4/(2(R-1))); Kalman: exact, SE 0 (of the "
+                         "singular_linear_gaussian form where the model declares one)",
         },
     )
     ds["heldout_logev_per_step"].attrs["long_name"] = "held-out log-evidence per test step (nats)"
     ds["heldout_logev_per_step_se"].attrs["long_name"] = "Monte Carlo standard error of heldout_logev_per_step"
     ds["se_ok"].attrs["long_name"] = "1 if heldout_logev_per_step_se <= se_tol (or exact), else 0"
     ds["crps"].attrs["long_name"] = "CRPS (energy form), units of y"
+    ds["mase"].attrs["long_name"] = ("MASE: mean |y - median forecast| / in-sample (training part) MAE of the "
+                                     "one-step naive forecast, per series")
+    ds["mean_wql"].attrs["long_name"] = ("mean_wQuantileLoss (GluonTS): mean over q = 0.1..0.9 of "
+                                         "2 sum pinball_q / sum |y|")
+    for lvl in COVERAGE_LEVELS:
+        ds[f"coverage_{round(100 * lvl)}"].attrs["long_name"] = f"coverage of the central {lvl:.0%} predictive interval"
     return ds
 
 
@@ -594,6 +658,7 @@ def onestep_predictive(model, observations, *, inputs=None, num_samples: int = 2
     data = prepare(model, observations, inputs)
     y, mask, u = data.observations, data.mask, data.inputs
     B, T, _ = y.shape
+    model = _scored_form(model, filter)
     use_kalman = filter == "kalman" or (filter == "auto" and _is_linear_gaussian(model))
     with seeded(seed), pyro.validation_enabled(False):
         if use_kalman:
@@ -604,7 +669,10 @@ def onestep_predictive(model, observations, *, inputs=None, num_samples: int = 2
             log_lik = inc[0]
         draws = draws.to(model.dtype)  # (S,T,B,H) filtering draws
         u_all = None if u is None else u.transpose(0, 1)
-        lp = model.observation_log_prob(0, draws, y.transpose(0, 1), mask.transpose(0, 1), u_all).double()
+        if isinstance(model, _LinearGaussianProcess):  # a singular emission has no density given h_t: use the
+            lp = log_lik.double().T.expand(num_samples, T, B).clone()  # exact log p(y_t | y_0:t-1) (t > 0 replaced)
+        else:
+            lp = model.observation_log_prob(0, draws, y.transpose(0, 1), mask.transpose(0, 1), u_all).double()
         if T > 1:
             u_n = None if u is None else u[:, 1:].transpose(0, 1)
             lp1 = _integrated_onestep(model, draws[:, :T - 1], y[:, 1:].transpose(0, 1), mask[:, 1:].transpose(0, 1),

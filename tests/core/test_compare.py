@@ -42,6 +42,7 @@ def problem():
     return m, y[:, :140], y[:, 140:]
 
 
+@pytest.mark.slow  # about 10 s: a grid run twice (resume); test_ctrl_c_keeps_finished_cells stays fast
 def test_grid_records_failures_and_resumes_from_cells(problem, tmp_path):
     m, tr, te = problem
     methods = {"counting": CountingFit(), "broken": Broken(), "persistence": Persistence()}
