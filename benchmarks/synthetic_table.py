@@ -99,7 +99,6 @@ import json
 import math
 import time
 
-import numpy as np
 import torch
 from ppl_rnn.inference import BPTT, MeanFieldEM, MonteCarloEM, ParticleFilter, ParticleSmoother
 from ppl_rnn.models import ElmanSSM
@@ -155,7 +154,7 @@ def fresh_scores(models: dict, true_model, a) -> dict:
     20 x 1000 steps 0.0015 (the filters' Monte Carlo error, a few 1e-4, is well below it). The same increments as
     ``evaluate``'s held-out log-likelihood at 2000 particles (seed 2's restart fit: -0.0255 here, -0.0251 through
     ``evaluate``), in under a minute per model instead of six: no forecast draws, no SE pilot rounds."""
-    from ppl_rnn.workbench.paired import andrews_lag, hac_mean_se
+    from ppl_rnn.workbench.paired import mean_interval
 
     B, T = a.fresh_test
     y = true_model.simulate(200 + T, B, seed=12345).observations
@@ -173,8 +172,8 @@ def fresh_scores(models: dict, true_model, a) -> dict:
     out = {}
     for name in models:
         d = ll[name] - ll["true generating model"]
-        flat = d[np.isfinite(d)]
-        mean, se, _ = hac_mean_se(d, andrews_lag(flat, flat.size))
+        iv = mean_interval(d)
+        mean, se = float(iv.mean), float(iv.se)
         out[name] = (mean, se)
         print(f"# fresh test ({B} x {T} steps from the generating network): {name}: "
               f"delta vs truth {mean:+.4f} +- {se:.4f} nats/step (data SE, paired)", flush=True)

@@ -2,7 +2,7 @@ r"""Ensembles of fitted models, scored and forecast as the **linear pool** of th
 
 Why. A stochastic RNN's likelihood has many optima that training evidence does not rank by how well they
 generalise (on ``unkelbach-synthetic`` fits from different random starts reach equal training evidence and
-differ by 0.005-0.02 nats/step on fresh data; see the README's synthetic section). Averaging over optima is
+differ by 0.005-0.02 nats/step on fresh data; see ``benchmarks/README.md``, the synthetic benchmark). Averaging over optima is
 the remedy of deep ensembles: fit the same architecture from :math:`K` starts and pool the predictives.
 
 The pool. With fitted models :math:`p_1,\dots,p_K` and fixed weights :math:`w_k\ge 0`,
@@ -12,13 +12,19 @@ The pool. With fitted models :math:`p_1,\dots,p_K` and fixed weights :math:`w_k\
 
 each :math:`p_k(y_t\mid y_{0:t-1})` from member :math:`k`'s own filter. The product of these conditionals is
 a proper joint density of the sequence (a prequential forecaster), so its log-score
-:math:`\sum_t\log p(y_t\mid y_{0:t-1})` is comparable with any single model's held-out log-evidence; by
-concavity of :math:`\log` it is at least :math:`\sum_k w_k \log p_k` step by step. It is **not** Bayesian model
-averaging: BMA's weights would follow :math:`w_k\,p_k(y_{0:t-1})`, and on the synthetic benchmark they
-concentrate on the member with the best training evidence, which is not the one that generalises best
-(fresh data, three MCEM fits from Gaussian starts: pool −0.016, BMA restarted on each fresh sequence −0.017,
-members −0.020 to −0.026 nats/step against the generating network). Nor is it one Pyro program: no single state-space model has
-these conditionals, so an ensemble is scored and forecast (:func:`ppl_rnn.workbench.evaluate.evaluate` accepts
+:math:`L = \sum_t\log p(y_t\mid y_{0:t-1})` is on the same scale as a single model's held-out log-evidence; by
+concavity of :math:`\log` it is at least :math:`\sum_k w_k \log p_k` step by step.
+
+Its estimate (:func:`pooled_log_evidence`, what ``evaluate`` reports) is exact when every member is scored by
+Kalman; otherwise it comes from the members' particle-filter runs with the **same** log-normal bias correction
+and standard error as a single model's held-out log-evidence, so pooled and single scores carry the same
+Monte Carlo error model and can be compared with their SEs (see that function for the small bias that remains).
+
+It is **not** Bayesian model averaging: BMA's weights would follow :math:`w_k\,p_k(y_{0:t-1})`, and on the
+synthetic benchmark they concentrate on the member with the best training evidence, which is not the one that
+generalises best (fresh data, three MCEM fits from Gaussian starts: pool −0.016, BMA restarted on each fresh
+sequence −0.017, members −0.020 to −0.026 nats/step against the generating network). Nor is it one Pyro
+program: no single state-space model has these conditionals, so an ensemble is scored and forecast (:func:`ppl_rnn.workbench.evaluate.evaluate` accepts
 it in place of a model) but not filtered, smoothed or fitted as a whole.
 
 k-step forecasts are mixtures too: :math:`p(y_{o+k}\mid y_{0:o}) = \sum_k w_k p_k(y_{o+k}\mid y_{0:o})`;
@@ -38,7 +44,7 @@ from ppl_rnn.method import InferenceMethod
 from ppl_rnn.model import StateSpaceModel
 from ppl_rnn.rng import check_seed
 
-__all__ = ["Ensemble", "fit_ensemble"]
+__all__ = ["Ensemble", "fit_ensemble", "pooled_log_evidence"]
 
 
 @dataclass(frozen=True, init=False)
@@ -144,3 +150,58 @@ def fit_ensemble(models: Sequence[StateSpaceModel], observations, *, method: Inf
     fits = [fit(m, observations, method=method, inputs=inputs, seed=s)
             for m, s in tqdm(list(zip(starts, seeds, strict=True)), disable=not progress, desc="ensemble members")]
     return Ensemble([f.model for f in fits], fits=fits)
+
+
+def pooled_log_evidence(increments, weights: Sequence[float], first_test: int, *, exact: bool = False):
+    r"""The pool's held-out log-evidence :math:`L=\sum_b\sum_{t\ge T_1}\log\sum_k w_k p_k(y_{b,t}\mid y_{b,0:t-1})`
+    from its members' filter runs, with its Monte Carlo standard error.
+
+    Args:
+        increments: ``(K, R, B, T)`` float64, member :math:`k`'s run :math:`r`:
+            :math:`\log\hat p_{krbt} = \log\hat p_k(y_{b,t}\mid y_{b,0:t-1})` (an exact member repeats its
+            increments over the runs).
+        weights: :math:`w_k` (summing to 1).
+        first_test: :math:`T_1`, the first held-out step.
+        exact: every member exact (Kalman): then :math:`L` itself and SE 0.
+
+    Returns:
+        ``(pooled, L_hat, se)``: the pooled per-step increments :math:`\log\hat q_{rbt}`, ``(R, B, T)``, with
+        :math:`\hat q_{rbt} = \sum_k w_k\hat p_{krbt}`; the estimate and its SE.
+
+    Run :math:`r`'s pooled held-out total :math:`\ell_{rb} = \sum_{t\ge T_1}\log\hat q_{rbt}` is treated like a
+    single model's :math:`\log\hat p(y_{b,T_1:}\mid y_{b,0:T_1-1})`: :math:`\hat L` and SE come from
+    :func:`ppl_rnn.workbench.metrics.replicate_log_evidence` (:math:`\hat L=\sum_b(\bar\ell_b+s_b^2/2)`,
+    :math:`\operatorname{SE}^2=\sum_b(s_b^2/R+s_b^4/(2(R-1)))`, a :math:`t_{R-1}` interval). Why the log-normal
+    correction applies: write :math:`\hat p_{kt}=p_{kt}(1+\varepsilon_{kt})` and
+    :math:`\pi_{kt}=w_kp_{kt}/q_t` (member :math:`k`'s share of the pooled predictive). Then
+    :math:`\prod_t\hat q_t/q_t=\prod_t(1+\sum_k\pi_{kt}\varepsilon_{kt})`, and to second order (members'
+    filters independent, :math:`C_k(s,t)=\operatorname{Cov}(\varepsilon_{ks},\varepsilon_{kt})`, and each
+    member's own product :math:`\prod_{s\le t}(1+\varepsilon_{ks})` unbiased, so
+    :math:`E\varepsilon_{kt}\approx-\sum_{s<t}C_k(s,t)`)
+
+    .. math:: E\prod_t\frac{\hat q_t}{q_t} \approx 1 - \sum_k\sum_{s<t}\pi_{kt}(1-\pi_{ks})\,C_k(s,t).
+
+    So the pooled product is an unbiased estimate of :math:`\prod_t q_t` up to the covariance of a member's
+    errors across steps where the pool's weight moves away from it: exactly unbiased for :math:`K=1` (then this
+    is the single model's estimate) and for members whose shares :math:`\pi_{kt}` stay put, :math:`O(1/N)` in
+    the particle count otherwise, against an SE of :math:`O(N^{-1/2})`. The uncorrected mean
+    :math:`\sum_b\bar\ell_b` (the pool's estimate before this correction) is biased low by about
+    :math:`\sum_b\sigma_b^2/2`, the whole Jensen gap, whatever :math:`N` (the cause of its under-covering
+    intervals). Forecast draws and one-step draws are pooled by ``evaluate`` (module docstring).
+    """
+    import torch
+
+    from .metrics import replicate_log_evidence
+
+    inc = torch.as_tensor(increments, dtype=torch.float64)
+    K = inc.shape[0]
+    if len(weights) != K:
+        raise ConfigurationError(f"pooled_log_evidence got increments of {K} members but {len(weights)} weights; "
+                                 "pass one weight per member (Ensemble.weights).")
+    logw = torch.tensor(weights, dtype=torch.float64).log()
+    pooled = torch.logsumexp(inc + logw.view(K, 1, 1, 1), 0)  # (R,B,T)
+    tot = pooled[:, :, first_test:].sum(-1)  # (R,B)
+    if exact:
+        return pooled, float(tot.mean(0).sum()), 0.0
+    est, se = replicate_log_evidence(tot)
+    return pooled, est, se

@@ -241,7 +241,8 @@ def plot_comparison(ds, *, reference: tuple = (), title: str | None = None, path
 def plot_forecast_difference(diffs, *, steps_label=None, relative: bool = False, title: str | None = None,
                              path=None) -> Figure:
     """Paired differences from :func:`ppl_rnn.forecast_difference` (``{label: result}`` or one result): the mean
-    difference per lead with its 95% interval (± 1.96 HAC SE), a line at 0; below 0 the first model forecasts
+    difference per lead with its 95% interval (``ci95_low``/``ci95_high``: HAC SE times the fixed-b critical
+    value), a line at 0; below 0 the first model forecasts
     better. ``relative``: divide by the second model's mean loss (percent). ``steps_label``: lead -> text."""
     if isinstance(diffs, xr.Dataset) or not isinstance(diffs, Mapping):  # a Dataset is a Mapping too
         diffs = {"": diffs}
@@ -258,7 +259,9 @@ def plot_forecast_difference(diffs, *, steps_label=None, relative: bool = False,
         hs = [int(h) for h in d["horizon"].values]
         scale = 100.0 / np.asarray(d["mean_b"].values, dtype=float) if relative else 1.0
         y = np.asarray(d["difference"].values, dtype=float) * scale
-        e = 1.959963984540054 * np.asarray(d["difference_se"].values, dtype=float) * scale
+        lo = np.asarray(d["ci95_low"].values, dtype=float) * scale
+        hi = np.asarray(d["ci95_high"].values, dtype=float) * scale
+        e = np.stack([y - lo, hi - y])
         x = np.arange(len(hs)) + (i - (n - 1) / 2) * min(0.8 / max(n, 1), 0.25)
         ax.errorbar(x, y, yerr=e, fmt="o", color=f"C{i % 10}", ms=4, capsize=3, elinewidth=1.2, label=name or None)
         metric = str(d.attrs.get("metric", ""))

@@ -114,6 +114,51 @@ def test_particle_pool_se_covers_the_exact_pool(float64):
     assert sum(inside) >= 17  # 95% intervals: at least 17 of 20 (binomial tail below 2%)
 
 
+@pytest.mark.slow  # about 10 s: 150 pooled evaluations
+def test_particle_pool_is_unbiased_and_its_interval_covers(float64):
+    # two identity members, 12 particles, 8 runs, 150 seeds against the exact pool (Kalman mixtures of the
+    # one-step predictives): the pooled estimate's mean error is within 3 Monte Carlo SE of 0 and its 95%
+    # interval (t with R - 1 = 7 df) covers the exact pool in at least 93% of the seeds. Measured: error
+    # -0.004 +- 0.007 nats (total over 10 test steps; per-seed sd 0.086), coverage 0.97. Pooling the runs'
+    # totals without the log-normal correction (the estimator this replaced): -0.031 +- 0.007, coverage 0.91.
+    a, b = _lin(3), _lin(5, q=0.7, r=0.2)
+    y = a.simulate(30, 1, seed=1).observations
+    inc = torch.stack([_kalman(m, y).log_lik[:, 20:] for m in (a, b)])
+    exact = float((torch.logsumexp(inc, 0) - math.log(2)).sum())
+    err, inside = [], []
+    for s in range(150):
+        ev = evaluate(Ensemble([a, b]), y[:, :20], y[:, 20:], horizons=1, filter="particle", num_particles=12,
+                      se_tol=None, num_samples=4, seed=s)
+        est, se = float(ev.heldout_logev), float(ev.heldout_logev_se)
+        err.append(est - exact)
+        inside.append(abs(est - exact) <= interval_halfwidth(se, 8))
+    err = np.asarray(err)
+    mc_se = err.std(ddof=1) / math.sqrt(len(err))
+    assert abs(err.mean()) <= 3 * mc_se, (err.mean(), mc_se)
+    assert np.mean(inside) >= 0.93, np.mean(inside)
+
+
+def test_pooled_log_evidence_of_one_member_is_the_single_model_estimate():
+    # K = 1: the pool is the model, and its estimate is the single model's log-normal-corrected one
+    from ppl_rnn.workbench.ensemble import pooled_log_evidence
+    from ppl_rnn.workbench.evaluate import replicate_log_evidence
+
+    g = torch.Generator().manual_seed(0)
+    inc = -1.0 + 0.3 * torch.randn(1, 8, 2, 30, generator=g, dtype=torch.float64)
+    pooled, est, se = pooled_log_evidence(inc, (1.0,), 10)
+    ref = replicate_log_evidence(inc[0, :, :, 10:].sum(-1))
+    assert torch.equal(pooled, inc[0]) and (est, se) == pytest.approx(ref, rel=1e-12)
+    # two members: per-run pooling, then the same correction
+    inc2 = torch.cat([inc, inc.flip(1) + 0.1])
+    pooled2, est2, se2 = pooled_log_evidence(inc2, (0.25, 0.75), 10)
+    manual = torch.logsumexp(inc2 + torch.tensor([0.25, 0.75], dtype=torch.float64).log().view(2, 1, 1, 1), 0)
+    assert torch.allclose(pooled2, manual)
+    assert (est2, se2) == pytest.approx(replicate_log_evidence(manual[:, :, 10:].sum(-1)), rel=1e-12)
+    assert pooled_log_evidence(inc2[:, :1], (0.5, 0.5), 10, exact=True)[2] == 0.0
+    with pytest.raises(ConfigurationError, match="one weight per member"):
+        pooled_log_evidence(inc2, (1.0,), 10)
+
+
 def test_bad_ensembles(pair):
     a, _, tr, te = pair
     with pytest.raises(ConfigurationError, match="non-empty"):

@@ -112,7 +112,9 @@ def test_forecast_difference_points_and_intervals(setup, tmp_path):
     bars = ax.containers[0]  # the errorbar container: points and their 95% intervals
     np.testing.assert_allclose(bars.lines[0].get_ydata(), d.difference.values)
     seg = bars.lines[2][0].get_segments()
-    np.testing.assert_allclose([s[1, 1] - s[0, 1] for s in seg], 2 * 1.959963984540054 * d.difference_se.values)
+    # the bars are the comparison's own (fixed-b) 95% interval, not +- 1.96 SE
+    np.testing.assert_allclose([s[0, 1] for s in seg], d.ci95_low.values)
+    np.testing.assert_allclose([s[1, 1] for s in seg], d.ci95_high.values)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["1 st", "3 st"]
     rel = plots.plot_forecast_difference(d, relative=True)
     np.testing.assert_allclose(rel.axes[0].containers[0].lines[0].get_ydata(),
