@@ -16,6 +16,18 @@ and their source.
 =========================  ==================================================================================
 
 :data:`MODELS` maps a short name to each class (for listings such as ``ppl-rnn fit --model NAME``).
+
+One constructor convention: ``Model(hidden_dim, obs_dim=1, input_dim=0, *, ...)``. ``hidden_dim`` is the size as
+the architecture counts it (hidden units, reservoir units, LSTM units, latent dimensions, layer sizes), and the
+architecture's own name for it stays a keyword alias (``JordanSSM(hidden_units=4)``, ``EchoStateSSM(reservoir_dim=50)``,
+``LSTMSSM(units=4)``, ``DeepMarkovSSM(latent_dim=4)``, ``StackedSSM(layer_sizes=(4, 2))``); passing both is a
+:class:`~ppl_rnn.errors.ConfigurationError`. The state dimension, the attribute ``model.hidden_dim``, can be larger:
+``n + obs_dim`` for Jordan (context units), ``2n`` for the LSTM (``h``, ``c``), the sum of the layer sizes for the
+stacked network (an int ``N`` there means layers ``(N, max(1, N // 2))``). The two-size MTRNN takes
+``(fast_dim, slow_dim)`` or ``hidden_dim=N`` (``max(1, N // 3)`` slow neurons).
+
+Every model runs on its own parameters under plain Pyro (``Predictive``, ``poutine``, ``pyro.infer.SVI``), however
+many models a session builds: see :meth:`ppl_rnn.StateSpaceModel.__call__`.
 """
 
 from .ar import ARStateSpace

@@ -1,7 +1,7 @@
 r"""Continuous-time recurrent networks as stochastic state-space models: CTRNN and MTRNN.
 
-**CTRNN** (Beer 1995; the equation as given in the reference text ``001`` of ``/work/shared/references``,
-"Continuous-time RNN"): for neuron :math:`i` with activation :math:`y_i`,
+**CTRNN** (Beer 1995; the equation as given in the encyclopedia article "Recurrent neural network",
+"Continuous-time RNN"; ``docs/references.md``): for neuron :math:`i` with activation :math:`y_i`,
 
 .. math:: \tau_i\,\dot y_i = -y_i + \sum_j w_{ji}\,\sigma(y_j + \Theta_j) + I_i(t),
           \qquad \sigma(x) = 1/(1+e^{-x}),
@@ -117,16 +117,36 @@ class CTRNNSSM(GaussianRNNBase):
 class MultipleTimescalesSSM(CTRNNSSM):
     """MTRNN: a CTRNN with a fast and a slow group of fixed time constants (module docstring).
 
+    A model with two sizes: ``MultipleTimescalesSSM(fast_dim, slow_dim)``, or ``hidden_dim=N`` (keyword) for
+    ``N`` neurons of which ``max(1, N // 3)`` are slow (the split ``ppl-rnn --model mtrnn --hidden N`` uses).
+
     Args:
         fast_dim, slow_dim: group sizes (state = fast then slow; ``hidden_dim = fast_dim + slow_dim``).
+        hidden_dim: instead of ``fast_dim`` and ``slow_dim``: the total ``N >= 2``, split as above.
         obs_dim, input_dim: sizes.
         tau_fast, tau_slow: the groups' time constants (fixed; both > ``dt``, ``tau_fast < tau_slow``).
         dt, weight_scale, process_noise, obs_noise, init_scale, seed: as :class:`CTRNNSSM`.
     """
 
-    def __init__(self, fast_dim: int, slow_dim: int, obs_dim: int = 1, input_dim: int = 0, *, tau_fast: float = 2.0,
-                 tau_slow: float = 20.0, dt: float = 1.0, weight_scale: float = 2.0, process_noise=0.1,
-                 obs_noise=0.1, init_scale=1.0, seed: int = 0):
+    def __init__(self, fast_dim: int | None = None, slow_dim: int | None = None, obs_dim: int = 1,
+                 input_dim: int = 0, *, hidden_dim: int | None = None, tau_fast: float = 2.0, tau_slow: float = 20.0,
+                 dt: float = 1.0, weight_scale: float = 2.0, process_noise=0.1, obs_noise=0.1, init_scale=1.0,
+                 seed: int = 0):
+        if hidden_dim is not None:
+            if fast_dim is not None or slow_dim is not None:
+                raise ConfigurationError(
+                    f"MultipleTimescalesSSM takes its size either as hidden_dim (total, split fast/slow) or as "
+                    f"fast_dim and slow_dim; found hidden_dim={hidden_dim!r}, fast_dim={fast_dim!r}, "
+                    f"slow_dim={slow_dim!r}. Pass one form.")
+            if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 2:
+                raise ConfigurationError(f"MultipleTimescalesSSM: hidden_dim (fast + slow neurons) must be an int >= 2; "
+                                         f"found {hidden_dim!r}.")
+            slow_dim = max(1, hidden_dim // 3)
+            fast_dim = hidden_dim - slow_dim
+        elif fast_dim is None or slow_dim is None:
+            raise ConfigurationError(f"MultipleTimescalesSSM needs fast_dim and slow_dim, or hidden_dim=N alone; found "
+                                     f"fast_dim={fast_dim!r}, slow_dim={slow_dim!r}. Pass e.g. "
+                                     "MultipleTimescalesSSM(4, 2) or MultipleTimescalesSSM(hidden_dim=6).")
         for nm, v in (("fast_dim", fast_dim), ("slow_dim", slow_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigurationError(f"{nm} must be an int >= 1; found {v!r}.")

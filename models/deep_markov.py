@@ -39,7 +39,7 @@ from pyro.distributions import constraints
 from pyro.nn import PyroParam
 
 from ppl_rnn.errors import ConfigurationError
-from ppl_rnn.model import StateSpaceModel
+from ppl_rnn.model import StateSpaceModel, size_argument
 from ppl_rnn.rng import check_seed
 
 from ._rnn_common import positive_vector
@@ -55,7 +55,8 @@ class DeepMarkovSSM(StateSpaceModel):
     """Deep Markov Model (module docstring).
 
     Args:
-        latent_dim, obs_dim, input_dim: sizes.
+        hidden_dim: the latent dimension (keyword alias ``latent_dim``).
+        obs_dim, input_dim: sizes.
         emission: ``"gaussian"``, ``"bernoulli"`` or ``"student_t"``.
         transition_hidden, emission_hidden: widths of the MLPs' hidden layers.
         obs_noise: initial ``r`` (Gaussian and Student-t).
@@ -66,9 +67,10 @@ class DeepMarkovSSM(StateSpaceModel):
 
     conditional_parts = {"transition": ("transition_loc_scale",), "emission": ("emission_params",)}
 
-    def __init__(self, latent_dim: int, obs_dim: int = 1, input_dim: int = 0, *, emission: str = "gaussian",
-                 transition_hidden: int = 16, emission_hidden: int = 16, obs_noise=0.1, df: float = 5.0,
-                 init_scale=1.0, seed: int = 0):
+    def __init__(self, hidden_dim: int | None = None, obs_dim: int = 1, input_dim: int = 0, *,
+                 latent_dim: int | None = None, emission: str = "gaussian", transition_hidden: int = 16,
+                 emission_hidden: int = 16, obs_noise=0.1, df: float = 5.0, init_scale=1.0, seed: int = 0):
+        latent_dim = size_argument("DeepMarkovSSM", hidden_dim, "latent_dim", latent_dim)
         super().__init__(latent_dim, obs_dim, input_dim)
         if emission not in EMISSIONS:
             raise ConfigurationError(f"emission must be one of {EMISSIONS}; found {emission!r}.")

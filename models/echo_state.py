@@ -1,6 +1,6 @@
 r"""The stochastic echo state network: a fixed random reservoir, a trained linear readout.
 
-Jaeger (2001, 2004; reference [5] of text ``001`` in ``/work/shared/references``, "Echo state network"): *a
+Jaeger (2001, 2004; ``docs/references.md``; the encyclopedia article's "Echo state network"): *a
 recurrent network with a sparsely connected random hidden layer; the weights of the output neurons are the only
 part of the network that can change and be trained*. With the leaky-integrator reservoir of Jaeger, Lukoševičius,
 Popovici & Siewert (2007) and Gaussian noise:
@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 
 from ppl_rnn.errors import ConfigurationError
+from ppl_rnn.model import size_argument
 from ppl_rnn.rng import check_seed
 
 from ._rnn_common import GaussianRNNBase, check_real, initial_scale_mstep, readout_mstep, redeclare
@@ -44,7 +45,8 @@ class EchoStateSSM(GaussianRNNBase):
     """Stochastic leaky echo state network (module docstring).
 
     Args:
-        reservoir_dim, obs_dim, input_dim: sizes (``hidden_dim = reservoir_dim``).
+        hidden_dim: the reservoir size (keyword alias ``reservoir_dim``).
+        obs_dim, input_dim: sizes.
         spectral_radius: of the reservoir matrix ``W`` (> 0; below about 1 for the echo state property).
         leak_rate: ``a`` in (0, 1].
         connectivity: probability that an entry of ``W`` is non-zero (each row keeps at least one).
@@ -56,9 +58,11 @@ class EchoStateSSM(GaussianRNNBase):
     #: the reservoir is fixed, so there is nothing to perturb for a restart
     perturb = None
 
-    def __init__(self, reservoir_dim: int, obs_dim: int = 1, input_dim: int = 0, *, spectral_radius: float = 0.9,
-                 leak_rate: float = 0.5, connectivity: float = 0.2, input_scale: float = 1.0, process_noise=0.1,
-                 obs_noise=0.1, init_scale=0.5, seed: int = 0):
+    def __init__(self, hidden_dim: int | None = None, obs_dim: int = 1, input_dim: int = 0, *,
+                 reservoir_dim: int | None = None, spectral_radius: float = 0.9, leak_rate: float = 0.5,
+                 connectivity: float = 0.2, input_scale: float = 1.0, process_noise=0.1, obs_noise=0.1,
+                 init_scale=0.5, seed: int = 0):
+        reservoir_dim = size_argument("EchoStateSSM", hidden_dim, "reservoir_dim", reservoir_dim)
         super().__init__(reservoir_dim, obs_dim, input_dim)
         self.spectral_radius = check_real(spectral_radius, "spectral_radius", open_low=True)
         self.leak_rate = check_real(leak_rate, "leak_rate", high=1.0, open_low=True)

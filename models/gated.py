@@ -8,8 +8,8 @@ r"""Gated recurrent cells as stochastic transitions: GRU and LSTM.
     h_t &= (1-z_t)\odot h_{t-1} + z_t\odot\tilde h_t + e_t,\quad e_t\sim N(0,\operatorname{diag}q^2)\\
     y_t &= C h_t + d + v_t,\quad v_t\sim N(0,\operatorname{diag}r^2),\qquad h_0\sim N(m_0,\operatorname{diag}s_0^2).
 
-**LSTM** (Hochreiter & Schmidhuber 1997, with the forget gate of Gers et al.; the equations of reference text
-``004`` in ``/work/shared/references`` without its peephole terms :math:`Dc, Gc, Mc`):
+**LSTM** (Hochreiter & Schmidhuber 1997, with the forget gate of Gers et al.; the equations of S. Mohamed's
+"Recurrent nets and dynamical systems", ``docs/references.md``, without its peephole terms :math:`Dc, Gc, Mc`):
 
 .. math::
     i_t,f_t,o_t &= \sigma(W_{i,f,o} u_t + U_{i,f,o} h_{t-1} + b_{i,f,o}),\quad g_t = \tanh(W_g u_t + U_g h_{t-1} + b_g)\\
@@ -47,7 +47,7 @@ from pyro.distributions import constraints
 from pyro.nn import PyroParam
 
 from ppl_rnn.errors import ConfigurationError
-from ppl_rnn.model import set_param
+from ppl_rnn.model import set_param, size_argument
 from ppl_rnn.rng import check_seed
 
 from ._rnn_common import GaussianRNNBase, check_real, positive_vector, redeclare
@@ -63,7 +63,7 @@ def _gate_params(module, n_gates: int, units: int, input_dim: int, g: torch.Gene
 
 def _check_units(units):
     if isinstance(units, bool) or not isinstance(units, int) or units < 1:
-        raise ConfigurationError(f"units must be an int >= 1; found {units!r}.")
+        raise ConfigurationError(f"LSTMSSM: hidden_dim (alias units) must be an int >= 1; found {units!r}.")
     return units
 
 
@@ -126,7 +126,9 @@ class LSTMSSM(GaussianRNNBase):
     ``(4n, n)`` rows (i, f, g, o), ``Wu`` ``(4n, I)``, ``bg`` ``(4n,)`` (forget-gate bias starts at 1).
 
     Args:
-        units, obs_dim, input_dim: sizes.
+        hidden_dim: the number of units ``n`` (keyword alias ``units``); the state dimension, the attribute
+            ``self.hidden_dim``, is ``2n`` (``h`` then ``c``).
+        obs_dim, input_dim: sizes.
         noise_on: ``"both"`` or ``"hidden"`` (module docstring: the choice and its consequences).
         cell_noise: the fixed cell-noise scale with ``noise_on="hidden"``.
         weight_scale, process_noise, obs_noise, init_scale, seed: as :class:`GRUSSM` (``process_noise`` sets the
@@ -135,10 +137,10 @@ class LSTMSSM(GaussianRNNBase):
 
     recurrent_params = ("Uh",)
 
-    def __init__(self, units: int, obs_dim: int = 1, input_dim: int = 0, *, noise_on: str = "both",
-                 cell_noise: float = 1e-3, weight_scale: float = 1.0, process_noise=0.1, obs_noise=0.1,
-                 init_scale=1.0, seed: int = 0):
-        n = _check_units(units)
+    def __init__(self, hidden_dim: int | None = None, obs_dim: int = 1, input_dim: int = 0, *,
+                 units: int | None = None, noise_on: str = "both", cell_noise: float = 1e-3, weight_scale: float = 1.0,
+                 process_noise=0.1, obs_noise=0.1, init_scale=1.0, seed: int = 0):
+        n = _check_units(size_argument("LSTMSSM", hidden_dim, "units", units, check=False))
         super().__init__(2 * n, obs_dim, input_dim)
         if noise_on not in ("both", "hidden"):
             raise ConfigurationError(f"noise_on must be 'both' or 'hidden'; found {noise_on!r}.")

@@ -1,6 +1,6 @@
 r"""The stochastic Jordan network: context units fed back from the output layer.
 
-Jordan (1986), as described in the reference text ``001`` of ``/work/shared/references`` ("Elman networks and
+Jordan (1986), as described in the encyclopedia article "Recurrent neural network" (``docs/references.md``; "Elman networks and
 Jordan networks"): like the Elman network, but *the context units are fed from the output layer instead of the
 hidden layer*, and each context unit has a recurrent connection to itself. With :math:`n` hidden units and a
 context of the output's size :math:`D`:
@@ -43,7 +43,7 @@ from pyro.distributions import constraints
 from pyro.nn import PyroParam
 
 from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
-from ppl_rnn.model import LinearGaussianParams
+from ppl_rnn.model import LinearGaussianParams, size_argument
 from ppl_rnn.rng import check_seed
 
 from ._rnn_common import GaussianRNNBase, check_real, redeclare
@@ -57,7 +57,9 @@ class JordanSSM(GaussianRNNBase):
     context units.
 
     Args:
-        hidden_units, obs_dim, input_dim: sizes (``hidden_dim = hidden_units + obs_dim``).
+        hidden_dim: the number of hidden units ``n`` (keyword alias ``hidden_units``); the state dimension, the
+            attribute ``self.hidden_dim``, is ``n + obs_dim`` (hidden then context units).
+        obs_dim, input_dim: sizes.
         activation: ``"tanh"`` or ``"identity"`` (linear-Gaussian).
         context_decay: initial self-connection :math:`\\mu` of the context units, in (0, 1).
         weight_scale: ``W`` entries start as ``N(0, weight_scale^2 / D)``.
@@ -67,11 +69,10 @@ class JordanSSM(GaussianRNNBase):
 
     recurrent_params = ("W",)
 
-    def __init__(self, hidden_units: int, obs_dim: int = 1, input_dim: int = 0, *, activation: str = "tanh",
-                 context_decay: float = 0.5, weight_scale: float = 1.0, process_noise=0.1, obs_noise=0.1,
-                 init_scale=1.0, seed: int = 0):
-        if isinstance(hidden_units, bool) or not isinstance(hidden_units, int) or hidden_units < 1:
-            raise ConfigurationError(f"hidden_units must be an int >= 1; found {hidden_units!r}.")
+    def __init__(self, hidden_dim: int | None = None, obs_dim: int = 1, input_dim: int = 0, *,
+                 hidden_units: int | None = None, activation: str = "tanh", context_decay: float = 0.5,
+                 weight_scale: float = 1.0, process_noise=0.1, obs_noise=0.1, init_scale=1.0, seed: int = 0):
+        hidden_units = size_argument("JordanSSM", hidden_dim, "hidden_units", hidden_units)
         if isinstance(obs_dim, bool) or not isinstance(obs_dim, int) or obs_dim < 1:
             raise ConfigurationError(f"obs_dim must be an int >= 1; found {obs_dim!r}.")
         super().__init__(hidden_units + obs_dim, obs_dim, input_dim)

@@ -44,13 +44,14 @@ def _chol(cov, n, name):
 
 
 class LinearGaussianSSM(StateSpaceModel):
-    """Linear-Gaussian SSM. Matrices default to a stable random ``A`` (spectral radius 0.9) and identity
-    covariances scaled by 0.1 (process) and 0.1 (observation)."""
+    """Linear-Gaussian SSM. ``LinearGaussianSSM(hidden_dim, obs_dim=1, input_dim=0, *, A=..., ...)``: matrices
+    default to a stable random ``A`` (spectral radius 0.9) and identity covariances scaled by 0.1 (process) and
+    0.1 (observation)."""
 
     def __init__(
         self,
         hidden_dim: int,
-        obs_dim: int,
+        obs_dim: int = 1,
         input_dim: int = 0,
         *,
         A=None,

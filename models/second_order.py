@@ -1,7 +1,7 @@
 r"""The stochastic second-order recurrent network: multiplicative input-by-state weights :math:`w_{ijk}`.
 
-Giles et al. (1992), reference [18] of text ``001`` in ``/work/shared/references`` ("Second Order Recurrent
-Neural Network"): *second order RNNs use higher order weights* :math:`w_{ijk}` *instead of the standard*
+Giles et al. (1992; ``docs/references.md``), as quoted in the encyclopedia article "Recurrent neural network"
+("Second Order Recurrent Neural Network"): *second order RNNs use higher order weights* :math:`w_{ijk}` *instead of the standard*
 :math:`w_{ij}` *weights, and inputs and states can be a product*. With the input augmented by a constant,
 :math:`\tilde u_t = (1, u_t)` (so the :math:`k=0` slice is an ordinary first-order recurrent matrix and the model
 runs without inputs too):

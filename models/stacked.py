@@ -1,6 +1,6 @@
 r"""Stacked (hierarchical) stochastic recurrent layers: the recurrent multilayer perceptron as a state-space model.
 
-Reference text ``001`` of ``/work/shared/references`` ("Recurrent multilayer perceptron", "Hierarchical RNN"): a
+The encyclopedia article "Recurrent neural network" (``docs/references.md``; "Recurrent multilayer perceptron", "Hierarchical RNN"): a
 series of cascaded subnetworks connected by feed-forward connections, each with feedback among itself. With
 layers :math:`l = 1..L` of sizes :math:`n_l` and noise in every layer:
 
@@ -29,7 +29,7 @@ import torch
 from pyro.nn import PyroParam
 
 from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
-from ppl_rnn.model import LinearGaussianParams
+from ppl_rnn.model import LinearGaussianParams, size_argument
 from ppl_rnn.rng import check_seed
 
 from ._rnn_common import GaussianRNNBase, check_real, redeclare
@@ -42,7 +42,9 @@ class StackedSSM(GaussianRNNBase):
     """Stacked stochastic recurrent layers (module docstring).
 
     Args:
-        layer_sizes: sizes :math:`(n_1, \\dots, n_L)` (bottom first).
+        hidden_dim: the layer sizes :math:`(n_1, \\dots, n_L)` (bottom first; keyword alias ``layer_sizes``), or
+            one int ``N`` for two layers ``(N, max(1, N // 2))`` (what ``ppl-rnn --model stacked --hidden N``
+            builds). The state dimension, the attribute ``self.hidden_dim``, is :math:`\\sum_k n_k`.
         obs_dim, input_dim: sizes.
         activation: ``"tanh"`` or ``"identity"``.
         weight_scale: entries of each block start as ``N(0, weight_scale^2 / n)`` (``n``: the block's input size).
@@ -52,11 +54,16 @@ class StackedSSM(GaussianRNNBase):
 
     recurrent_params = ("A",)
 
-    def __init__(self, layer_sizes, obs_dim: int = 1, input_dim: int = 0, *, activation: str = "tanh",
-                 weight_scale: float = 0.9, process_noise=0.1, obs_noise=0.1, init_scale=1.0, seed: int = 0):
+    def __init__(self, hidden_dim=None, obs_dim: int = 1, input_dim: int = 0, *, layer_sizes=None,
+                 activation: str = "tanh", weight_scale: float = 0.9, process_noise=0.1, obs_noise=0.1,
+                 init_scale=1.0, seed: int = 0):
+        layer_sizes = size_argument("StackedSSM", hidden_dim, "layer_sizes", layer_sizes, check=False)
+        if isinstance(layer_sizes, int) and not isinstance(layer_sizes, bool) and layer_sizes >= 1:
+            layer_sizes = (layer_sizes, max(1, layer_sizes // 2))
         sizes = tuple(layer_sizes) if isinstance(layer_sizes, (list, tuple)) else None
         if not sizes or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes):
-            raise ConfigurationError(f"layer_sizes must be a non-empty sequence of ints >= 1; found {layer_sizes!r}.")
+            raise ConfigurationError(f"StackedSSM: hidden_dim (alias layer_sizes) must be an int >= 1 or a non-empty "
+                                     f"sequence of ints >= 1 (the layer sizes); found {layer_sizes!r}.")
         super().__init__(sum(sizes), obs_dim, input_dim)
         if activation not in _ACT:
             raise ConfigurationError(f"activation must be one of {sorted(_ACT)}; found {activation!r}.")

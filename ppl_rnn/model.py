@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -40,7 +41,7 @@ from .data import model_dtype, validate_inputs, validate_observations
 from .errors import ConfigurationError, DataError
 from .masking import PartiallyObserved, masked_log_prob
 from .rng import seeded
-from .scope import local_param_ready
+from .scope import library_scope, local_param_ready
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,25 @@ def unpack_params(module, names: tuple[str, ...], vector: torch.Tensor) -> None:
         i += c.numel()
 
 
+def size_argument(owner: str, hidden_dim: Any, alias: str, alias_value: Any, *, check: bool = True) -> Any:
+    """The size a suite model's constructor was given. Every single-size model takes it as ``hidden_dim``, its
+    first positional parameter; the architecture's own name for it (``hidden_units``, ``reservoir_dim``,
+    ``units``, ``latent_dim``, ``layer_sizes``) is accepted as a keyword alias with the same meaning, e.g.
+    ``JordanSSM(4) == JordanSSM(hidden_dim=4) == JordanSSM(hidden_units=4)``. Giving both, or neither, is a
+    :class:`~ppl_rnn.errors.ConfigurationError`. ``check``: also require an int >= 1."""
+    if hidden_dim is not None and alias_value is not None:
+        raise ConfigurationError(
+            f"{owner}: hidden_dim and {alias} name the same argument (the model's size); found both "
+            f"hidden_dim={hidden_dim!r} and {alias}={alias_value!r}. Pass only one, e.g. {owner}(hidden_dim=...).")
+    value = hidden_dim if hidden_dim is not None else alias_value
+    if value is None:
+        raise ConfigurationError(f"{owner} needs its size, hidden_dim (alias {alias}); found none. Pass it first, "
+                                 f"e.g. {owner}(4) or {owner}(hidden_dim=4).")
+    if check and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigurationError(f"{owner}: hidden_dim (alias {alias}) must be an int >= 1; found {value!r}.")
+    return value
+
+
 def input_at(inputs: torch.Tensor | None, t: int) -> torch.Tensor | None:
     """``u_t`` from ``(B, T, I)`` inputs (None stays None)."""
     return None if inputs is None else inputs[:, t]
@@ -200,12 +220,30 @@ class StateSpaceModel(PyroModule):
         self.input_dim = input_dim
 
     def __call__(self, *args, **kwargs):
-        """Run the Pyro program. Pyro's ``module_local_params`` decides where parameters live: the library's
-        own calls (verbs, evaluate, compare) switch it on for their duration (:mod:`ppl_rnn.scope`); a user's
-        own Pyro code (``pyro.infer.SVI`` with an ``AutoNormal`` guide, ``Predictive``) runs under the user's
-        setting, as for any ``PyroModule``."""
+        """Run the Pyro program on this model's own parameters, always: the call runs under Pyro's
+        ``module_local_params`` (:func:`ppl_rnn.scope.library_scope`; the caller's setting is restored on exit),
+        so the model's parameters are read from the module itself and never synchronised with Pyro's global
+        parameter store. Without it, two models built in one session would share the store entries ``W``,
+        ``r``, … under the same names, and the second model run by ``Predictive``, ``poutine.trace`` or
+        ``pyro.infer.SVI`` would silently take the first one's values (or fail on a shape error).
+
+        Every parameter access still emits a ``param`` message whose value carries ``.unconstrained()``, so
+        ``poutine.trace(..., param_only=True)``, ``pyro.infer.SVI`` (any guide, ``AutoNormal`` included) and
+        ``Predictive`` see and train the model's parameters as usual. A guide's own parameters live where the
+        caller's setting puts them: under Pyro's default, two ``AutoNormal`` guides share the store names
+        ``AutoNormal.*`` as in any Pyro program (``pyro.clear_param_store()`` between them, or build and run them
+        under ``pyro.settings.context(module_local_params=True)``). A subclass's ``forward`` keeps its parameters
+        on the module (``PyroParam``), where they belong to the instance; a bare ``pyro.param`` statement is
+        global, as in any Pyro program."""
         local_param_ready(self)
-        return super().__call__(*args, **kwargs)
+        if pyro.settings.get("module_local_params"):
+            return super().__call__(*args, **kwargs)
+        # Enter the module's Pyro context under the caller's (global) setting first: entered in local mode,
+        # Pyro would swap the global store for the module's own for the duration (``ParamStoreDict.scope``),
+        # and that swap strips the ``.unconstrained`` handle from the global store's parameters, breaking a
+        # caller's guide whose parameters live there (``SVI`` with ``AutoNormal`` under the default setting).
+        with self._pyro_context, library_scope():
+            return super().__call__(*args, **kwargs)
 
     # ---- the three conditionals ------------------------------------------------------------
     def initial(self, u0: torch.Tensor | None) -> dist.Distribution:  # pragma: no cover - abstract

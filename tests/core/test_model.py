@@ -164,3 +164,28 @@ def test_posterior_record_validates_kinds():
         pr.Posterior(kind="bogus", mean=z, var=z, log_evidence=torch.zeros(1), evidence_kind="exact")
     with pytest.raises(ValueError, match="evidence_kind"):
         pr.Posterior(kind="smoothing", mean=z, var=z, log_evidence=torch.zeros(1), evidence_kind="bogus")
+
+
+def test_one_version_number_and_an_spdx_license():
+    """``ppl_rnn.__version__`` is the only version number: the package metadata is built from it (pyproject's
+    ``dynamic`` version), and the license is an SPDX expression (setuptools >= 77), not a deprecated table."""
+    import importlib.metadata
+    import pathlib
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    assert pr.__version__ == importlib.metadata.version("ppl_rnn")
+    py = pathlib.Path(__file__).resolve().parents[2] / "pyproject.toml"
+    if not py.exists():  # an installed copy of the tests: the metadata check above is the whole test
+        return
+    meta = tomllib.loads(py.read_text())
+    project = meta["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "ppl_rnn.__version__"}
+    assert project["license"] == "MIT"
+    assert any(r.replace(" ", "").startswith("setuptools>=") and
+               tuple(int(x) for x in r.replace(" ", "").split(">=")[1].split(".")[:1]) >= (77,)
+               for r in meta["build-system"]["requires"])

@@ -10,6 +10,7 @@ from ppl_rnn.inference.complete_data import complete_data_log_likelihood
 from ppl_rnn.models import (
     CTRNNSSM,
     LSTMSSM,
+    MODELS,
     DeepMarkovSSM,
     EchoStateSSM,
     JordanSSM,
@@ -221,3 +222,56 @@ def test_weights_survive_a_copy():
         w = m.weights()
         assert w.numel() > 0
         torch.testing.assert_close(m.copy().weights(), w)
+
+
+# ---- one constructor convention: hidden_dim first, architecture names as keyword aliases, obs_dim=1 ----------
+#: every single-size model of the suite (``MODELS`` less the two-size MTRNN) and its size's own name, if any
+SINGLE_SIZE = {name: cls for name, cls in MODELS.items() if name != "mtrnn"}
+ALIASES = {"jordan": "hidden_units", "echo_state": "reservoir_dim", "lstm": "units", "deep_markov": "latent_dim",
+           "stacked": "layer_sizes"}
+
+
+def _same_model(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return (type(a) is type(b) and (a.hidden_dim, a.obs_dim, a.input_dim) == (b.hidden_dim, b.obs_dim, b.input_dim)
+            and sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa))
+
+
+@pytest.mark.parametrize("name", list(SINGLE_SIZE))
+def test_every_single_size_model_takes_hidden_dim_first_and_obs_dim_defaults_to_one(name):
+    cls = SINGLE_SIZE[name]
+    by_position, by_keyword = cls(4, seed=3), cls(hidden_dim=4, seed=3)
+    assert _same_model(by_position, by_keyword)
+    assert by_keyword.obs_dim == 1 and by_keyword.input_dim == 0
+    assert cls(hidden_dim=4, obs_dim=2, seed=3).obs_dim == 2
+    assert by_keyword.simulate(3, seed=0).observations.shape == (1, 3, 1)
+
+
+@pytest.mark.parametrize("name", list(ALIASES))
+def test_architecture_names_are_keyword_aliases_of_hidden_dim(name):
+    cls, alias = SINGLE_SIZE[name], ALIASES[name]
+    size = (3, 2) if name == "stacked" else 3
+    assert _same_model(cls(**{alias: size}, obs_dim=2, seed=5), cls(hidden_dim=size, obs_dim=2, seed=5))
+    assert _same_model(cls(**{alias: size}, seed=5), cls(size, seed=5))
+    with pytest.raises(ConfigurationError, match=f"hidden_dim.*{alias}.*Pass only one"):
+        cls(size, **{alias: size})
+    with pytest.raises(ConfigurationError, match=f"hidden_dim=.*{alias}="):
+        cls(hidden_dim=size, **{alias: size})
+    with pytest.raises(ConfigurationError, match="needs its size"):
+        cls()
+
+
+def test_size_conventions_of_the_models_whose_state_is_larger_than_their_size():
+    """``hidden_dim`` is the size as the architecture counts it; the state (``model.hidden_dim``) may be larger."""
+    assert JordanSSM(4, 2).hidden_dim == 6  # hidden units + one context unit per output
+    assert LSTMSSM(4).hidden_dim == 8 and LSTMSSM(4).units == 4  # (h, c)
+    assert StackedSSM(4).layer_sizes == (4, 2) and StackedSSM((3, 2, 1)).hidden_dim == 6
+    mt = MultipleTimescalesSSM(hidden_dim=6)
+    assert (mt.fast_dim, mt.slow_dim, mt.hidden_dim, mt.obs_dim) == (4, 2, 6, 1)
+    assert _same_model(mt, MultipleTimescalesSSM(4, 2))
+    with pytest.raises(ConfigurationError, match="either as hidden_dim"):
+        MultipleTimescalesSSM(4, 2, hidden_dim=6)
+    with pytest.raises(ConfigurationError, match="needs fast_dim and slow_dim"):
+        MultipleTimescalesSSM(4)
+    with pytest.raises(ConfigurationError, match="hidden_dim"):
+        MultipleTimescalesSSM(hidden_dim=1)
