@@ -4,7 +4,7 @@ Fits ``ElmanSSM(HIDDEN, 1, seed=s, weight_init="rotation", weight_scale=1.1)`` f
 ``pr.fit_ensemble`` (over-relaxed MCEM, EKF-proposal smoother, fit seed 0 + i for member i) on steps 0-999 and
 scores each member and the equal-weight linear pool (``pr.Ensemble``) on steps 1000-1499 with the one yardstick
 (``pr.evaluate``): held-out log-evidence per step +- SE and CRPS / RMSE at the leads. AR(29) by AIC, the best
-linear reference, scores -0.410 nats/step and CRPS 0.174 / 0.207 / 0.307 at leads 1 / 5 / 10 (README).
+linear reference, scores -0.410 nats/step and CRPS 0.174 / 0.207 / 0.307 at leads 1 / 5 / 10 (benchmarks/README.md, Real data).
 
 Measured 2026-12-01 (defaults: seeds 0 1 2, hidden 8, 40 iterations, omega 1.8; 1070 s of fitting on one core
 of a busy 2-core machine):

@@ -1,6 +1,6 @@
 r"""Which optimum MCEM reaches on ``unkelbach-synthetic``, and why training evidence cannot choose among them.
 
-Three measurements behind the README's synthetic section (issue 10's synthetic point). Every fit here is a
+Three measurements behind the synthetic section of benchmarks/README.md (issue 10's synthetic point). Every fit here is a
 single start: the table's MCEM without its restarts.
 
 1. **Restart candidates continued alone** (default). Candidate ``r`` of ``MonteCarloEM(num_restarts=8,
@@ -24,7 +24,7 @@ single start: the table's MCEM without its restarts.
    / 0.45 / 0.6 / 1.0 rad (begun at the truth -0.0063), with probabilities 0 / 0.0003 / 0.007 / 0.04 / 0.66:
    the basin reaches 0.5-0.6 rad.
 
-Measured 2026-12-01 (``--init-seed 2 --mcem-overrelax 1.8``, 60 iterations; the figures are in the README's
+Measured 2026-12-01 (``--init-seed 2 --mcem-overrelax 1.8``, 60 iterations; the figures are in benchmarks/README.md's
 synthetic section): every fit outside the generating network's basin scores fresh delta -0.020..-0.027 nats/step
 whatever its training evidence (-0.006..-0.023; the truth's own is -0.0166), and the restarts' choice
 (the best training evidence) was the worst of the three good candidates on fresh data.

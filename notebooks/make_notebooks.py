@@ -161,7 +161,7 @@ rec = datasets.load("unkelbach-synthetic", seed=0, train_steps=200 if SMALL else
 train, test = rec.split()
 print(rec)
 # random initial network: a random rotation near the identity (slow oscillatory modes for EM to tune; from
-# Gaussian random weights EM tends to stop in a linear-regime local optimum, see the README)
+# Gaussian random weights EM tends to stop in a linear-regime local optimum, see benchmarks/README.md)
 model0 = ElmanSSM(4, 1, process_noise=0.3, obs_noise=0.3, seed=1, weight_init="rotation", weight_scale=1.1)'''),
     ("code", '''from ppl_rnn.inference.registry import make_method   # MonteCarloEM with a particle smoother
 mcem = make_method("mcem", num_particles=100 if SMALL else 500, num_paths=20 if SMALL else 100,
@@ -362,7 +362,7 @@ rec'''),
                                            title="CRPS difference, % of the reference's (95% intervals)"))'''),
     ("md", "With full settings the network is the best row on every count: held-out log-evidence above the "
            "linear state-space model (by about 0.006 nats/step) and above AR(p) (by about 0.02), and a lower CRPS "
-           "at every lead — by about 6 % at 0.2 s and 16 % at 0.6 s, many HAC standard errors (the README's "
+           "at every lead — by about 6 % at 0.2 s and 16 % at 0.6 s, many HAC standard errors (benchmarks/README.md's "
            "real-data table: three seeds). The ascent test refuses MCEM's step, so the trained network is its "
            "nonlinear warm start: least squares found the nonlinearity that MCEM's noisy E-step could not "
            "resolve from the linear regime. The linear fits explain one step nearly as well, but the shape of "
@@ -400,7 +400,7 @@ NOTEBOOKS["07_architectures_on_real_data.ipynb"] = nb([
            "from their default random weights.\n"
            "* **Santa Fe laser** (`santafe-laser`, standard-scaled on the training part): chaotic pulsations "
            "with collapses. Every network starts from its default random weights (the linear start would stay "
-           "in the linear basin, see the README).\n\n"
+           "in the linear basin, see benchmarks/README.md).\n\n"
            "References: **AR(p)** with p chosen by AIC on the training part (exact), and the **linear "
            "state-space model** (`LinearGaussianSSM`) trained by exact KalmanEM and scored by exact Kalman. "
            "The settings (next cell) are budgets for a notebook — a full-settings run took 17–25 minutes of "
@@ -541,7 +541,7 @@ fig"""),
            "* **Laser: no network beats AR(p) at this budget.** The best network on held-out log-evidence is the "
            "GRU, ahead of the Elman network; but the Elman network forecasts better than the GRU at leads 2–10 "
            "(lower CRPS), the GRU only at lead 1. Trained for hundreds of MCEM iterations on 1000 steps "
-           "(`benchmarks/real_tables.py`, README), the Elman network beats AR by more than 1 nat/step on this "
+           "(`benchmarks/real_tables.py`, benchmarks/README.md), the Elman network beats AR by more than 1 nat/step on this "
            "signal: the laser is where the nonlinearity earns its keep, given the iterations.\n"
            "* **Cost.** The networks with a closed-form M-step (Elman, echo state) fit at least 3 times faster "
            "than every network with the gradient M-step (Adam steps on the expected complete-data "

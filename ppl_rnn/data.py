@@ -1,6 +1,6 @@
 """Validation of observations and exogenous inputs: the one place where data are checked.
 
-Conventions (DESIGN.md, "Data"):
+Conventions (``docs/design.md``, "Data conventions"):
 
 * ``observations``: float tensor ``(num_sequences, num_steps, obs_dim)``; a single series
   ``(num_steps, obs_dim)`` is promoted to one sequence. **NaN marks a missing entry** (per element).

@@ -65,7 +65,9 @@ def test_stored_notebook_holds_the_outputs_of_a_full_settings_run(path):
                for c in code[1:] for o in c.get("outputs", [])), f"{path.name}: no stored results"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+# the fast suite runs the smallest notebook (02, about 9 s); the others (15-45 s each) run in `make test-slow`
+@pytest.mark.parametrize("path", [p if p.name.startswith("02_") else pytest.param(p, marks=pytest.mark.slow)
+                                  for p in NOTEBOOKS], ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch):
     monkeypatch.setenv("PPL_RNN_SMALL", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
