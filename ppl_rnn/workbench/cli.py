@@ -9,6 +9,14 @@ methods of the one registry, :mod:`ppl_rnn.inference.registry` (``ppl-rnn --help
 names (``--model`` / ``model = "..."`` in a TOML config) are those of :data:`ppl_rnn.models.MODELS`
 (``ppl-rnn models`` lists them, each with the first sentence of its class docstring); ``compare`` takes several
 (``--model elman,gru`` or ``--model elman --model gru``) and then compares model x method x seed.
+
+Data: ``fit``, ``forecast`` and ``compare`` scale the series by default with statistics of the **training part
+only** (``--scale standard``: :math:`(y - \\bar y_{train}) / s_{train}`, the statistics of
+``ppl_rnn.workbench.datasets``; ``--scale none`` keeps raw units) and say so in the report. ``fit`` and
+``forecast`` put the fitted model beside persistence and AR by AIC (:data:`FIT_REFERENCES`, scored exactly by the
+same yardstick) with :func:`ppl_rnn.workbench.report.verdict`'s sentence on whether it beats them (± the
+yardstick's SE, paired CRPS per lead), and give log-evidence, RMSE and CRPS also in raw units:
+:math:`\\log p_{raw} = \\log p_{scaled} - \\sum_d \\log s_d` per step, errors times :math:`s`.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from ppl_rnn.errors import ConfigurationError, PplRnnError
 from ppl_rnn.inference.registry import describe, is_reference, make_method, method_names
@@ -229,6 +238,10 @@ def _add_data_args(p):
     g.add_argument("--max-steps", type=int, default=None, help="use only the first N steps of the series")
     g.add_argument("--train-steps", type=int, default=None,
                    help="training steps; the rest is the held-out test part (default: the data set's split, or 80%%)")
+    g.add_argument("--scale", choices=("standard", "robust", "none"), default="standard",
+                   help="scale the series by the training part's mean and standard deviation (standard), median and "
+                        "inter-quartile range (robust), or keep raw units (none); the statistics come from the "
+                        "training steps only, and scores are also reported in raw units (default: %(default)s)")
 
 
 def _add_model_args(p, several: bool = False):
@@ -319,10 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out(p, "simulate")
 
     for name, hlp, extra in (
-        ("fit", "train the model with one method and score it on the held-out part",
+        ("fit", "train the model with one method and score it on the held-out part beside persistence and AR by AIC",
          "  ppl-rnn fit --data unkelbach-synthetic --method svi_markov_gaussian --set num_steps=300 --set lr=0.02\n"
          "  ppl-rnn fit --model echo_state --hidden 30 --method mcem --set num_iterations=20"),
-        ("forecast", "train, then forecast the steps after the training part with intervals",
+        ("forecast", "train, then forecast the steps after the training part with intervals (in the data's units)",
          "  ppl-rnn forecast --data respiration --max-steps 2000 --method ekf_em --horizon 15"),
     ):
         p = sub.add_parser(name, help=hlp, description=hlp[0].upper() + hlp[1:] + ".",
@@ -356,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "  ppl-rnn compare --model elman,gru,lstm --hidden 4 --methods mcem,linear_ar\n"
                               "  ppl-rnn compare --config comparison.toml --executor dask\n\n"
                               "a TOML config (command-line flags override it):\n"
-                              "  [data]\n  name = \"unkelbach-synthetic\"\n  train_steps = 1000\n"
+                              "  [data]\n  name = \"unkelbach-synthetic\"\n  train_steps = 1000\n  scale = \"standard\""
+                              "   # or \"none\" (raw units)\n"
                               "  [model]            # options shared by the models\n  name = [\"elman\", \"gru\"]"
                               "   # or a top-level model = \"gru\" (without a [model] table)\n  hidden = 4\n"
                               "  [models.\"GRU-8\"]   # optional: a labelled model with its own options\n"
@@ -411,15 +425,57 @@ def _out_dir(args, cmd) -> Path:
     return out
 
 
-def load_data(name_or_path: str, *, seed: int = 0, max_steps: int | None = None, train_steps: int | None = None):
-    """``(train, test, record)`` for a data set name or a CSV/NPY file (record None for files)."""
+class Scaling(NamedTuple):
+    """How the CLI scaled the data: ``scaled = (raw - offset) / scale`` per observed dimension, with
+    ``offset``/``scale`` computed on the **training part only** (``train_steps`` steps of every sequence) by
+    ``ppl_rnn.workbench.datasets``' own statistics (``how``: ``"standard"`` mean and standard deviation,
+    ``"robust"`` median and inter-quartile range, ``"none"`` raw units: offset 0, scale 1)."""
+
+    how: str
+    offset: tuple
+    scale: tuple
+    train_steps: int
+
+    @property
+    def scaled(self) -> bool:
+        return self.how != "none"
+
+    def log_scale(self) -> float:
+        """:math:`\\sum_d \\log s_d`: a log-density per step in raw units is the scaled one minus this."""
+        import math
+
+        return float(sum(math.log(v) for v in self.scale))
+
+    def sentence(self) -> str:
+        """The report's one sentence on the scaling ('' for raw units)."""
+        if not self.scaled:
+            return ""
+        what = ("mean", "standard deviation") if self.how == "standard" else ("median", "inter-quartile range")
+        fmt = lambda v: ", ".join(f"{x:.4g}" for x in v)  # noqa: E731
+        return (f"Scaled by the training part's {what[0]} {fmt(self.offset)} and {what[1]} {fmt(self.scale)} "
+                f"(steps 0-{self.train_steps - 1} only; the test part never enters them); `--scale none` keeps "
+                "raw units.")
+
+    def attrs(self) -> dict:
+        return {"scaling": self.how, "scaling_offset": list(self.offset), "scaling_scale": list(self.scale),
+                "scaling_train_steps": self.train_steps}
+
+
+def load_data(name_or_path: str, *, seed: int = 0, max_steps: int | None = None, train_steps: int | None = None,
+              scale: str = "standard"):
+    """``(train, test, record, scaling)`` for a data set name or a CSV/NPY file (record None for files).
+
+    The series is loaded in raw units, cut at ``train_steps`` (default: the data set's split, or 80 %), and
+    scaled by ``scale`` with statistics of the **training part only** (:class:`Scaling`; ``"none"``: raw)."""
     import numpy as np
     import torch
 
     from . import datasets
 
+    if scale not in ("standard", "robust", "none"):
+        raise ConfigurationError(f"--scale must be standard, robust or none; found {scale!r}.")
     if name_or_path in datasets.DATASETS:
-        kw = {"seed": seed} if name_or_path == "unkelbach-synthetic" else {}
+        kw = {"seed": seed} if name_or_path == "unkelbach-synthetic" else {"scale": "none"}  # raw: scaled below
         if name_or_path == "respiration" and max_steps is not None:
             kw["max_steps"] = max_steps
         rec = datasets.load(name_or_path, **kw)
@@ -429,26 +485,30 @@ def load_data(name_or_path: str, *, seed: int = 0, max_steps: int | None = None,
             ts = rec.train_steps if rec.train_steps is not None and rec.train_steps < T else int(round(0.8 * T))
         if not 1 <= ts < T:
             raise ConfigurationError(f"--train-steps must be in [1, {T - 1}] for these {T} steps; found {ts}.")
-        if name_or_path != "unkelbach-synthetic" and ts != rec.train_steps:
-            rec = datasets.load(name_or_path, **kw, train_steps=ts)  # scaling statistics from the training part
         values = rec.values[:, :T]
-        return values[:, :ts], values[:, ts:], rec
-    path = Path(name_or_path)
-    if not path.exists():
-        raise ConfigurationError(f"--data {name_or_path!r} is neither a data set name ({', '.join(datasets.DATASETS)}) "
-                                 "nor an existing .csv/.npy file.")
-    arr = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, delimiter=",", ndmin=2)
-    arr = np.asarray(arr, dtype=float)
-    if arr.ndim == 1:
-        arr = arr[:, None]
-    if max_steps is not None:
-        arr = arr[:max_steps]
-    T = arr.shape[0]
-    ts = train_steps if train_steps is not None else int(round(0.8 * T))
-    if not 1 <= ts < T:
-        raise ConfigurationError(f"--train-steps must be in [1, {T - 1}] for this {T}-step series; found {ts}.")
-    y = torch.as_tensor(arr, dtype=torch.get_default_dtype())[None]
-    return y[:, :ts], y[:, ts:], None
+    else:
+        rec = None
+        path = Path(name_or_path)
+        if not path.exists():
+            raise ConfigurationError(f"--data {name_or_path!r} is neither a data set name "
+                                     f"({', '.join(datasets.DATASETS)}) nor an existing .csv/.npy file.")
+        arr = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, delimiter=",", ndmin=2)
+        arr = np.asarray(arr, dtype=float)
+        if arr.ndim == 1:
+            arr = arr[:, None]
+        if max_steps is not None:
+            arr = arr[:max_steps]
+        T = arr.shape[0]
+        ts = train_steps if train_steps is not None else int(round(0.8 * T))
+        if not 1 <= ts < T:
+            raise ConfigurationError(f"--train-steps must be in [1, {T - 1}] for this {T}-step series; found {ts}.")
+        values = torch.as_tensor(arr, dtype=torch.get_default_dtype())[None]
+    train_raw = values[:, :ts].double().numpy()
+    off, sc = datasets.scaling_stats(train_raw.reshape(-1, train_raw.shape[-1]), scale)  # the training part only
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=values.dtype)  # noqa: E731
+    values = (values - t(off)) / t(sc) if scale != "none" else values
+    scaling = Scaling(scale, tuple(float(x) for x in off), tuple(float(x) for x in sc), int(ts))
+    return values[:, :ts], values[:, ts:], rec, scaling
 
 
 def _print(text: str) -> None:
@@ -499,16 +559,47 @@ def cmd_simulate(args) -> None:
     _print(f"\nwrote {out}/simulation.nc, states.png, observations.png, report.md")
 
 
+#: the reference rows every fit is put beside (scored exactly by their own likelihood; they fit instantly)
+FIT_REFERENCES = ("persistence", "AR by AIC")
+
+
+def _reference_method(label: str):
+    from ppl_rnn.inference.reference import LinearAR, Persistence
+
+    return Persistence() if label == "persistence" else LinearAR(order="aic")
+
+
+def _cell(ev, f, label: str, seed: int):
+    """One evaluation as a cell of a :func:`ppl_rnn.compare` grid (the fields ``compare.run_cell`` adds)."""
+    from .compare import final_objective
+
+    ev = ev.copy()
+    ev["wall_time_s"] = ((), float(f.wall_time_s))
+    ev["own_objective"] = ((), final_objective(f))
+    ev["num_particles"] = ((), float(ev.attrs.get("num_particles", float("nan"))))
+    ev.attrs.update(own_evidence_kind=str(f.evidence_kind), error="", converged=int(bool(f.converged)),
+                    method=label, seed=int(seed), model_label="")
+    return ev
+
+
 def _fit_and_score(args, out):
+    """Fit the model, score it and the reference rows (:data:`FIT_REFERENCES`) with the same yardstick.
+
+    Returns ``(train, test, record, fit, evaluation, grid, reference_labels, scaling)``: ``grid`` is a
+    :func:`ppl_rnn.compare`-shaped Dataset (the fitted row labelled ``--method``, then the references) that
+    :func:`ppl_rnn.workbench.report.verdict` and the tables read."""
+    import numpy as np
     import torch
 
     from ppl_rnn.verbs import fit
 
     from . import plots
+    from .compare import assemble_grid
     from .evaluate import evaluate
 
     model_names(args.model)  # an unknown name fails before the data are loaded
-    tr, te, rec = load_data(args.data, seed=args.data_seed, max_steps=args.max_steps, train_steps=args.train_steps)
+    tr, te, rec, scaling = load_data(args.data, seed=args.data_seed, max_steps=args.max_steps,
+                                     train_steps=args.train_steps, scale=args.scale)
     model = make_model(args.model, args, tr.shape[-1])
     method = _make(args.method, progress=True, **_settings(args.set))
     _print(f"fitting {args.model} ({type(model).__name__}, state dimension {model.hidden_dim}) with {args.method} "
@@ -516,8 +607,10 @@ def _fit_and_score(args, out):
     f = fit(model, tr, method=method, seed=args.seed)
     horizons = [args.horizon] if hasattr(args, "horizon") else args.horizons
     horizons = sorted({1, *horizons})
-    ev = evaluate(f.model, tr, te, horizons=horizons, num_particles=args.num_particles, se_tol=args.se_tol,
-                  max_particles=args.max_particles, seed=args.seed)
+    ekw = dict(horizons=horizons, num_particles=args.num_particles, se_tol=args.se_tol,
+               max_particles=args.max_particles, seed=args.seed)
+    ev = evaluate(f.model, tr, te, **ekw)
+    ev.attrs.update(scaling.attrs())
     ev.to_netcdf(out / "evaluation.nc", engine="h5netcdf")
     torch.save(f.model, out / "model.pt")
     if f.trace is not None:
@@ -528,22 +621,102 @@ def _fit_and_score(args, out):
             plots.plot_traces({args.method: f.trace}, kinds={args.method: f.evidence_kind}, path=out / "trace.png")
         except Exception:
             pass
-    return tr, te, rec, f, ev
+    cells = {(args.method, args.seed): _cell(ev, f, args.method, args.seed)}
+    refs = []
+    for label in FIT_REFERENCES:
+        rf = fit(model, tr, method=_reference_method(label), seed=args.seed)
+        if label == "AR by AIC":
+            orders = sorted({int(o) for o in np.atleast_1d(rf.diagnostics.get("order", []))})
+            label = f"AR({','.join(map(str, orders))}) by AIC" if orders else label
+        if label == args.method:
+            continue
+        refs.append(label)
+        cells[(label, args.seed)] = _cell(evaluate(rf.model, tr, te, **ekw), rf, label, args.seed)
+    names = [args.method, *refs]
+    B, T1, D = tr.shape
+    grid = assemble_grid(cells, names, [args.seed], horizons, int(ev.sizes["draw"]), B, T1, te.shape[1], D,
+                     te.double().numpy())
+    grid.attrs.update(scaling.attrs())
+    grid.to_netcdf(out / "references.nc", engine="h5netcdf")
+    return tr, te, rec, f, ev, grid, refs, scaling
 
 
-def _eval_table(ev, name) -> tuple[str, str]:
-    hs = [int(h) for h in ev.horizon.values]
-    head = (["method", "held-out log-ev/step ± SE"] + [f"CRPS {h}" for h in hs] + [f"RMSE {h}" for h in hs]
-            + ["cov50/90 1"])
-    logev = f"{float(ev.heldout_logev_per_step):.3f} ± {float(ev.heldout_logev_per_step_se):.3f}"
-    logev += "" if int(ev.se_ok) else " † (SE above tolerance at the particle cap)"
-    row = [name, logev] + [f"{float(v):.3f}" for v in ev.crps.values] + [
-        f"{float(v):.3f}" for v in ev.rmse.values] + [f"{float(ev.coverage_50[0]):.2f}/{float(ev.coverage_90[0]):.2f}"]
-    md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n| " + " | ".join(row) + " |"
-    w = [max(len(a), len(b)) for a, b in zip(head, row, strict=True)]
-    txt = "  ".join(a.ljust(x) for a, x in zip(head, w, strict=True)) + "\n" + "  ".join(
-        b.ljust(x) for b, x in zip(row, w, strict=True))
-    return md, txt
+def _raw_units_table(grid, refs, scaling) -> str:
+    """Markdown table of the held-out log-evidence and the forecast errors in the data's raw units (rows as in
+    the yardstick table), or '' when the data were not scaled or have several dimensions."""
+    import numpy as np
+
+    from .report import summarise
+
+    if not scaling.scaled or len(scaling.scale) != 1:
+        return ""
+    sd, shift = scaling.scale[0], scaling.log_scale()
+    hs = [int(h) for h in grid["horizon"].values]
+    head = (["method", "held-out log-ev/step (raw units)"] + [f"CRPS {h} (raw units)" for h in hs]
+            + [f"RMSE {h} (raw units)" for h in hs])
+    rows = ["| " + " | ".join(head) + " |", "|---|" + "---|" * (len(head) - 1)]
+    fmt = lambda x: f"{x:.4g}" if np.isfinite(x) else "—"  # noqa: E731
+    for r in sorted(summarise(grid), key=lambda r: -np.nan_to_num(r["heldout_logev_per_step"], nan=-np.inf)):
+        name = r["method"] + (" *" if r["method"] in refs else "")
+        rows.append("| " + " | ".join([name, fmt(r["heldout_logev_per_step"] - shift)]
+                                      + [fmt(r[f"crps@{h}"] * sd) for h in hs]
+                                      + [fmt(r[f"rmse@{h}"] * sd) for h in hs]) + " |")
+    return "\n".join(rows)
+
+
+def _units_words(scaling) -> str:
+    """How the scaled scores translate to raw units (one paragraph; '' without scaling)."""
+    if not scaling.scaled:
+        return ""
+    if len(scaling.scale) == 1:
+        sd = scaling.scale[0]
+        return (f"Log-evidence per step is in scaled units; in raw units add −log σ = {-scaling.log_scale():.4f} "
+                f"nats/step (σ = {sd:.4g}). RMSE and CRPS in raw units are the scaled ones times σ.")
+    return (f"Log-evidence per step is in scaled units; in raw units add −Σ log σ_d = {-scaling.log_scale():.4f} "
+            "nats/step. RMSE and CRPS pool the dimensions in scaled units (each divided by its own σ_d).")
+
+
+def _data_words(tr, te, scaling) -> str:
+    """The report's first paragraph: the split and the scaling sentence."""
+    B, T1, D = tr.shape
+    text = (f"Training part: steps 0-{T1 - 1}; held-out test part: steps {T1}-{T1 + te.shape[1] - 1} "
+            f"({B} sequence(s), {D} observed dimension(s)).")
+    return text + " " + (scaling.sentence() if scaling.scaled else "Raw units (`--scale none`).")
+
+
+def _to_raw(x, scaling):
+    """Scaled values back to raw units (a tensor or array whose last dim is the observed dimension)."""
+    import numpy as np
+
+    if not scaling.scaled:
+        return x
+    sc, off = np.asarray(scaling.scale), np.asarray(scaling.offset)
+    if hasattr(x, "detach"):
+        import torch
+
+        return x * torch.as_tensor(sc, dtype=x.dtype) + torch.as_tensor(off, dtype=x.dtype)
+    return np.asarray(x) * sc + off
+
+
+def _score_sections(grid, refs, scaling) -> tuple[list[dict], str]:
+    """The report sections on the yardstick (verdict beside the references, the table, raw units) and the
+    terminal's text."""
+    from .report import comparison_table, text_table, verdict
+
+    words = verdict(grid, reference=refs)
+    raw = _raw_units_table(grid, refs, scaling)
+    text = (words + "\n\n" + comparison_table(grid, reference=refs)
+            + "\n\n(* reference rows, fitted on the same training part and scored exactly by their own likelihood; "
+            + ("scaled units" if scaling.scaled else "raw units") + ")")
+    if raw:
+        text += "\n\n" + _units_words(scaling) + "\n\n" + raw
+    elif scaling.scaled:
+        text += "\n\n" + _units_words(scaling)
+    term = text_table(grid, reference=refs) + "\n\n" + words.replace("**", "")
+    if scaling.scaled:
+        term += "\n\n" + scaling.sentence().replace("`", "") + " " + _units_words(scaling)
+    return [{"heading": "Score on the held-out part beside the reference rows (the common yardstick)",
+             "text": text}], term
 
 
 def cmd_fit(args) -> None:
@@ -552,24 +725,27 @@ def cmd_fit(args) -> None:
     from .report import write_report
 
     out = _out_dir(args, "fit")
-    tr, te, rec, f, ev = _fit_and_score(args, out)
+    tr, te, rec, f, ev, grid, refs, scaling = _fit_and_score(args, out)
     try:
         idata = to_inference_data(f, observations=tr, num_draws=100, seed=args.seed, onestep=False)
         idata.to_netcdf(str(out / "inference_data.nc"))
     except Exception as e:  # the export needs a smoother for the fitted model; report but go on
         _print(f"(ArviZ export skipped: {type(e).__name__}: {e})")
-    plots.plot_forecast(tr, ev.onestep_y.values.transpose(0, 1, 2, 3)[:, :, :200], truth=te[:, :200],
-                        label="one-step-ahead predictive", title=f"{args.method}: one-step-ahead predictive on the "
-                        "held-out part", path=out / "onestep.png")
-    md, txt = _eval_table(ev, args.method)
-    figs = [("one-step-ahead predictive on the held-out part", "onestep.png")]
+    units = " (raw units)" if scaling.scaled else ""
+    plots.plot_forecast(_to_raw(tr, scaling), _to_raw(ev.onestep_y.values[:, :, :200], scaling),
+                        truth=_to_raw(te[:, :200], scaling), label="one-step-ahead predictive",
+                        title=f"{args.method}: one-step-ahead predictive on the held-out part{units}",
+                        path=out / "onestep.png")
+    figs = [("one-step-ahead predictive on the held-out part" + units, "onestep.png")]
     if (out / "trace.png").exists():
         figs.insert(0, ("training trace (the method's own objective)", "trace.png"))
-    write_report(out / "report.md", title=f"ppl-rnn fit: {args.model} by {args.method} on {args.data}", sections=[
-        {"heading": "Score on the held-out part (the common yardstick)",
-         "text": md + f"\n\nFit time {f.wall_time_s:.1f} s; own objective kind: {f.evidence_kind}.", "figures": figs}])
-    _print(txt)
-    _print(f"\nwrote {out}/evaluation.nc, model.pt, report.md and figures")
+    sections, term = _score_sections(grid, refs, scaling)
+    sections[0]["text"] += f"\n\nFit time {f.wall_time_s:.1f} s; own objective kind: {f.evidence_kind}."
+    sections[0]["figures"] = figs
+    write_report(out / "report.md", title=f"ppl-rnn fit: {args.model} by {args.method} on {args.data}",
+                 sections=sections, preamble=_data_words(tr, te, scaling))
+    _print(term)
+    _print(f"\nwrote {out}/evaluation.nc, references.nc, model.pt, report.md and figures")
 
 
 def cmd_forecast(args) -> None:
@@ -580,29 +756,35 @@ def cmd_forecast(args) -> None:
     from .report import write_report
 
     out = _out_dir(args, "forecast")
-    tr, te, rec, f, ev = _fit_and_score(args, out)
+    tr, te, rec, f, ev, grid, refs, scaling = _fit_and_score(args, out)
     K = min(args.horizon, te.shape[1])
     fc = forecast(f.model, tr, horizon=K, num_samples=500, seed=args.seed)
     to_inference_data(fc, observations=tr).to_netcdf(str(out / "forecast.nc"))
     dt = getattr(rec, "sampling_interval", None) if rec is not None else None
     unit = getattr(rec, "time_unit", "step") if rec is not None else "step"
-    plots.plot_forecast(tr, fc, truth=te[:, :K], history=max(3 * K, 100), dt=dt, time_unit=unit or "step",
-                        label=f"{args.method} forecast", path=out / "forecast.png")
+    units = " (raw units)" if scaling.scaled else ""
+    samples = _to_raw(fc.samples, scaling)  # the forecast in the data's own units
+    plots.plot_forecast(_to_raw(tr, scaling), samples, truth=_to_raw(te[:, :K], scaling), history=max(3 * K, 100),
+                        dt=dt, time_unit=unit or "step", label=f"{args.method} forecast" + units,
+                        path=out / "forecast.png")
     import torch
 
-    q = fc.samples.quantile(torch.tensor([0.05, 0.5, 0.95], dtype=fc.samples.dtype), dim=0)
-    lines = [f"{'step':>4}  {'median':>8}  {'90% interval':>20}  {'observed':>8}"]
-    rows = ["| step | median | 90% interval | observed |", "|---|---|---|---|"]
+    q = samples.quantile(torch.tensor([0.05, 0.5, 0.95], dtype=samples.dtype), dim=0)
+    truth = _to_raw(te, scaling)
+    lines = [f"{'step':>4}  {'median':>8}  {'90% interval':>20}  {'observed':>8}" + units]
+    rows = [f"| step | median{units} | 90% interval{units} | observed{units} |", "|---|---|---|---|"]
     for k in range(K):
-        lo, md_, hi, obs = float(q[0, 0, k, 0]), float(q[1, 0, k, 0]), float(q[2, 0, k, 0]), float(te[0, k, 0])
+        lo, md_, hi, obs = float(q[0, 0, k, 0]), float(q[1, 0, k, 0]), float(q[2, 0, k, 0]), float(truth[0, k, 0])
         lines.append(f"{k + 1:>4}  {md_:8.3f}  [{lo:8.3f}, {hi:8.3f}]  {obs:8.3f}")
         rows.append(f"| {k + 1} | {md_:.3f} | [{lo:.3f}, {hi:.3f}] | {obs:.3f} |")
-    md, _ = _eval_table(ev, args.method)
-    write_report(out / "report.md", title=f"ppl-rnn forecast: {args.model} by {args.method} on {args.data}", sections=[
+    sections, term = _score_sections(grid, refs, scaling)
+    sections[0]["heading"] = "Rolling-origin score on the held-out part beside the reference rows"
+    write_report(out / "report.md", title=f"ppl-rnn forecast: {args.model} by {args.method} on {args.data}",
+                 preamble=_data_words(tr, te, scaling), sections=[
         {"heading": f"Forecast of the {K} steps after the training part", "text": "\n".join(rows),
-         "figures": [("forecast with 50%/90% intervals", "forecast.png")]},
-        {"heading": "Rolling-origin score on the held-out part", "text": md}])
+         "figures": [("forecast with 50%/90% intervals" + units, "forecast.png")]}, *sections])
     _print("\n".join(lines))
+    _print("\n" + term)
     _print(f"\nwrote {out}/forecast.nc, forecast.png, report.md")
 
 
@@ -699,7 +881,11 @@ def cmd_compare(args) -> None:
     executor = args.executor or cmp_c.get("executor", "local")
     address = args.address or cmp_c.get("address")
     out = _out_dir(args, "compare")
-    tr, te, rec = load_data(str(data), seed=int(seed), max_steps=max_steps, train_steps=train_steps)
+    scale = args.scale if given("scale") else data_c.get("scale", "standard")
+    tr, te, rec, scaling = load_data(str(data), seed=int(seed), max_steps=max_steps, train_steps=train_steps,
+                                     scale=scale)
+    if scaling.scaled:
+        _print(scaling.sentence().replace("`", ""))
     built = {label: make_model(t, opts, tr.shape[-1]) for label, (t, opts) in models.items()}
     several = len(built) > 1
     model = built if several else next(iter(built.values()))
@@ -720,7 +906,8 @@ def cmd_compare(args) -> None:
     kinds = {str(m): str(k) for m, k in zip(flat.method.values, flat.own_evidence_kind.values, strict=True)}
     plots.plot_traces(traces, kinds=kinds, path=out / "traces.png")
     write_report(out / "report.md", title=f"ppl-rnn compare on {data}", sections=[
-        {"heading": "Result", "text": verdict(ds, reference=reference)},
+        {"heading": "Result", "text": verdict(ds, reference=reference) + (
+            f"\n\n{scaling.sentence()} {_units_words(scaling)}" if scaling.scaled else "")},
         {"heading": "Table (mean ± Monte Carlo SE of the yardstick; sd over seeds in its own column; "
                     "* = reference row)", "text": comparison_table(ds, reference=reference),
          "figures": [("held-out log-evidence and CRPS by method", "comparison.png"),

@@ -109,7 +109,7 @@ def _fingerprint(model_fp, method, horizons, eval_kw, shapes) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def _final_objective(fit) -> float:
+def final_objective(fit) -> float:
     """The last finite value of the trace's ``log_evidence`` (what ``evidence_kind`` describes) where the method
     records one, else of its ``objective`` (ELBO, loss, ...)."""
     tr = getattr(fit, "trace", None)
@@ -137,7 +137,7 @@ def run_cell(model, train, test, name: str, method, seed: int, horizons, eval_kw
         ev = evaluate(fit.model, train, test, horizons=horizons, train_inputs=train_inputs,
                       test_inputs=test_inputs, seed=seed, **eval_kw)
         ev["wall_time_s"] = ((), float(fit.wall_time_s))
-        ev["own_objective"] = ((), _final_objective(fit))
+        ev["own_objective"] = ((), final_objective(fit))
         ev["num_particles"] = ((), float(ev.attrs["num_particles"]))
         ev.attrs.update(own_evidence_kind=str(fit.evidence_kind), error="", converged=int(bool(fit.converged)))
     except KeyboardInterrupt:
@@ -147,7 +147,7 @@ def run_cell(model, train, test, name: str, method, seed: int, horizons, eval_kw
                                "traceback": traceback.format_exc(limit=6),
                                "own_evidence_kind": str(getattr(fit, "evidence_kind", "")) if fit else ""})
         ev["wall_time_s"] = ((), float(fit.wall_time_s) if fit is not None else time.perf_counter() - t0)
-        ev["own_objective"] = ((), _final_objective(fit) if fit is not None else float("nan"))
+        ev["own_objective"] = ((), final_objective(fit) if fit is not None else float("nan"))
     ev.attrs.update(method=name, seed=int(seed), model_label=str(model_label))
     trace = getattr(fit, "trace", None) if fit is not None else None
     fitted = fit.model if fit is not None else None
@@ -214,7 +214,7 @@ def _load_cell(cells_dir: Path, name: str, seed: int, fp: str, model: str | None
     return ds
 
 
-def _assemble(cells: dict, names, seeds, hs, num_samples, B, T1, T2, D, y_test) -> xr.Dataset:
+def assemble_grid(cells: dict, names, seeds, hs, num_samples, B, T1, T2, D, y_test) -> xr.Dataset:
     nm, ns, nh = len(names), len(seeds), len(hs)
     data = {k: np.full((nm, ns), np.nan) for k in SCALARS}
     metr = {k: np.full((nm, ns, nh), np.nan) for k in metric_names}
@@ -398,7 +398,7 @@ def compare(model, train, test, *, methods: Mapping[str, InferenceMethod], seeds
         if bar is not None:
             bar.close()
     y_test = te.with_nan().double().numpy()
-    per_model = [_assemble({(n, s): ev for (ml2, n, s), ev in cells.items() if ml2 == ml}, names, seeds, hs,
+    per_model = [assemble_grid({(n, s): ev for (ml2, n, s), ev in cells.items() if ml2 == ml}, names, seeds, hs,
                            num_samples, B, T1, T2, D, y_test) for ml in models]
     if single:
         ds = per_model[0]

@@ -221,8 +221,10 @@ def _require(module: str, dataset: str, package: str | None = None):
         ) from e
 
 
-def _stats(x: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
-    """(offset, scale) per last dim of ``x`` (T, D)."""
+def scaling_stats(x: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
+    r"""``(offset, scale)`` per last dim of ``x`` ``(T, D)`` (NaN skipped), for :math:`(x - \text{offset}) /
+    \text{scale}`: ``"standard"`` mean and standard deviation, ``"robust"`` median and interquartile range,
+    ``"none"`` 0 and 1. A zero scale becomes 1. Callers pass the training part only."""
     if how == "none":
         return np.zeros(x.shape[-1]), np.ones(x.shape[-1])
     if how == "standard":
@@ -255,12 +257,12 @@ def _record(name, values, inputs=None, *, scale="none", dtype=None, train_steps=
         raise ConfigurationError(f"dtype must be torch.float32 or torch.float64; found {dtype!r}.")
     values = np.asarray(values, dtype=np.float64)
     n_train = _train_cut(values.shape[0], train_steps)
-    off, sc = _stats(values[:n_train], scale)
+    off, sc = scaling_stats(values[:n_train], scale)
     t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=dtype)  # noqa: E731
     rec = dict(values=t((values - off) / sc)[None], offset=t(off), scale=t(sc), inputs=None)
     if inputs is not None:
         inputs = np.asarray(inputs, dtype=np.float64)
-        ioff, isc = _stats(inputs[:n_train], scale)
+        ioff, isc = scaling_stats(inputs[:n_train], scale)
         rec.update(inputs=t((inputs - ioff) / isc)[None], input_offset=t(ioff), input_scale=t(isc))
     if scale != "none":
         fields["units"] = f"{fields['units']}, {scale}-scaled (raw = values * scale + offset)"

@@ -3,7 +3,9 @@ r"""Markdown reports and plain-text tables of a comparison (:func:`ppl_rnn.compa
 :func:`comparison_table` (markdown) and :func:`text_table` (terminal) show one row per method: the common
 yardstick first (held-out log-evidence per step, forecast RMSE/CRPS per horizon, interval coverage), then
 wall time and the method's own objective with its ``evidence_kind`` (never mixed with the yardstick).
-:func:`verdict` names the winner on the yardstick, with the margins that support it.
+:func:`verdict` names the winner on the yardstick, with the margins that support it, and
+:func:`against_references` (part of the verdict) says in one sentence whether it beats the best reference row
+(persistence, AR, ...) and by how much (± the yardstick's Monte Carlo SE; paired CRPS per lead).
 
 Every log-evidence is printed as ``mean ± SE``: the mean over the seeds that finished and the Monte Carlo
 standard error of that mean, :math:`\sqrt{\sum_s \mathrm{SE}_s^2}/n` (each seed's yardstick SE from
@@ -24,7 +26,7 @@ from ppl_rnn.errors import ConfigurationError, DataError
 from .compare import flatten_models
 from .paired import grid_difference
 
-__all__ = ["summarise", "comparison_table", "text_table", "verdict", "write_report"]
+__all__ = ["summarise", "comparison_table", "text_table", "verdict", "against_references", "write_report"]
 
 #: why a method behaves as it does (used in verdicts); keyed by a lower-case substring of the label or class
 WHY = {
@@ -185,7 +187,8 @@ def verdict(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
     lab = steps_label(hl) if steps_label else f"{hl}-step"
     cands.sort(key=lambda r: -r["heldout_logev_per_step"])
     w = cands[0]
-    parts = [f"**Winner: {w['method']}**, with a held-out log-evidence of {_logev(w)} nats per step"]
+    head = f"**Winner: {w['method']}**, with" if len(cands) > 1 else f"**{w['method']}** (the one trained row) has"
+    parts = [f"{head} a held-out log-evidence of {_logev(w)} nats per step"]
     if w["n_failed"]:
         parts.append(f" (mean over the {w['n_ok']} of {w['n_seeds']} seeds that finished; {w['n_failed']} failed)")
     if len(cands) > 1:
@@ -213,16 +216,22 @@ def verdict(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
         rel = "above" if d > 0 else "below"
         parts.append(f"Reference {r['method']}: {_logev(r)} nats/step "
                      f"({w['method']} is {abs(d):.3f} {rel}). ")
+    versus = against_references(ds, w["method"], reference=reference, steps_label=steps_label)
+    if versus:
+        parts.append(f"\n\n{versus}")
     better_refs = [r for r in refs if r["heldout_logev_per_step"] > w["heldout_logev_per_step"]
                    and "true" not in r["method"].lower()]
-    if better_refs:
+    if better_refs and versus:
+        parts.append(" With this compute budget and model size the networks have not learned more than the "
+                     "reference's linear structure.")
+    elif better_refs:
         b = max(better_refs, key=lambda r: r["heldout_logev_per_step"])
         parts.append(f"\n\n**No trained network beats the {b['method']} reference here** "
                      f"({b['heldout_logev_per_step'] - w['heldout_logev_per_step']:.3f} nats/step better than "
                      f"{w['method']}; {lab} CRPS {b[f'crps@{hl}']:.3f}): with this compute budget and model size the "
                      "networks have not learned more than the reference's linear structure. ")
     why = _why(w["method"])
-    if why:
+    if why and (len(cands) > 1 or not better_refs):  # one trained row that loses to a reference "wins" nothing
         parts.append(f"\n\nWhy {w['method']} wins: {why}.")
     worst = cands[-1] if len(cands) > 1 else None
     if worst is not None and _why(worst["method"]):
@@ -230,6 +239,56 @@ def verdict(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
     if failed:
         parts.append("\n\nFailed cells: " + "; ".join(f"{r['method']} ({r['errors'][0][:120]})" for r in failed) + ".")
     return "".join(parts)
+
+
+def against_references(ds, method: str, *, reference: Sequence[str] = (), steps_label=None) -> str:
+    """One sentence: does ``method`` beat the best reference row (by held-out log-evidence; rows whose label
+    contains "true", the generating model, are a ceiling, not a reference), and by how much.
+
+    The margin is :math:`\\Delta = \\ell_{method} - \\ell_{ref}` nats/step with the Monte Carlo SE
+    :math:`\\sqrt{SE_{method}^2 + SE_{ref}^2}` of the two yardstick estimates (an exact reference row has SE 0);
+    it counts as a win or a loss only beyond 2 SE. Then the paired CRPS difference per lead (``method`` minus
+    the reference, HAC SE over the test targets, :func:`ppl_rnn.workbench.paired.grid_difference`) where the
+    grid keeps per-target losses, and which of the two forecasts better at every lead, if one does. ''
+    without a finished reference row."""
+    rows = {r["method"]: r for r in summarise(ds) if r["n_ok"] > 0 and np.isfinite(r["heldout_logev_per_step"])}
+    refs = [r for n, r in rows.items() if _is_ref(n, reference) and "true" not in n.lower() and n != method]
+    if method not in rows or not refs:
+        return ""
+    w = rows[method]
+    b = max(refs, key=lambda r: r["heldout_logev_per_step"])
+    d = w["heldout_logev_per_step"] - b["heldout_logev_per_step"]
+    se = float(np.hypot(*(x if np.isfinite(x) else 0.0 for x in (w["heldout_logev_per_step_se"],
+                                                                b["heldout_logev_per_step_se"]))))
+    if d > 2 * se:
+        word = f"**{method} beats the best reference, {b['method']}**, by {d:.3f} ± {se:.3f} nats/step held out"
+    elif d < -2 * se:
+        word = (f"**{method} does not beat the best reference, {b['method']}**: it scores {-d:.3f} ± {se:.3f} "
+                "nats/step below it held out")
+    else:
+        word = (f"**{method} ties with the best reference, {b['method']}**: {d:+.3f} ± {se:.3f} nats/step held "
+                "out, within the Monte Carlo error")
+    text = (f"{word} ({method} {_logev(w)}, {b['method']} {_logev(b)} nats/step; ± the yardstick's Monte Carlo SE)")
+    hs = [int(h) for h in ds["horizon"].values]
+    lab = steps_label or (lambda h: f"{h}-step")
+    try:
+        diff = grid_difference(ds, method, b["method"], horizons=hs)
+    except (DataError, ConfigurationError):
+        return text + "."
+    dv, sv = np.asarray(diff.difference, float), np.asarray(diff.difference_se, float)
+    lo, hi = np.asarray(diff.ci95_low, float), np.asarray(diff.ci95_high, float)
+    leads = ", ".join(f"{lab(h)} {x:+.4f} ± {e:.4f}" for h, x, e in zip(hs, dv, sv, strict=True))
+    if (hi < 0).all():
+        who = f"{method} forecasts better at every lead"
+    elif (lo > 0).all():
+        who = f"{b['method']} forecasts better at every lead"
+    elif (dv < 0).all():
+        who = f"{method}'s CRPS is lower at every lead, not significantly at all of them"
+    elif (dv > 0).all():
+        who = f"{b['method']}'s CRPS is lower at every lead, not significantly at all of them"
+    else:
+        who = "neither forecasts better at every lead"
+    return text + f"; paired CRPS, {method} minus {b['method']}: {leads} (HAC SE): {who}."
 
 
 def _paired_words(ds, a: str, b: str, h: int) -> str:

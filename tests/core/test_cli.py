@@ -1,5 +1,6 @@
 """The ppl-rnn command line: help that teaches, one-line errors with exit 2, run directories."""
 
+import re
 import subprocess
 import sys
 
@@ -205,6 +206,7 @@ def test_unknown_or_misused_model_one_line_exit_2(argv, words, capsys, tmp_path)
     assert not (out / "evaluation.nc").exists() and not (out / "compare.nc").exists()
 
 
+@pytest.mark.slow  # about 12 s: two full compare grids through the CLI
 def test_compare_several_models_by_flag_and_by_config(tmp_path, capsys):
     from ppl_rnn.workbench.compare import load_cell_model
 
@@ -234,3 +236,105 @@ def test_compare_several_models_by_flag_and_by_config(tmp_path, capsys):
     small, big = (load_cell_model(out, "svi", 0, model=m) for m in ("small", "big"))
     assert type(small) is MODELS["gru"] and small.hidden_dim == 3
     assert type(big) is MODELS["lstm"] and big.hidden_dim == 10
+
+
+# ---- issue 27, point 4: the fit report speaks to the user (scaling, reference rows, verdict, raw units) ------------
+
+_VERDICT = re.compile(r"\*\*(\S+) (beats|does not beat|ties with) the best reference, (AR\(\d+\) by AIC|persistence)\*\*"
+                      r"[^.]*?(\d+\.\d{3}) ± (\d+\.\d{3}) nats/step")
+
+
+def _laser_train(n):
+    from ppl_rnn.workbench import datasets
+
+    return datasets.load("santafe-laser").values[0, :n, 0].double().numpy()  # raw counts
+
+
+def test_fit_report_has_reference_rows_scaling_and_verdict(tmp_path, capsys):
+    pytest.importorskip("reservoirpy")
+    import numpy as np
+
+    out = tmp_path / "fit"
+    assert main(["fit", "--data", "santafe-laser", "--max-steps", "300", "--train-steps", "200", "--set",
+                 "num_iterations=2", "--horizons", "1,5", "--num-particles", "200", "--out", str(out)]) == 0
+    term = capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    # the scaling sentence, with the training part's own mean and standard deviation (steps 0-199)
+    x = _laser_train(200)
+    sentence = (f"Scaled by the training part's mean {np.mean(x):.4g} and standard deviation {np.std(x):.4g} "
+                "(steps 0-199 only")
+    assert sentence in report and sentence in term and "`--scale none` keeps raw units" in report
+    # the reference rows beside the fitted network, on the same yardstick
+    grid = xr.load_dataset(out / "references.nc", engine="h5netcdf")
+    names = [str(m) for m in grid.method.values]
+    assert names[0] == "mcem" and names[1] == "persistence" and re.fullmatch(r"AR\(\d+\) by AIC", names[2])
+    assert (grid.heldout_logev_per_step_se.values[0, 1:] == 0).all()  # reference rows are scored exactly
+    for row in ("| persistence * |", f"| {names[2]} * |", "| mcem |"):
+        assert row in report, row
+    assert "persistence *" in term and f"{names[2]} *" in term
+    # the verdict sentence: beats the best reference or not, by how much ± SE, and the paired CRPS per lead
+    m = _VERDICT.search(report)
+    assert m and m.group(1) == "mcem", report
+    lev = grid.heldout_logev_per_step.values[:, 0]
+    best = int(np.argmax(lev[1:])) + 1
+    assert m.group(3) == names[best] and float(m.group(4)) == pytest.approx(abs(lev[0] - lev[best]), abs=1e-3)
+    assert m.group(2) == ("beats" if lev[0] > lev[best] else "does not beat")
+    assert "paired CRPS, mcem minus" in report and "1-step" in report and "5-step" in report
+    assert m.group(0).replace("**", "") in term  # the same sentence on the terminal
+    # scores also in the data's units: RMSE and CRPS times sigma, log-evidence minus log sigma
+    assert "RMSE 1 (raw units)" in report and f"−log σ = {-np.log(np.std(x)):.4f}" in report
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    helptext = " ".join(capsys.readouterr().out.split())
+    assert "--scale {standard,robust,none}" in helptext and "beside persistence and AR by AIC" in helptext
+
+
+def test_scale_none_keeps_raw_units_and_the_raw_columns_agree(tmp_path, capsys):
+    pytest.importorskip("reservoirpy")
+    import numpy as np
+
+    common = ["fit", "--data", "santafe-laser", "--max-steps", "300", "--train-steps", "200", "--method", "linear_ar",
+              "--set", "order=3", "--horizons", "1,5"]
+    assert main([*common, "--scale", "none", "--out", str(tmp_path / "raw")]) == 0
+    term = capsys.readouterr().out
+    report = (tmp_path / "raw" / "report.md").read_text()
+    assert "Scaled by" not in report and "Scaled by" not in term and "(raw units)" not in report
+    assert "Raw units (`--scale none`)" in report
+    raw = xr.load_dataset(tmp_path / "raw" / "evaluation.nc", engine="h5netcdf")
+    assert raw.attrs["scaling"] == "none"
+    assert main([*common, "--out", str(tmp_path / "std")]) == 0  # the default: standard scaling
+    std = xr.load_dataset(tmp_path / "std" / "evaluation.nc", engine="h5netcdf")
+    sd = float(std.attrs["scaling_scale"])
+    assert std.attrs["scaling"] == "standard" and sd == pytest.approx(np.std(_laser_train(200)), rel=1e-12)
+    # an AR fit is affine-equivariant: the raw run's numbers are the scaled run's converted to raw units
+    np.testing.assert_allclose(raw.rmse.values, std.rmse.values * sd, rtol=1e-5)
+    assert float(raw.heldout_logev_per_step) == pytest.approx(float(std.heldout_logev_per_step) - np.log(sd), abs=1e-5)
+    assert float(raw.rmse.sel(horizon=1)) > 5 * float(std.rmse.sel(horizon=1))  # raw counts, not scaled units
+    table = (tmp_path / "std" / "report.md").read_text().split("RMSE 5 (raw units) |")[1]
+    row = next(ln for ln in table.splitlines() if ln.startswith("| linear_ar |")).split("|")
+    assert float(row[2]) == pytest.approx(float(raw.heldout_logev_per_step), abs=2e-3)
+    assert float(row[-2]) == pytest.approx(float(raw.rmse.sel(horizon=5)), rel=1e-3)
+
+
+def test_scaling_statistics_come_from_the_training_part_only(tmp_path):
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    y = np.cumsum(rng.normal(size=160)) + 5.0
+    other = y.copy()
+    other[120:] = 10 * other[120:] + 100  # only the test part changes
+    runs = {}
+    for label, series in (("a", y), ("b", other)):
+        path = tmp_path / f"{label}.csv"
+        np.savetxt(path, series[:, None], delimiter=",")
+        out = tmp_path / label
+        assert main(["fit", "--data", str(path), "--train-steps", "120", "--method", "linear_ar", "--set", "order=2",
+                     "--horizons", "1", "--out", str(out)]) == 0
+        ev = xr.load_dataset(out / "evaluation.nc", engine="h5netcdf")
+        runs[label] = (float(ev.attrs["scaling_offset"]), float(ev.attrs["scaling_scale"]),
+                       torch.load(out / "model.pt", weights_only=False).state_dict())
+    (oa, sa, pa), (ob, sb, pb) = runs["a"], runs["b"]
+    assert (oa, sa) == (ob, sb)
+    assert oa == pytest.approx(np.mean(y[:120]), rel=1e-6) and sa == pytest.approx(np.std(y[:120]), rel=1e-6)
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)  # the same fitted parameters

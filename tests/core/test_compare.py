@@ -262,10 +262,10 @@ def test_several_models_grid_model_by_method_by_seed(problem, tmp_path):
 def test_own_objective_is_the_log_evidence_where_the_trace_has_one():
     from types import SimpleNamespace
 
-    from ppl_rnn.workbench.compare import _final_objective
+    from ppl_rnn.workbench.compare import final_objective
 
     both = xr.Dataset({"objective": ("iteration", [np.nan, 9e5]), "log_evidence": ("iteration", [10.0, 11.0])})
-    assert _final_objective(SimpleNamespace(trace=both)) == 11.0  # what evidence_kind describes (MCEM, KalmanEM)
+    assert final_objective(SimpleNamespace(trace=both)) == 11.0  # what evidence_kind describes (MCEM, KalmanEM)
     elbo = xr.Dataset({"objective": ("iteration", [-5.0, -4.0, np.nan])})
-    assert _final_objective(SimpleNamespace(trace=elbo)) == -4.0
-    assert np.isnan(_final_objective(SimpleNamespace(trace=None)))
+    assert final_objective(SimpleNamespace(trace=elbo)) == -4.0
+    assert np.isnan(final_objective(SimpleNamespace(trace=None)))
