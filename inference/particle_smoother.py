@@ -199,45 +199,106 @@ def _check_mcmc(t: int, lf: torch.Tensor, what: str) -> None:
             "backward='simulation'.", sequence=b, time_step=t)
 
 
+def _mcmc_proposals(LW: torch.Tensor, hi: int, lo: int, points: torch.Tensor) -> torch.Tensor:
+    """Multinomial draws from the filtering weights of the steps ``hi, hi-1, ..., lo`` at once: ``LW (T,N,B)``,
+    ``points (K, m, B, P)`` uniforms (the k-th row for step ``hi-k``) -> indices ``(K, m, P, B)``. The same inverse-CDF
+    draws as :func:`~ppl_rnn.inference.resampling.multinomial` (cumulative normalised weights ending at exactly 1,
+    points kept below 1, ``searchsorted(right=True)``), batched over steps."""
+    K, m, B, P = points.shape
+    lw = LW[lo:hi + 1].flip(0)  # (K,N,B): steps hi, ..., lo
+    c = torch.cumsum(torch.softmax(lw, dim=1), dim=1).transpose(1, 2).contiguous()  # (K,B,N)
+    c.div_(c[:, :, -1:].clone())
+    top = torch.nextafter(torch.ones((), dtype=c.dtype), torch.zeros((), dtype=c.dtype)).item()
+    pts = points.permute(0, 2, 1, 3).reshape(K, B, m * P).contiguous().clamp_(max=top)
+    idx = torch.searchsorted(c, pts, right=True).clamp_(max=lw.shape[1] - 1)  # (K,B,m*P)
+    return idx.view(K, B, m, P).permute(0, 2, 3, 1)
+
+
+#: bound on the random numbers of one block of backward-MCMC steps (drawn at once)
+_MCMC_BLOCK_ELEMENTS = 1 << 16
+
+
 def backward_mcmc(model, data: Data, record: ParticleFilterRecord, num_paths: int, mcmc_steps: int = 1
                   ) -> torch.Tensor:
     """Backward sampling by independent Metropolis-Hastings from the genealogy (module docstring).
-    ``(P, B, T, H)``; O(mcmc_steps) transition evaluations per path per step."""
+    ``(P, B, T, H)``; O(mcmc_steps) transition evaluations per path per step.
+
+    Implementation (the same draws as a step-by-step loop): the proposals and the MH uniforms do not depend on
+    the chain, so they are drawn for a block of steps at once (in the order of the step-by-step loop: per step and
+    move, ``(B, P)`` proposal uniforms then ``(P, B)`` acceptance uniforms); per step the current state and every
+    proposal are evaluated in one call of the transition density; the NaN check and the writing of the paths
+    are done once per block."""
     _check_history(record)
     P = check_positive_int(num_paths, "num_paths")
     mcmc_steps = check_positive_int(mcmc_steps, "mcmc_steps", minimum=0)
     X, LW, A = record.particles, record.log_weights, record.ancestors
     T, N, B, H = X.shape
+    m = mcmc_steps
     out = X.new_empty((P, B, T, H))
     ls = capability(model, "transition_loc_scale")
+    offsets = torch.arange(B, device=X.device)
 
-    def log_f(t, h_prev, h_next, u):  # log p(h_next | h_prev) up to a constant shared by every pair
+    Xf = X.reshape(T, N * B, H)
+
+    def rows(t, i):  # X[t] at per-sequence indices i (..., B) -> (numel / B, B, H)
+        flat = i.reshape(-1) if B == 1 else (i * B + offsets).reshape(-1)
+        return Xf[t].index_select(0, flat).view(-1, B, H)
+
+    def log_f(t, h_prev, h_next, u, out):
+        """``out (1+m, P, B)`` <- log p(h_next | h_prev) up to a constant shared by every pair: ``h_prev``
+        ``((1+m)P, B, H)`` (the current state, then the proposals), ``h_next (P, B, H)``."""
         if ls is None:
-            return model.transition(t, h_prev, u).log_prob(h_next)
+            return out.copy_(model.transition(t, h_prev, u).log_prob(h_next.repeat(1 + m, 1, 1)).view(1 + m, P, B))
         loc, scale = ls(t, h_prev, u)
+        loc = loc.view(1 + m, P, B, H)
+        if scale.dim() >= 3 and scale.shape[-3] != 1:  # per particle: the same split
+            scale = scale.reshape((1 + m, P) + scale.shape[-2:])
         z = (h_next - loc).div_(scale)
-        return (z * z).sum(-1).mul_(-0.5) - scale.log().sum(-1)
+        return torch.sub((z * z).sum(-1).mul_(-0.5), scale.log().sum(-1), out=out)
 
     with fast_context(model), threads_for(P * B * H):
         idx = multinomial(LW[-1], P)  # (P,B) indices into X[T-1]
-        h = _gather(X[-1], idx)
+        h = take(X[-1], idx, offsets)
         out[:, :, -1] = h
-        for t in range(T - 2, -1, -1):
-            u = input_at(data.inputs, t + 1)
-            cur = A[t + 1].gather(0, idx)  # the genealogy's ancestor: a valid starting point
-            lf_cur = log_f(t + 1, _gather(X[t], cur), h, u)
-            _check_mcmc(t, lf_cur, "the genealogy's ancestor")
-            for _ in range(mcmc_steps):
-                prop = multinomial(LW[t], P)
-                lf_prop = log_f(t + 1, _gather(X[t], prop), h, u)
-                _check_mcmc(t, lf_prop, "a proposed particle")
-                log_u = torch.log(torch.rand_like(lf_prop))
-                acc = log_u < lf_prop - lf_cur
-                cur = torch.where(acc, prop, cur)
-                lf_cur = torch.where(acc, lf_prop, lf_cur)
-            idx = cur
-            h = _gather(X[t], idx)
-            out[:, :, t] = h
+        K = max(1, min(T - 1, _MCMC_BLOCK_ELEMENTS // max(1, 2 * m * B * P)))
+        IDX = torch.empty((K, P, B), dtype=torch.long, device=X.device)
+        LF = X.new_empty((K, 1 + m, P, B))
+        for hi in range(T - 2, -1, -K):  # block of steps hi, hi-1, ..., lo
+            lo = max(hi - K + 1, 0)
+            ts = range(hi, lo - 1, -1)
+            k_n = len(ts)
+            U = torch.rand((k_n, m, 2, B * P), dtype=X.dtype, device=X.device)
+            props = _mcmc_proposals(LW, hi, lo, U[:, :, 0].view(k_n, m, B, P))  # (k_n, m, P, B)
+            log_u = U[:, :, 1].view(k_n, m, P, B).log_()
+            for k, t in enumerate(ts):
+                u = input_at(data.inputs, t + 1)
+                cur = A[t + 1].gather(0, idx)  # the genealogy's ancestor: a valid starting point
+                cand = torch.cat((cur.unsqueeze(0), props[k]), 0).view((1 + m) * P, B)
+                lf = log_f(t + 1, rows(t, cand), h, u, LF[k])
+                lf_cur = lf[0]
+                for j in range(m):
+                    lf_prop = lf[j + 1]
+                    acc = log_u[k, j] < lf_prop - lf_cur
+                    if j < m - 1:
+                        cur = torch.where(acc, props[k, j], cur)
+                        lf_cur = torch.where(acc, lf_prop, lf_cur)
+                    else:
+                        cur = torch.where(acc, props[k, j], cur, out=IDX[k])
+                if m == 0:
+                    cur = IDX[k].copy_(cur)
+                idx = cur
+                h = rows(t, cur)
+            lfb = LF[:k_n]
+            if bool((torch.isnan(lfb) | (lfb == float("inf"))).any()):  # raise at the first bad one, in loop order
+                for k, t in enumerate(ts):
+                    _check_mcmc(t, lfb[k, 0], "the genealogy's ancestor")
+                    for j in range(m):
+                        _check_mcmc(t, lfb[k, 1 + j], "a proposed particle")
+            # paths of the block in one gather: out[p, b, t] = X[t, IDX[t, p, b], b]
+            steps = torch.arange(hi, lo - 1, -1, device=X.device).view(k_n, 1, 1)
+            flat = ((IDX[:k_n] + steps * N) * B + offsets).view(-1)
+            g = X.reshape(T * N * B, H).index_select(0, flat).view(k_n, P, B, H)
+            out[:, :, lo:hi + 1] = g.flip(0).permute(1, 2, 0, 3)
     return out
 
 

@@ -419,9 +419,22 @@ class ElmanSSM(StateSpaceModel):
             log2pi = math.log(2 * math.pi)
             obj = 0.0
             # output map: per output dim WLS over observed steps
-            z = torch.cat([h, torch.ones(S, B, T, 1, dtype=dt)], -1)
-            Szz = torch.einsum("s,btk,sbtp,sbtq->kpq", w, mf, z, z)
-            Syz = torch.einsum("s,btk,sbtp->kp", w, mf * y, z)
+            # Szz[k] = sum_{s,b,t} w_s m_{btk} z z^T and Syz[k] = sum_{b,t} m_{btk} y_{btk} sum_s w_s z, z = (h_t, 1):
+            # GEMMs over the (s, b, t) rows (no (S,B,T,D,H+1) temporaries)
+            D = y.shape[-1]
+            Z = torch.cat([h, torch.ones(S, B, T, 1, dtype=dt)], -1).reshape(S, B * T, H + 1)
+            Zw = Z * w[:, None, None]
+            v = mf.reshape(B * T, D)
+            Szz = torch.empty(D, H + 1, H + 1, dtype=dt)
+            full = None  # the sum over every row, shared by the output dims observed everywhere
+            for k in range(D):
+                if bool(v[:, k].all()):
+                    if full is None:
+                        full = Zw.reshape(-1, H + 1).T @ Z.reshape(-1, H + 1)
+                    Szz[k] = full
+                else:
+                    Szz[k] = (Zw * v[:, k, None]).reshape(-1, H + 1).T @ Z.reshape(-1, H + 1)
+            Syz = (mf * y).reshape(B * T, D).T @ (w @ Z.reshape(S, -1)).view(B * T, H + 1)
             Syy = (mf * y * y).sum((0, 1))
             n = mf.sum((0, 1))
             eye = torch.eye(H + 1, dtype=dt)
@@ -447,14 +460,8 @@ class ElmanSSM(StateSpaceModel):
             if T < 2:
                 return obj
             # recurrent weights
-            parts = [h[:, :, :-1]]
-            if self.input_dim:
-                parts.append(inputs[:, 1:T].to(dt).expand(S, B, T - 1, self.input_dim))
-            parts.append(torch.ones(S, B, T - 1, 1, dtype=dt))
-            X = torch.cat(parts, -1).reshape(-1, H + self.input_dim + 1)  # (M, P)
-            Yt = h[:, :, 1:].reshape(-1, H)  # (M, H)
             wm = w[:, None].expand(S, B * (T - 1)).reshape(-1)  # (M,)
-            P_ = X.shape[1]
+            P_ = H + self.input_dim + 1
             th = [self.W.detach()]
             if self.input_dim:
                 th.append(self.U.detach())
@@ -462,44 +469,89 @@ class ElmanSSM(StateSpaceModel):
             Th = torch.cat(th, 1)  # (H, P)
             eyeP = torch.eye(P_, dtype=dt)
             if self.activation == "identity":
+                parts = [h[:, :, :-1]]
+                if self.input_dim:
+                    parts.append(inputs[:, 1:T].to(dt).expand(S, B, T - 1, self.input_dim))
+                parts.append(torch.ones(S, B, T - 1, 1, dtype=dt))
+                X = torch.cat(parts, -1).reshape(-1, P_)  # (M, P): rows x_t = (h_{t-1}, u_t, 1)
+                Yt = h[:, :, 1:].reshape(-1, H)  # (M, H)
                 Sxx = torch.einsum("m,mp,mq->pq", wm, X, X)
                 Syx = torch.einsum("m,mj,mp->jp", wm, Yt, X)
                 rid = 1e-10 * torch.diagonal(Sxx).mean().clamp_min(1e-30)
                 Th = torch.linalg.solve(Sxx + rid * eyeP, Syx.T).T
                 F = (wm[:, None] * (Yt - X @ Th.T) ** 2).sum(0)
             else:
-                act = torch.tanh
+                # unit-major layout (P, M) / (H, M), m = (s, b, t): a unit's activations and residuals are one
+                # contiguous row, so the per-unit acceptance below copies rows; the path weights are folded into
+                # the regressors once
                 lam = torch.full((H,), 1e-3, dtype=dt)
-                a = act(X @ Th.T)  # (M,H) at the current weights
-                F = (Yt - a).square_().T @ wm
+                M_ = S * B * (T - 1)
+                hT = h.permute(3, 0, 1, 2).contiguous()  # (H,S,B,T)
+                Xt = torch.empty(P_, M_, dtype=dt)  # rows: h_{t-1}, u_t, 1
+                Xt[:H].view(H, S, B, T - 1).copy_(hT[..., :-1])
+                if self.input_dim:
+                    Xt[H:-1].view(-1, S, B, T - 1).copy_(inputs[:, 1:T].to(dt).permute(2, 0, 1).unsqueeze(1))
+                Xt[-1] = 1.0
+                Yh = hT[..., 1:].reshape(H, M_)  # (H, M): h_t
+                del hT
+                a = torch.tanh(Th @ Xt)  # (H,M) at the current weights
+                R = Yh - a  # residuals
+                F = R.square() @ wm  # (H,)
                 one = torch.ones((), dtype=dt)
-                wm_col = wm[:, None]
-                # the regressors' outer products, shared by every LM step (when they fit in ~128 MB of float32)
-                M_ = X.shape[0]
-                XX = ((X.unsqueeze(2) * X.unsqueeze(1)).reshape(M_, P_ * P_)
-                      if transition_steps and M_ * P_ * P_ <= 1 << 25 else None)
+                Xwt = Xt * wm  # (P,M): w x
+                # J^T W J = sum_m w g_j^2 x x^T with x = (features, 1): the feature block from the products w x_p x_q
+                # of the pairs p <= q of feature columns (shared by every LM step when they fit in ~128 MB of
+                # float32), the last row/column (the constant regressor) from sum_m w g_j^2 x
+                nf = P_ - 1
+                iu = torch.triu_indices(nf, nf)
+                upper, lower = iu[0] * P_ + iu[1], iu[1] * P_ + iu[0]
+                XXw = None  # (nf(nf+1)/2, M), rows in the order of iu
+                if transition_steps and M_ * iu.shape[1] <= 1 << 25:
+                    XXw = torch.empty(iu.shape[1], M_, dtype=dt)
+                    r0 = 0
+                    for p in range(nf):
+                        torch.mul(Xwt[p:p + 1], Xt[p:nf], out=XXw[r0:r0 + nf - p])
+                        r0 += nf - p
+                # (H,M) work buffers, allocated once (fresh multi-MB temporaries cost page faults every step);
+                # a/R and a_new/R_new swap roles after each step
+                g, gR, sq = torch.empty_like(a), torch.empty_like(a), torch.empty_like(a)
+                a_new, R_new = torch.empty_like(a), torch.empty_like(a)
                 for _ in range(int(transition_steps)):
-                    g = torch.addcmul(one, a, a, value=-1.0)  # tanh' = 1 - a^2, (M,H)
-                    G = g * wm_col  # w g
-                    if XX is not None:  # one GEMM: (H,M) @ (M,P*P)
-                        JtJ = (g.mul_(G).T @ XX).view(H, P_, P_)  # sum_m w g_j^2 x x^T
+                    torch.addcmul(one, a, a, value=-1.0, out=g)  # tanh' = 1 - a^2, (H,M)
+                    torch.mul(g, R, out=gR)
+                    c = g.square_()  # g^2
+                    if XXw is not None:  # one GEMM: (H,M) @ (M, nf(nf+1)/2), then the symmetric fill
+                        tri = c @ XXw.T
+                        JtJ = torch.empty(H, P_ * P_, dtype=dt)
+                        JtJ[:, upper] = tri
+                        JtJ[:, lower] = tri
+                        JtJ = JtJ.view(H, P_, P_)
+                        cx = c @ Xwt.T  # (H,P): sum_m w g_j^2 x
+                        JtJ[:, -1, :] = cx
+                        JtJ[:, :, -1] = cx
                     else:  # blocks of units, so the (units, P, M) temporary stays under ~128 MB
-                        gw = g.mul_(G)
                         JtJ = torch.empty(H, P_, P_, dtype=dt)
                         blk = max(1, (1 << 24) // max(M_ * P_, 1))
                         for j0 in range(0, H, blk):
-                            JtJ[j0:j0 + blk] = (X.T.unsqueeze(0) * gw[:, j0:j0 + blk].T.unsqueeze(1)) @ X
-                    Jtr = G.mul_(Yt - a).T @ X  # (H,P): sum_m w g_j (h_j - a_j) x
+                            JtJ[j0:j0 + blk] = (Xwt.unsqueeze(0) * c[j0:j0 + blk].unsqueeze(1)) @ Xt.T
+                    Jtr = gR @ Xwt.T  # (H,P): sum_m w g_j (h_j - a_j) x
                     diag = torch.diagonal(JtJ, dim1=-2, dim2=-1)
                     A = JtJ + (lam[:, None] * (diag + 1e-12))[..., None] * eyeP
                     step = torch.linalg.solve(A, Jtr.unsqueeze(-1)).squeeze(-1)
                     Th_new = Th + step
-                    a_new = act(X @ Th_new.T)
-                    F_new = (Yt - a_new).square_().T @ wm  # (H,)
+                    torch.mm(Th_new, Xt, out=a_new).tanh_()
+                    torch.sub(Yh, a_new, out=R_new)
+                    F_new = torch.square(R_new, out=sq) @ wm  # (H,)
                     ok = torch.isfinite(F_new) & (F_new <= F)
-                    Th = torch.where(ok[:, None], Th_new, Th)
-                    a = torch.where(ok, a_new, a)  # per hidden unit (column)
-                    F = torch.where(ok, F_new, F)
+                    if bool(ok.all()):  # every unit accepts
+                        Th, F = Th_new, F_new
+                    else:  # per hidden unit (row): keep the rejected units' rows
+                        for j in (~ok).nonzero().flatten().tolist():
+                            a_new[j] = a[j]
+                            R_new[j] = R[j]
+                        Th = torch.where(ok[:, None], Th_new, Th)
+                        F = torch.where(ok, F_new, F)
+                    a, a_new, R, R_new = a_new, a, R_new, R
                     lam = torch.where(ok, lam * 0.3, lam * 10.0).clamp(1e-9, 1e9)
             self.W = Th[:, :H]
             if self.input_dim:
