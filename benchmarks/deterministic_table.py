@@ -46,7 +46,7 @@ import time
 import torch
 from ppl_rnn.inference import BPTT, RTRL, GlobalSearch
 from ppl_rnn.inference.rtrl import FlatWeights, squared_errors
-from synthetic_table import (  # same folder: the shared pieces
+from synthetic_setup import (  # same folder: the shared set-up, not a benchmark
     add_common_args,
     initial_network,
     synthetic_split,

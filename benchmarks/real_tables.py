@@ -212,6 +212,8 @@ def fit_row(problem, row, seed, y, args, log=print):
             model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed).double()
             capability(model, "embed_linear")(capability(lin, "linear_gaussian")(), gain=row["gain"])
         elif kind == "mcem_nar":  # what MonteCarloEM(init="nar", seed=seed) does: the feature map drawn from seed
+            # (the library's fit_nar + embed_nar, called here so the start is checkpoint 0 and its feature map
+            # is drawn from `seed`, not from the first chunk's fit seed 1000 * seed)
             model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed).double()
             params = fit_nar(Data(y, torch.isfinite(y), None), row["order"], row["H"] - row["order"], seed=seed)
             capability(model, "embed_nar")(params, gain=row["gain"])
@@ -223,6 +225,8 @@ def fit_row(problem, row, seed, y, args, log=print):
               dict(H=row["H"], activation="tanh", iterations=0, method="start", proposal=prop))
     else:
         done, model = have[0], _load(have[1])[0]
+    # Chunks are fresh fits from the saved model, not pr.fit(..., resume=fit): the checkpoints hold only the
+    # model (resuming across processes would need the FitState on disk), and the recorded tables used these seeds.
     while done < target:
         t0 = time.perf_counter()
         K = row.get("restarts", 1) if done == 0 else 1  # multi-start only in the first chunk

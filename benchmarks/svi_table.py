@@ -36,7 +36,7 @@ import time
 
 from ppl_rnn.inference import EKFEM, SVI
 from ppl_rnn.inference.guides import AmortizedGuide, EKFGuide, MarkovGaussianGuide, MeanFieldGuide
-from synthetic_table import (  # same folder: the shared pieces
+from synthetic_setup import (  # same folder: the shared set-up, not a benchmark
     add_common_args,
     initial_network,
     print_rows,

@@ -41,7 +41,7 @@ import argparse
 import time
 
 import numpy as np
-import synthetic_table as stb
+import synthetic_setup as stb  # same folder: the shared set-up, not a benchmark
 import torch
 from ppl_rnn.inference import ParticleFilter
 

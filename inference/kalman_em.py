@@ -34,9 +34,7 @@ Every step maximises the expected complete-data log-likelihood exactly, so the e
 **AR start** (``init="ar"``): before the first iteration the model is set (capability
 ``set_linear_gaussian``) to least-squares AR(:math:`\lfloor H/D\rfloor`) fits in companion form
 (:func:`~ppl_rnn.inference.reference.ar_start`): EM then begins at the AR reference's likelihood and only
-climbs. On regular breathing (``benchmarks/real_tables.py``: 3000 training steps at 25 Hz, 1500 held out)
-hidden 27 from AR(27) went from the AR's held-out +3.326 to +3.340 nats/step in 25 iterations, where
-hidden 6 and 10 from random starts had reached +3.17 (50 iterations) and +3.31 (150).
+climbs (measured on breathing against random starts: ``benchmarks/README.md``, ``real_tables.py`` section).
 
 Supported models (by the parameters they expose, not their class): ``ElmanSSM(activation="identity")``
 (``W, b, U, C, d, q, r, m0, s0``) and ``LinearGaussianSSM`` (``A, B, b, C, D, d, Q_tril, R_tril, m0, P0_tril``).

@@ -36,17 +36,15 @@ for the exponential-family blocks is exactly the averaging of sufficient statist
 **Standard error.** Each log-evidence estimate :math:`\hat\ell_k` gets a Monte Carlo standard error
 :math:`s_k`. With a particle smoother it comes from the E-step filter's own genealogy at no extra filtering
 (the Lee & Whiteley 2018 estimator over blocks of resampling events, :mod:`~ppl_rnn.inference.evidence_se`;
-measured against the spread of 300 independent filters it runs 0.67-0.77 of the true SD with the default
-systematic resampling, 0.87-0.97 with multinomial: ``tests/inference/test_evidence_se.py``). For an E-step
-without a genealogy it comes from ``se_runs`` (:math:`R`, default 4) *independent* particle filters with :math:`N/R` particles
-each (the smoother's proposal, resampling and dtype), run as one batched filter on :math:`R` copies of the
+it runs low against the spread of independent filters, less so with multinomial resampling:
+``tests/inference/test_evidence_se.py``). For an E-step without a genealogy it comes from ``se_runs``
+(:math:`R`, default 4) *independent* particle filters with :math:`N/R` particles each (the smoother's
+proposal, resampling and dtype), run as one batched filter on :math:`R` copies of the
 data (about the cost of one filter pass without history): with :math:`\mathrm{sd}_R` the standard deviation
 of their :math:`R` estimates, :math:`s_k = \mathrm{sd}_R\sqrt{(N/R)/N} = \mathrm{sd}_R/\sqrt R`, since the
-variance of :math:`\log\hat Z` falls like :math:`1/N`. Measured against the spread of 20 independent
-N = 400 filters (sharp simulated series of ``tests/inference/test_mcem_warm_start.py``, T = 300, the warm
-start): mean :math:`s_k` 1.06 nats against an empirical sd of 1.34 (fully adapted filter), 1450 against 2290
-(bootstrap filter, lost track): :math:`s_k` runs about 20-40 % low (four runs, Jensen bias of the smaller
-filters), which the 3-SE rejection threshold absorbs. An exact E-step (``KalmanSmoother``) has :math:`s_k = 0`.
+variance of :math:`\log\hat Z` falls like :math:`1/N`; it runs low (Jensen bias of the smaller filters),
+which the 3-SE rejection threshold absorbs (both estimators are measured in ``benchmarks/README.md``,
+"Monte Carlo EM's options, measured"). An exact E-step (``KalmanSmoother``) has :math:`s_k = 0`.
 
 **Rejection.** An iteration whose estimate falls by more than ``reject_se`` (3) standard errors of the
 difference, :math:`\hat\ell_{k+1} < \hat\ell_k - 3\sqrt{s_k^2+s_{k+1}^2}`, or whose E-step degenerates, is
@@ -55,30 +53,24 @@ and :math:`\theta_k` is smoothed again (trace rows carry ``rejected`` and ``log_
 
 **Ascent test** (``ascent_z=z``; off by default). Near an optimum the M-step fits the Monte Carlo noise of
 :math:`\hat Q`: with a near-noise-free model the recurrent weights are a regression on nearly collinear
-states, and the noise move outweighs the true one. Measured on breathing (``benchmarks/real_tables.py``,
-hidden 27): MCEM with 300 particles / 100 paths begun *at* the exact KalmanEM fit of the linear model, whose
-exact EM step moves ``W`` by 0.002, moves it by 0.015 in two iterations and loses 0.0005 nats/step of exact
-held-out log-evidence. Following Caffo, Jank & Jones (2005, ascent-based MCEM), the test draws fresh paths
-:math:`x^{(s)}` at :math:`\theta_k` and estimates :math:`\Delta Q=Q(\theta'\mid\theta_k)-Q(\theta_k\mid\theta_k)`
+states, and the noise move outweighs the true one (measured on breathing: ``benchmarks/README.md``,
+``real_tables.py`` section, "The ascent test"). Following Caffo, Jank & Jones (2005, ascent-based MCEM),
+the test draws fresh paths :math:`x^{(s)}` at :math:`\theta_k` and estimates
+:math:`\Delta Q=Q(\theta'\mid\theta_k)-Q(\theta_k\mid\theta_k)`
 by :math:`\bar d` with :math:`d_s=\log p_{\theta'}(x^{(s)},y)-\log p_{\theta_k}(x^{(s)},y)` (fresh paths, so the
 M-step's in-sample optimism does not enter); since :math:`\ell(\theta')-\ell(\theta_k)\ge\Delta Q`, a
-significantly positive :math:`\bar d` is a likelihood ascent. On that breathing fit (hidden 27, one E-step
-of 300 particles / 100 paths at the warm start, initial state held fixed) the M-step gains :math:`+280` nats of
-:math:`\hat Q` on its own paths but :math:`\bar d=-281` on fresh ones (transition :math:`-263`, emission
-:math:`-18`; with the initial state learnt too, :math:`-10^6`: the 100 paths share a handful of ancestors at
-:math:`t=0`, so the fitted :math:`s_0` collapses): the move is Monte Carlo noise of about 800 weights fitted
-to correlated paths. The step is kept if :math:`\bar d - z\,\mathrm{sd}(d)/\sqrt S > 0` (the :math:`S` fresh
-paths treated as independent; they share one forward filter, so this SE runs low); otherwise
+significantly positive :math:`\bar d` is a likelihood ascent. The step is kept if
+:math:`\bar d - z\,\mathrm{sd}(d)/\sqrt S > 0` (the :math:`S` fresh paths treated as independent; they share
+one forward filter, so this SE runs low); otherwise
 :math:`\theta_k` stays and the particles and paths double (up to ``max_boost``), so the sample grows where
-the steps stop being distinguishable from noise. With the test on, every breathing step was refused (3 seeds
-x 4 iterations): the trained network is the warm start, level with the linear SSM (``benchmarks/README.md``).
-Costs one more E-step per iteration. Trace rows get ``ascent_dq``, ``ascent_se``, ``ascent_kept``.
+the steps stop being distinguishable from noise. Costs one more E-step per iteration. Trace rows get
+``ascent_dq``, ``ascent_se``, ``ascent_kept``.
 
 **Convergence** (the one rule of :mod:`~ppl_rnn.inference.em_common`): stop when the upper ``z`` (2)
 standard-error bound of the change per iteration between windows of ``window`` (5) iterations is at most
 ``tol * max(|l|, n_obs)``. With noisy estimates the bound stays large, so a run that is still improving is
-not stopped (the default ``tol = 1e-5`` used to be ``1e-4`` on a bare window mean, which stopped a
-100-iteration breathing run at iteration 47 while it was still rising).
+not stopped (why the default ``tol`` is ``1e-5``: ``benchmarks/README.md``,
+"Monte Carlo EM's options, measured").
 
 **Linear warm start** (``init="linear"``): exact :class:`~ppl_rnn.inference.kalman_em.KalmanEM` (float64,
 ``init_iterations``) on the model's ``linear_special_case()`` (a declared capability: a linear-Gaussian
@@ -88,22 +80,15 @@ the model's ``embed_linear(params, gain=init_gain)`` sets it to behave like that
 activation's linear regime (states scaled by the gain, 0.01 by default, where :math:`\tanh x\approx x`
 within 0.3 % for :math:`|x|\lesssim 0.1` of the scaled state; the output map scaled by its inverse). A
 companion-form start passes each lag through the activation once per step, so the distortion compounds over
-the lags, hence the small default gain (hidden 27 on breathing: the embedded start scores +3.3368 at gain
-0.1 and +3.3404 at 0.01, the linear fit +3.3405). Measured on regular breathing (``benchmarks/real_tables.py``,
-hidden 6, 50 KalmanEM iterations, held-out nats/step): +3.294 begun at AR(6), +3.085 at the model's random
-parameters; hidden 27 begun at AR(27) (the AIC order) and embedded at gain 0.01: AR(27) +3.326,
-KalmanEM (25 iterations) +3.3405, the tanh network at the start +3.3404 +- 0.0001. From there MCEM
-(N = 300, 100 paths) does not improve on the start: held-out +3.3396 after 5 iterations (3 seeds), +3.3374
-after 10, +3.3378 after 10 with ``saem=0.6`` — with a nearly noise-free 27-unit model the E-step's Monte
-Carlo error moves the recurrent weights more than the signal's nonlinearity pays for; the nonlinear warm
-start (below) finds that nonlinearity by least squares instead.
+the lags, hence the small default gain. With a nearly noise-free model MCEM from this start may not improve
+on it: the E-step's Monte Carlo error moves the recurrent weights more than the signal's nonlinearity pays
+for; the nonlinear warm start (below) finds that nonlinearity by least squares instead.
 The warm start is right for nearly linear signals (breathing); for strongly nonlinear ones (the laser)
 MCEM from it stays in the linear basin: start from the model instead (there a rotation-type start,
-``ElmanSSM(..., weight_init="rotation")``, forecast better than a Gaussian one: 4 seeds of 5 beat AR(29) in CRPS
-at every lead 1-10, against 1 of 3; fitting two seeds and keeping the one that forecasts the training tail
-best, ``ppl_rnn.select_by_forecast``, beat AR at every lead in 10 of 10 pairs; ``benchmarks/README.md``).
-The embedded start is
-``diagnostics["initial_model"]``; ``diagnostics["init_exact_log_evidence"]`` is KalmanEM's exact value.
+``ElmanSSM(..., weight_init="rotation")``, forecast better than a Gaussian one, and
+``ppl_rnn.select_by_forecast`` picks among seeds by the training tail). Measured in ``benchmarks/README.md``,
+"Monte Carlo EM's options, measured". The embedded start is ``diagnostics["initial_model"]``;
+``diagnostics["init_exact_log_evidence"]`` is KalmanEM's exact value.
 
 **Nonlinear warm start** (``init="nar"``): a least-squares autoregression on random ``tanh`` features of the
 lags (:mod:`~ppl_rnn.inference.nar_start`: order ``init_order``, by default the AIC order of a linear AR on
@@ -111,21 +96,12 @@ the training data; :math:`M = H - pD` features; the feature map drawn from the f
 the model's ``embed_nar`` capability (:meth:`ppl_rnn.models.ElmanSSM.embed_nar`: the lags ride in the
 activation's linear regime at ``init_gain``, the features are tanh units, and the network behaves exactly as
 the autoregression). It serves smooth signals whose nonlinearity shows over several steps, which MCEM does
-not find from the linear regime. Measured on regular breathing (the window of ``make demo``; 3000 training
-and 1500 test steps at 25 Hz; 27 lags + 20 features, hidden 47; seeds 0-2, ``ascent_z=1``, 1 iteration):
-held-out +3.3465 nats/step against the linear SSM's +3.3405 and AR(27)'s +3.3257, CRPS at 0.2/0.4/0.6 s
-0.0395/0.0974/0.1464 against AR(27)'s 0.0420/0.1105/0.1744 (``benchmarks/README.md``; the ascent test refused
-MCEM's step, so those networks are the warm start).
+not find from the linear regime (measured on breathing: ``benchmarks/README.md``,
+"Monte Carlo EM's options, measured").
 
 **dtype** (default ``"float64"``): the run works on a float64 copy and writes the result back into the
-model in its own dtype. Chosen by measurement on the breathing series (``respiration``, window 730-790 s,
-1000 training and 500 test steps, robust-scaled; ``ElmanSSM(4)``, ``init="linear"``, the fully adapted
-smoother with N = 500, 100 paths, 20 iterations, seed 0; held-out log-evidence per test step by the
-particle filter, N = 2000, mean of 3 seeds +- SE): float64 ends at +3.2009 +- 0.0008, float32 at
-+3.1980 +- 0.0010 (start +3.1976; exact KalmanEM on the linear model, r = 0.0011: +3.2052); at the same
-start the float32 training estimate is 2.2 nats lower (3118.8 against 3121.0; exact linear 3126.2). Per
-iteration float64 took 25.5 s and float32 15.4 s on a shared, heavily loaded 2-core machine. Issue 10 had
-measured float32 failing outright with the EKF proposal (held-out -7.2, jitter warnings).
+model in its own dtype (chosen by measurement: ``benchmarks/README.md``,
+"Monte Carlo EM's options, measured").
 
 **Trace** (``FitResult.trace``, dim ``iteration``; row ``k`` = parameters :math:`\theta_k`, row 0 = the initial
 model): ``log_evidence`` (estimate at :math:`\theta_k`), ``objective`` (:math:`\hat Q_{k-1}(\theta_k)`, NaN at
@@ -146,10 +122,9 @@ method's length, so there the continuation is not the uninterrupted run of that 
 a tanh network on oscillating data, Gaussian random weights tend to end in a "linear-regime" optimum (small
 hidden amplitudes, one mode wasted on fast or decaying dynamics); starting from
 ``ElmanSSM(..., weight_init="rotation")`` (a random rotation near the identity times a gain slightly above 1:
-slow oscillatory modes) EM tunes the modes' frequencies instead (``benchmarks/synthetic_table.py`` has the
-measurements). From a Gaussian start, ``num_restarts=8, restart_kind="rotation"`` reaches that basin: on the
-synthetic benchmark (init seeds 1-3) plain MCEM ends 0.05 nats/step below the generating network, with
-rotation restarts 0.019-0.025 below.
+slow oscillatory modes) EM tunes the modes' frequencies instead. From a Gaussian start,
+``num_restarts=8, restart_kind="rotation"`` reaches that basin (measured: ``benchmarks/README.md``,
+"Monte Carlo EM's options, measured").
 
 **Random restarts** (``num_restarts=k > 1``). EM only climbs to a local maximum of :math:`\log p_\theta(y)`;
 for a recurrent network the surface has many (e.g. a network that has learnt one of two oscillations of the
@@ -180,31 +155,8 @@ from :math:`\theta_k` as a plain EM step with the *same* particles (the stretch,
 the suspect), and :math:`\omega` then grows back by the factor 1.1 per accepted step up to ``overrelax``
 (the adaptive scheme of Salakhutdinov & Roweis 2003); only a refused plain step raises the particles. The
 trace's ``overrelax`` row is the :math:`\omega` that produced each row's parameters (only when ``overrelax``
-is not 1), its ``objective`` :math:`\hat Q` at the stretched parameters. On a breathing window (30 s training,
-``ElmanSSM(3, seed=0)``, random start, 300 particles) the first stretched steps overshot: without the fallback
-the run boosted its particles to 2400 and stopped after 5 iterations at -0.74 nats/step; with it, one rejection,
-then 20 iterations to +1.16 (plain EM: +1.68; the stretch does not pay on every run).
-
-Measured on the synthetic benchmark (``benchmarks/synthetic_table.py``, Gaussian start, 8 rotation
-restarts, 60 iterations; delta to the generating network on the 500 held-out steps, whose data SE on such a
-paired difference is about 0.0095 nats/step, init seeds 1, 2, 3): plain EM -0.025 /
--0.020 / -0.021, :math:`\omega=1.8` -0.0165 / -0.0208 / -0.0215 (on 20 000 fresh steps from the generating
-network, ``--fresh-test 20 1000``, repeated runs of these three fits score -0.0199 +- 0.0014, -0.0251 +- 0.0015
-and -0.0198 +- 0.0014; seed 1's training estimate -0.0200 against -0.0237 nats/step; 1.2-2x the
-wall time, on a shared machine whose load varied); after 120 iterations seeds 1, 2, 3 end at -0.0159, -0.0213
-and -0.0187, seed 2 with a training estimate of -0.007 nats/step, as high as a run begun at the generating
-network (-0.0075), which nonetheless forecasts fresh data better (``synthetic_table.py --fresh-test``). On a real
-series it pays more: Santa Fe laser (1000 training / 500 test steps, standard-scaled on the training part),
-``ElmanSSM(8, weight_init="rotation", seed=0)``, 40 iterations of the EKF-proposal smoother (300 particles, 100
-paths, MCMC backward kernel), fit seed 0: the training estimate reaches +0.073 nats/step with
-:math:`\omega=1.8` against -0.205 plain (no rejections; 268 s against 237 s), held-out +0.160 +- 0.003 against
--0.156 +- 0.003, CRPS at 1/5/10 steps 0.100/0.216/0.284 against 0.136/0.229/0.274; initial networks
-``seed=1`` and ``seed=2``: held-out -0.134 against -0.195 and +0.362 against -0.052, CRPS 1/5/10
-0.136/0.228/0.311 against 0.143/0.243/0.322 and 0.088/0.158/0.223 against 0.129/0.183/0.246. On small linear models
-with an exact (Kalman) E-step, where EM converges in a few iterations, it gave no speed-up. On a near-noise-free
-series (a damped rotation, r = 0.003, q = 0.01; 400 training / 200 test steps, ``ElmanSSM(2)``, 20 iterations
-of the MCMC-kernel smoother with 300 particles) it helps from both starts, without rejections: held-out
-+3.023 against +2.891 plain from the linear warm start (+2.762), +2.585 against +2.547 from a random start.
+is not 1), its ``objective`` :math:`\hat Q` at the stretched parameters. Measured (breathing, the synthetic
+benchmark, the laser, a near-noise-free series) in ``benchmarks/README.md``, "Monte Carlo EM's options, measured".
 """
 
 from __future__ import annotations

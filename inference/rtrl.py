@@ -34,13 +34,9 @@ BPTT costs :math:`O(P)` per step but stores the :math:`T` states. :class:`RTRL` 
 cost :math:`B H^2 P` exceeds ``max_step_cost`` (default :math:`10^7`: a dense Elman network of up to about 55 hidden units, one sequence)
 with a :class:`~ppl_rnn.ConfigurationError` that names the cost.
 
-**Measured** (this project's 2-core CPU, shared): at :math:`H=4, P=29`, one sequence, a step costs about 7-12 ms,
-almost all ``torch.func`` dispatch, not the :math:`H^2P` arithmetic (a pass over ``unkelbach-synthetic``'s 1000
-training steps: about 12 s). Online RTRL cut the one-step error of an input-driven 3-unit tanh network tenfold in 5
-passes over 80 steps (``tests/inference/test_rtrl.py`` checks a threefold cut in 4 passes over 40); on a noise-free sine (an autonomous oscillator, starting at the
-:math:`h=0` fixed point) 8 online passes did not lower it at any learning rate tried (Adam :math:`10^{-3}`,
-:math:`3\cdot10^{-3}`; SGD :math:`10^{-2}`, :math:`5\cdot10^{-2}`), while ``update_every=T`` (one exact gradient step per
-pass) took it from 0.32 to 0.013 in 40 passes.
+``tests/inference/test_rtrl.py`` checks that online RTRL cuts the one-step error of an input-driven 3-unit tanh
+network threefold in 4 passes over 40 steps. Cost per step and what online updates do on an autonomous
+oscillator: measured in ``benchmarks/README.md``, "Deterministic training: BPTT, RTRL and global search".
 
 The fitted model gets the process noise and the initial spread of :class:`BPTT` (``noise_floor``, through
 ``set_noise_scales``) and the maximum-likelihood observation noise, so the common evaluator scores it like any

@@ -271,9 +271,8 @@ def best_proposal(model, data: Data | None = None) -> ProposalChoice:
        (:class:`~ppl_rnn.inference.ekf_proposal.Guided`) is never chosen automatically. Its step costs 5-7
        bootstrap steps, and its weights :math:`p(y\mid h)p(h\mid h')/q(h)` are unbounded wherever the
        linearisation fails (:math:`q` is narrower than the target there), so their variance can be infinite and no
-       short pilot can certify it; the bootstrap weights :math:`p(y\mid h)` are bounded. Measured at N = 1000:
-       on the Gordon-Salmond-Smith model (emission :math:`x^2/20`; ``benchmarks/bench_peers.py`` section 3) and on
-       a tanh emission with :math:`r = 0.05`, the EKF proposal's time x variance is 6-8x the bootstrap filter's.
+       short pilot can certify it; the bootstrap weights :math:`p(y\mid h)` are bounded (its time x variance
+       against the bootstrap filter's is measured in ``benchmarks/README.md``, "Proposals, warm starts and restarts").
        Pass ``proposal=Guided()`` where it pays.
 
     If the laws cannot be probed (a user law raising on the initial mean), a ``RuntimeWarning`` says why and the

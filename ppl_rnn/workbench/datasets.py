@@ -64,11 +64,8 @@ spirit of Unkelbach, Yi & Schmidhuber (2009):
   (``num_sequences=1`` by default); ``record.split()`` cuts at ``train_steps``.
 * Why it is the benchmark: the process noise diffuses the phase of the oscillation, so a deterministic
   network (zero process noise, the BPTT limit) loses track of the signal within a few periods while a
-  filter of the stochastic model keeps it. Measured with a 2000-particle bootstrap filter at the true
-  parameters (noise seeds 0, 1, 2): training log-evidence **-0.03, +0.06, +0.00 nats/step** (test part:
-  +0.01, -0.01, +0.06); the same network run with negligible process noise (q = 1e-4, with the best
-  observation noise for its free run) **-0.99, -0.94, -1.15 nats/step**; an i.i.d. Gaussian fitted to the
-  training part **-0.76, -0.70, -0.87 nats/step**. ``std(y)`` is about 0.52, the one-step predictive
+  filter of the stochastic model keeps it (measured in ``benchmarks/README.md``, "What the methods do on the
+  synthetic benchmark"). ``std(y)`` is about 0.52, the one-step predictive
   standard deviation given the true state about 0.18, and the linear part of ``W`` has eigenvalues
   ``1.01 ± 0.65i`` and ``1.14 ± 0.37i``: smooth, periodic enough to be learnable from 1000 steps.
 * The record carries the generating model (``true_model``, float dtype of the values) and the hidden

@@ -21,11 +21,9 @@ Methods of the synthetic section: Monte Carlo EM (particle smoother E-step), mea
 guide and with the mean-field guide, EKF-EM and BPTT (deterministic), plus persistence and a linear AR(5)
 as reference rows. (SVI with the EKF guide is left out: at the time of writing one of its steps costs
 seconds at T=300, far beyond the demo's budget.) Each method gets a fixed compute budget (iterations
-listed in :data:`DEMO_METHODS` and :data:`BREATHING`; the breathing section, at hidden 47 (27 lags, the AIC
-order, + 20 features), took 4.3 minutes with two dask workers on a 2-core machine that two other jobs shared,
-measured 2026-11-30, the whole demo 11.3 minutes there; it is budgeted for about 6 minutes on 2 free cores
-with two dask workers (``--quick``: tiny settings, for tests). A method that has not converged within its budget is
-scored as it stands; its trace shows it. Output: ``report.md`` (which method won and why, tables, figures), one
+listed in :data:`DEMO_METHODS` and :data:`BREATHING`); it is budgeted for about 6 minutes on 2 free cores
+with two dask workers (timings in ``benchmarks/README.md``, "The demo"; ``--quick``: tiny settings, for tests).
+A method that has not converged within its budget is scored as it stands; its trace shows it. Output: ``report.md`` (which method won and why, tables, figures), one
 sub-directory per problem with ``compare.nc``, the cell files and PNGs.
 """
 

@@ -2,7 +2,7 @@ r"""Ensembles of fitted models, scored and forecast as the **linear pool** of th
 
 Why. A stochastic RNN's likelihood has many optima that training evidence does not rank by how well they
 generalise (on ``unkelbach-synthetic`` fits from different random starts reach equal training evidence and
-differ by 0.005-0.02 nats/step on fresh data; see ``benchmarks/README.md``, the synthetic benchmark). Averaging over optima is
+differ on fresh data; see ``benchmarks/README.md``, the synthetic benchmark). Averaging over optima is
 the remedy of deep ensembles: fit the same architecture from :math:`K` starts and pool the predictives.
 
 The pool. With fitted models :math:`p_1,\dots,p_K` and fixed weights :math:`w_k\ge 0`,
@@ -22,8 +22,8 @@ Monte Carlo error model and can be compared with their SEs (see that function fo
 
 It is **not** Bayesian model averaging: BMA's weights would follow :math:`w_k\,p_k(y_{0:t-1})`, and on the
 synthetic benchmark they concentrate on the member with the best training evidence, which is not the one that
-generalises best (fresh data, three MCEM fits from Gaussian starts: pool −0.016, BMA restarted on each fresh
-sequence −0.017, members −0.020 to −0.026 nats/step against the generating network). Nor is it one Pyro
+generalises best (measured in ``benchmarks/README.md``, "What the methods do on the synthetic benchmark").
+Nor is it one Pyro
 program: no single state-space model has these conditionals, so an ensemble is scored and forecast (:func:`ppl_rnn.workbench.evaluate.evaluate` accepts
 it in place of a model) but not filtered, smoothed or fitted as a whole.
 

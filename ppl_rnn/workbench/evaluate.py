@@ -72,9 +72,8 @@ the same sequences), :func:`evaluate` filters the whole series at the fitted par
   Pareto-smoothed importance sampling leave-one-out (``az.loo``) reweights each draw by the inverse density,
   which turns the draws into ones given :math:`y_{0:t-1}`, so ``elpd_loo`` estimates the one-step-ahead log
   score :math:`\sum_t\log p(y_t\mid y_{0:t-1})` and ``az.compare`` ranks methods by it. The integrated form
-  matters for near-noise-free emissions: :math:`1/p(y_t\mid h_t)` then has no finite variance (measured: AR(2)
-  and persistence, whose observation noise is 1e-3 of the scale, scored +5.9 nats/step against the exact -0.49
-  and -0.74, Pareto k-hat > 0.7 at 40-60 % of the points; integrated: within 0.0001 of exact, k-hat fine). They fill
+  matters for near-noise-free emissions: :math:`1/p(y_t\mid h_t)` then has no finite variance (measured in
+  ``benchmarks/README.md``, "The yardstick's one-step draws, measured"). They fill
   ``log_likelihood.y_onestep`` of the ArviZ export; ``onestep_y`` holds one-step-ahead predictive draws of
   :math:`y_t` (the posterior predictive), ``filtered_signal`` the noise-free signal :math:`E[y_t\mid h_t^{(s)}]`
   at the filtering draws (a posterior quantity with the same dims for every model, whatever its hidden size).
