@@ -38,6 +38,7 @@ import pyro.distributions as dist
 import torch
 from ppl_rnn.inference import Bootstrap, Guided, ParticleFilter
 from ppl_rnn.models import ElmanSSM
+from pyro_peer import PyroElman, PyroElmanGuide  # same folder: the SMCFilter adapter
 
 import ppl_rnn as pr
 from ppl_rnn.model import StateSpaceModel
@@ -176,42 +177,12 @@ def best_time(fn, repeats: int) -> float:
 
 
 # ---- Pyro's SMCFilter on the same Elman network ------------------------------------------------------------
-class _PyroElman:
-    """``init``/``step`` model for :class:`pyro.infer.SMCFilter` with an ElmanSSM's parameters."""
-
-    def __init__(self, m: ElmanSSM):
-        with torch.no_grad():
-            self.W, self.b, self.q = m.W.detach(), m.b.detach(), m.q.detach()
-            self.C, self.d, self.r = m.C.detach(), m.d.detach(), m.r.detach()
-            self.m0, self.s0 = m.m0.detach(), m.s0.detach()
-
-    def init(self, state, y0):
-        h = pyro.sample("h_0", dist.Normal(self.m0, self.s0).to_event(1))
-        pyro.sample("y_0", dist.Normal(h @ self.C.T + self.d, self.r).to_event(1), obs=y0)
-        state["h"] = h
-
-    def step(self, state, y, t):
-        h = pyro.sample(f"h_{t}", dist.Normal(torch.tanh(state["h"] @ self.W.T + self.b), self.q).to_event(1))
-        pyro.sample(f"y_{t}", dist.Normal(h @ self.C.T + self.d, self.r).to_event(1), obs=y)
-        state["h"] = h
-
-
-class _PyroElmanGuide(_PyroElman):
-    """Bootstrap guide: proposes from the transition (SMCFilter's p/q weights cancel)."""
-
-    def init(self, state, y0):
-        pyro.sample("h_0", dist.Normal(self.m0, self.s0).to_event(1))
-
-    def step(self, state, y, t):
-        pyro.sample(f"h_{t}", dist.Normal(torch.tanh(state["h"] @ self.W.T + self.b), self.q).to_event(1))
-
-
 def run_smcfilter(m: ElmanSSM, y: torch.Tensor, N: int, seed: int = 0) -> None:
     """y: (T, D). pyro.infer.SMCFilter with a bootstrap guide (ESS threshold 0.5, its default). Its float32
     systematic resampler can index one past the end; such a run is repeated with another seed."""
     for attempt in range(10):
         torch.manual_seed(seed + 1000 * attempt)
-        smc = pyro.infer.SMCFilter(_PyroElman(m), _PyroElmanGuide(m), num_particles=N, max_plate_nesting=0)
+        smc = pyro.infer.SMCFilter(PyroElman(m), PyroElmanGuide(m), num_particles=N, max_plate_nesting=0)
         try:
             with torch.no_grad():
                 smc.init(y0=y[0])
