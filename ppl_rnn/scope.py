@@ -1,7 +1,9 @@
 r"""Settings the library needs, applied inside a scope it controls and restored on exit.
 
 * Pyro's ``module_local_params``: a model's parameters live on the module, never in Pyro's global param
-  store, while the library runs (inside :func:`library_scope`); outside it Pyro behaves as its user set it.
+  store, while the library runs (inside :func:`library_scope`) and whenever a model's Pyro program runs
+  (``StateSpaceModel.__call__``, so ``Predictive``, ``poutine`` and SVI see each model's own parameters);
+  everything else — a user's guides, e.g. ``AutoNormal``'s parameters — behaves as the user set Pyro.
 * torch's intra-op thread count: per-time-step loops on small tensors (particle filters and smoothers, Kalman,
   EKF, the EM E-steps) run far faster on one thread, and much more so when another process shares the cores
   (measured in ``benchmarks/bench_threads.py``). :func:`threads_for` picks the count for the work size and
