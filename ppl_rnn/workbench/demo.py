@@ -40,7 +40,7 @@ from ppl_rnn.errors import ConfigurationError, DataError
 from ppl_rnn.method import InferenceMethod
 
 from .paired import grid_difference
-from .report import comparison_table, summarise, text_table, verdict, write_report
+from .report import comparison_table, logev_margin, summarise, text_table, verdict, write_report
 
 __all__ = ["run_demo", "demo_methods", "breathing_methods", "breathing_order", "LinearSpecialCase",
            "linear_or_nonlinear"]
@@ -137,9 +137,7 @@ def linear_or_nonlinear(ds, *, steps_label=None, linear=(LINEAR_ROW, "AR(p by AI
         return ""
     a = rows[network]
     b = max(lin, key=lambda r: r["heldout_logev_per_step"])
-    d = a["heldout_logev_per_step"] - b["heldout_logev_per_step"]
-    se = float(np.hypot(*(x if np.isfinite(x) else 0.0 for x in (a["heldout_logev_per_step_se"],
-                                                                b["heldout_logev_per_step_se"]))))
+    d, se = logev_margin(a, b)
     hs = [int(h) for h in ds["horizon"].values]
     lab = steps_label or (lambda h: f"{h}-step")
     dc = [a[f"crps@{h}"] - b[f"crps@{h}"] for h in hs]

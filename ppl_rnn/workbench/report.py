@@ -26,7 +26,7 @@ from ppl_rnn.errors import ConfigurationError, DataError
 from .compare import flatten_models
 from .paired import grid_difference
 
-__all__ = ["summarise", "comparison_table", "text_table", "verdict", "against_references", "write_report"]
+__all__ = ["summarise", "comparison_table", "text_table", "verdict", "against_references", "logev_margin", "write_report"]
 
 #: why a method behaves as it does (used in verdicts); keyed by a lower-case substring of the label or class
 WHY = {
@@ -241,6 +241,16 @@ def verdict(ds, *, reference: Sequence[str] = (), steps_label=None) -> str:
     return "".join(parts)
 
 
+def logev_margin(a: dict, b: dict) -> tuple[float, float]:
+    r""":math:`(\ell_a - \ell_b,\ \sqrt{SE_a^2 + SE_b^2})`: the held-out log-evidence per step of summary row
+    ``a`` minus row ``b`` (rows of :func:`summarise`) and its standard error (runs independent; a NaN SE, e.g.
+    of an exact row, counts as 0)."""
+    d = a["heldout_logev_per_step"] - b["heldout_logev_per_step"]
+    se = float(np.hypot(*(x if np.isfinite(x) else 0.0 for x in (a["heldout_logev_per_step_se"],
+                                                                b["heldout_logev_per_step_se"]))))
+    return d, se
+
+
 def against_references(ds, method: str, *, reference: Sequence[str] = (), steps_label=None) -> str:
     """One sentence: does ``method`` beat the best reference row (by held-out log-evidence; rows whose label
     contains "true", the generating model, are a ceiling, not a reference), and by how much.
@@ -257,9 +267,7 @@ def against_references(ds, method: str, *, reference: Sequence[str] = (), steps_
         return ""
     w = rows[method]
     b = max(refs, key=lambda r: r["heldout_logev_per_step"])
-    d = w["heldout_logev_per_step"] - b["heldout_logev_per_step"]
-    se = float(np.hypot(*(x if np.isfinite(x) else 0.0 for x in (w["heldout_logev_per_step_se"],
-                                                                b["heldout_logev_per_step_se"]))))
+    d, se = logev_margin(w, b)
     if d > 2 * se:
         word = f"**{method} beats the best reference, {b['method']}**, by {d:.3f} ± {se:.3f} nats/step held out"
     elif d < -2 * se:
