@@ -14,7 +14,7 @@ RMSE, and the RMSE of iterated 5/10/15-step forecasts (the mean of 100 simulated
 "diverges" where a simulated path of the polynomial recursion blew up).
 The last rows replace the products by ``M`` random ``tanh`` features of the 27 lags,
 :math:`V\tanh(Px+\beta)`, drawn and fitted by :func:`ppl_rnn.inference.nar_start.fit_nar` (the regression of
-the nonlinear warm start, ``MonteCarloEM(init="nar")``; seeds 0-2 draw the feature map): bounded features, so
+the nonlinear warm start, ``NARStart`` of ``MonteCarloEM(start=NARStart())``; seeds 0-2 draw the feature map): bounded features, so
 the iterated recursion cannot blow up.
 This is not one of the library's models (it is not a state-space model and has no yardstick row); it says how
 much a nonlinear one-step predictor gains on this signal, i.e. what a network trained by MCEM could find.
@@ -85,7 +85,7 @@ def main() -> None:
         name = "AR(27)" if q == 0 else f"AR(27) + products of {q} lags" + (" + cubes" if cubes else "")
         print(score_row(name, X.shape[1], lambda L, q=q, cubes=cubes, w=w: features(L, q, cubes) @ w, s2, y, T1,
                         hs, rng), flush=True)
-    # random tanh features of the lags (the nonlinear warm start's regression, MonteCarloEM(init="nar"))
+    # random tanh features of the lags (the nonlinear warm start's regression, NARStart)
     data = Data(tr, torch.isfinite(tr), None)
     for M in (10, 20, 50):
         for seed in (0, 1, 2):

@@ -24,7 +24,7 @@ import argparse
 import time
 
 import torch
-from ppl_rnn.inference import MonteCarloEM, ParticleSmoother
+from ppl_rnn.inference import Acceptance, ConvergenceRule, MonteCarloEM, ParticleSmoother
 from ppl_rnn.models import ElmanSSM
 
 import ppl_rnn as pr
@@ -37,7 +37,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="init seeds of the rotation starts")
     ap.add_argument("--hidden", type=int, default=8)
     ap.add_argument("--iterations", type=int, default=40, help="MCEM iterations per member")
-    ap.add_argument("--overrelax", type=float, default=1.8, help="MCEM overrelax (1: plain EM)")
+    ap.add_argument("--overrelax", type=float, default=1.8, help="MCEM Acceptance(overrelax=...) (1: plain EM)")
     ap.add_argument("--eval-particles", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny settings (a smoke run)")
@@ -51,7 +51,8 @@ def main(argv=None):
     if a.quick:
         tr, te, a.iterations, n_particles, n_paths, a.eval_particles = tr[:, :200], te[:, :50], 2, 50, 20, 200
     starts = [ElmanSSM(a.hidden, 1, seed=s, weight_init="rotation", weight_scale=1.1) for s in a.seeds]
-    method = MonteCarloEM(num_iterations=a.iterations, tol=0.0, overrelax=a.overrelax,
+    method = MonteCarloEM(num_iterations=a.iterations, stopping=ConvergenceRule(tol=0.0),
+                          acceptance=Acceptance(overrelax=a.overrelax),
                           smoother=ParticleSmoother(num_particles=n_particles, num_paths=n_paths, backward="mcmc",
                                                     proposal="ekf"))
     t0 = time.perf_counter()

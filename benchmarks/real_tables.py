@@ -15,7 +15,7 @@ on data preprocessed from the training part only (:mod:`ppl_rnn.workbench.datase
     (``ElmanSSM(H, activation="identity")`` with H the AIC order, exact EM begun at that AR fit in companion
     form, ``KalmanEM(init="ar")``, ``--kem-iterations``); the tanh network (``ElmanSSM(H)``) trained by Monte
     Carlo EM from the **linear warm start**: the KalmanEM row's fit embedded in tanh's linear regime
-    (``embed_linear(..., gain=0.01)``, what ``MonteCarloEM(init="linear")`` does by default, here reusing the
+    (``embed_linear(..., gain=0.01)``, what ``MonteCarloEM(start=LinearStart())`` does by default, here reusing the
     KalmanEM row instead of fitting it twice). ``--breathing-hidden 6 --kem-init model --init-gain 0.1`` gives
     the earlier rows (hidden 6, KalmanEM from the random network).
 (b) **Santa Fe laser** (``santafe-laser``, standard-scaled on the training part): steps 0-999 train, 1000-1499
@@ -23,13 +23,15 @@ on data preprocessed from the training part only (:mod:`ppl_rnn.workbench.datase
     default random start (``ElmanSSM(H, seed=seed)``), at several iteration counts (checkpoints).
     ``--laser-init rotation`` starts from ``ElmanSSM(H, seed=seed, weight_init="rotation", weight_scale=1.1)``
     instead (row key ``mcem_h{H}_rot``); ``--laser-restarts K --laser-restart-iterations M`` makes the first
-    chunk ``MonteCarloEM(num_restarts=K, restart_iterations=M)`` (K candidates, M iterations each, the best by
+    chunk ``MonteCarloEM(start=MultiStart(num_starts=K, iterations=M))`` (K candidates, M iterations each, the best by
     training evidence continued; row key suffix ``_r{K}x{M}``; the first checkpoint is M + ``--laser-chunk``).
 
-Fits are run in chunks (KalmanEM 50 iterations, MCEM ``--chunk``/``--laser-chunk`` iterations, each chunk a fresh
-``pr.fit`` from the previous chunk's model with seed ``1000 * seed + iterations done``) and every chunk is
-saved under ``--cache``, so long runs can be resumed, stopped at any checkpoint and scored at several
-iteration counts. ``--stage fit`` only trains, ``score`` only scores what is cached, ``table`` prints.
+Fits are run in chunks (KalmanEM 50 iterations, MCEM ``--chunk``/``--laser-chunk`` iterations): one fit (seed
+``1000 * seed`` for MCEM) continued chunk by chunk with ``pr.fit(..., resume=fit)``, so the chunked run is the
+uninterrupted one, and every chunk is saved under ``--cache`` with its fit state, so long runs can be continued
+by a later process, stopped at any checkpoint and scored at several iteration counts (the tables recorded in
+``benchmarks/README.md`` before 2026-12-07 were made with chunks that were fresh fits, seed
+``1000 * seed + iterations done``; a cache of that version cannot be continued). ``--stage fit`` only trains, ``score`` only scores what is cached, ``table`` prints.
 ``--paired`` keeps every row's per-target forecast losses (re-scoring cached rows that lack them) and prints,
 under each margin, the paired CRPS and squared-error differences per lead with HAC standard errors
 (``pr.forecast_difference``), for the mean over seeds and per seed. ``--select-tail STEPS`` (laser) chooses
@@ -41,6 +43,7 @@ The tables measured for the README are in ``benchmarks/README.md`` (with the mac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -49,8 +52,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
-from ppl_rnn.inference import KalmanEM, MonteCarloEM, ParticleSmoother
-from ppl_rnn.inference.nar_start import fit_nar
+from ppl_rnn.inference import (
+    Acceptance,
+    AutoMStep,
+    ClosedFormMStep,
+    ConvergenceRule,
+    KalmanEM,
+    MonteCarloEM,
+    MultiStart,
+    NARStart,
+    ParticleSmoother,
+)
 from ppl_rnn.inference.reference import LinearAR
 from ppl_rnn.models import ElmanSSM
 
@@ -141,9 +153,11 @@ def _path(cache: Path, problem: str, key: str, seed: int, it: int | None = None)
     return cache / problem / (f"{key}_s{seed}" + ("" if it is None else f"_it{it}") + ".pt")
 
 
-def _save(path: Path, model, meta: dict) -> None:
+def _save(path: Path, model, meta: dict, fit=None) -> None:
+    """A checkpoint: the model's state, its metadata and (for resuming) the fit without its posterior."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state": model.state_dict(), "meta": meta}, path)
+    torch.save({"state": model.state_dict(), "meta": meta,
+                "fit": None if fit is None else dataclasses.replace(fit, posterior=None)}, path)
 
 
 def _load(path: Path):
@@ -152,6 +166,16 @@ def _load(path: Path):
     model = ElmanSSM(m["H"], 1, activation=m["activation"]).double()
     model.load_state_dict(d["state"])
     return model, m
+
+
+def _load_fit(path: Path):
+    """The FitResult a checkpoint was saved with (None for a start checkpoint); a checkpoint written before the
+    fits were resumed holds none, and cannot be continued."""
+    d = torch.load(path, weights_only=False)
+    if d.get("fit") is None and d["meta"].get("iterations", 0) > 0:
+        raise SystemExit(f"{path} holds no fit state to resume (written by an earlier version of this script, which "
+                         "chunked fits by hand); use a fresh --cache directory.")
+    return d.get("fit")
 
 
 def _latest(cache, problem, key, seed, upto):
@@ -176,6 +200,9 @@ def default_proposal() -> str:
 
 
 def fit_row(problem, row, seed, y, args, log=print):
+    """Train a row to its largest checkpoint: one fit, continued chunk by chunk with ``pr.fit(..., resume=fit)``
+    (so a chunked run is the uninterrupted one: SAEM's bank, the particle boost, omega and the RNG carry over),
+    every checkpoint saved with its fit so a later process continues it."""
     cache = Path(args.cache)
     kind = row["kind"]
     if kind == "ar":
@@ -185,24 +212,24 @@ def fit_row(problem, row, seed, y, args, log=print):
     if have is not None and have[0] >= target:
         return
     if kind == "kem":
-        chunk = KEM_CHUNK
         if have is None:
-            model, done = ElmanSSM(row["H"], 1, activation="identity", seed=seed).double(), 0
+            model, done, fit = ElmanSSM(row["H"], 1, activation="identity", seed=seed).double(), 0, None
         else:
-            done, model = have[0], _load(have[1])[0]
+            done, model, fit = have[0], _load(have[1])[0], _load_fit(have[1])
         while done < target:
             t0 = time.perf_counter()
-            n = min(chunk, target - done)
-            init = row.get("init", "model") if done == 0 else "model"  # the AR start only before iteration 1
-            fit = pr.fit(model, y, method=KalmanEM(num_iterations=n, tol=0, init=init), seed=seed)
-            model, done = fit.model, done + n
-            _save(_path(cache, problem, row["key"], seed, done), model,
-                  dict(H=row["H"], activation="identity", iterations=done, method="KalmanEM"))
+            done = min(done + KEM_CHUNK, target)
+            fit = pr.fit(model, y, method=KalmanEM(num_iterations=done, tol=0, init=row.get("init", "model")),
+                         seed=seed, resume=fit)  # the AR start only before iteration 1 (a resumed fit skips it)
+            _save(_path(cache, problem, row["key"], seed, done), fit.model,
+                  dict(H=row["H"], activation="identity", iterations=done, method="KalmanEM"), fit)
             log(f"[{problem}] {row['label']} seed {seed}: {done} iterations ({time.perf_counter() - t0:.0f} s), "
                 f"exact log-evidence/step {float(fit.trace['objective'].values[-1]) / y.shape[1]:+.4f}")
         return
     # MCEM
     prop = args.proposal or default_proposal()
+    K = row.get("restarts", 1)
+    M = row.get("restart_iterations", 10) if K > 1 else 0  # multi-start iterations, counted in the checkpoints
     if have is None:
         if kind == "mcem_linear":
             base = _path(cache, problem, row["base"], seed, row["base_it"])
@@ -210,48 +237,50 @@ def fit_row(problem, row, seed, y, args, log=print):
                 raise SystemExit(f"{base} is missing: fit the KalmanEM row first (same --cache).")
             lin, _ = _load(base)
             model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed).double()
+            # the linear warm start (LinearStart) from the KalmanEM row's cached fit instead of fitting it twice
             capability(model, "embed_linear")(capability(lin, "linear_gaussian")(), gain=row["gain"])
-        elif kind == "mcem_nar":  # what MonteCarloEM(init="nar", seed=seed) does: the feature map drawn from seed
-            # (the library's fit_nar + embed_nar, called here so the start is checkpoint 0 and its feature map
-            # is drawn from `seed`, not from the first chunk's fit seed 1000 * seed)
+        elif kind == "mcem_nar":  # the library's nonlinear warm start, applied here so the start is checkpoint 0
             model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed).double()
-            params = fit_nar(Data(y, torch.isfinite(y), None), row["order"], row["H"] - row["order"], seed=seed)
-            capability(model, "embed_nar")(params, gain=row["gain"])
+            NARStart(order=row["order"], gain=row["gain"]).apply(model, Data(y, torch.isfinite(y), None), seed)
         else:
             rot = dict(weight_init="rotation", weight_scale=1.1) if row.get("weight_init") == "rotation" else {}
             model = ElmanSSM(row["H"], 1, activation="tanh", seed=seed, **rot).double()
-        done = 0
+        done, fit = 0, None
         _save(_path(cache, problem, row["key"], seed, 0), model,
               dict(H=row["H"], activation="tanh", iterations=0, method="start", proposal=prop))
     else:
-        done, model = have[0], _load(have[1])[0]
-    # Chunks are fresh fits from the saved model, not pr.fit(..., resume=fit): the checkpoints hold only the
-    # model (resuming across processes would need the FitState on disk), and the recorded tables used these seeds.
+        done, model, fit = have[0], _load(have[1])[0], _load_fit(have[1])
+    if target - M < 1:
+        raise SystemExit(f"--laser-restart-iterations {M} must be below the largest of --laser-iterations ({target}).")
     while done < target:
         t0 = time.perf_counter()
-        K = row.get("restarts", 1) if done == 0 else 1  # multi-start only in the first chunk
-        M = row.get("restart_iterations", 10) if K > 1 else 0
-        n = min(args.chunk, target - done - M)  # the first chunk: M iterations per candidate, then n more
-        if n < 1:
-            raise SystemExit(f"--laser-restart-iterations {M} must be below the largest of --laser-iterations "
-                             f"({target}).")
-        method = MonteCarloEM(num_iterations=n, tol=0.0, ascent_z=args.ascent_z if problem == "breathing" else None,
-                              learn_initial=args.learn_initial,
-                              max_boost=args.max_boost, num_restarts=K, restart_iterations=M if K > 1 else 10,
-                              smoother=ParticleSmoother(
-            num_particles=args.num_particles, num_paths=100, backward="mcmc", proposal=prop))
-        fit = pr.fit(model, y, method=method, seed=1000 * seed + done)
-        model, done = fit.model, done + n + M
-        if K > 1:
+        # the first chunk: M iterations per multi-start candidate, then --chunk more; a resumed one: --chunk more
+        done = min(target, done + args.chunk + (M if fit is None else 0))
+        start = MultiStart(num_starts=K, iterations=M) if K > 1 else None
+        method = MonteCarloEM(
+            num_iterations=done - M, stopping=ConvergenceRule(tol=0.0), start=start,
+            mstep=AutoMStep(closed_form=ClosedFormMStep(learn_initial=args.learn_initial)),
+            acceptance=Acceptance(ascent_z=args.ascent_z if problem == "breathing" else None, max_boost=args.max_boost),
+            smoother=ParticleSmoother(num_particles=args.num_particles, num_paths=100, backward="mcmc", proposal=prop))
+        first = fit is None
+        fit = pr.fit(model, y, method=method, seed=1000 * seed, resume=fit)
+        if first and K > 1:
             log(f"[{problem}] {row['label']} seed {seed}: restart training log-evidence "
                 f"{[round(v, 1) for v in fit.diagnostics['restart_log_evidence']]}, chosen "
                 f"{fit.diagnostics['restart_chosen']}")
-        _save(_path(cache, problem, row["key"], seed, done), model,
-              dict(H=row["H"], activation="tanh", iterations=done, method="MonteCarloEM", proposal=prop,
-                   num_particles=args.num_particles, num_paths=100))
+        meta = dict(H=row["H"], activation="tanh", iterations=done, method="MonteCarloEM", proposal=prop,
+                    num_particles=args.num_particles, num_paths=100)
+        if fit.state is None:  # stopped (e.g. rejections at the largest boost): its last parameters stand for
+            log(f"[{problem}] {row['label']} seed {seed}: stopped ({fit.diagnostics.get('stopped')}) after "
+                f"{fit.diagnostics['num_iterations']} iterations; its model stands for the later checkpoints")
+            for it in [done] + [i for i in row["its"] if i > done]:  # every later checkpoint
+                _save(_path(cache, problem, row["key"], seed, it), fit.model, {**meta, "iterations": it,
+                                                                              "stopped": True})
+            return
+        _save(_path(cache, problem, row["key"], seed, done), fit.model, meta, fit)
         log(f"[{problem}] {row['label']} seed {seed}: {done} iterations ({time.perf_counter() - t0:.0f} s), "
-            f"r = {float(model.r.detach()[0]):.4g}"
-            + (f", ascent steps kept {int(np.nansum(fit.trace.ascent_kept.values))}/{n}"
+            f"r = {float(fit.model.r.detach()[0]):.4g}"
+            + (f", ascent steps kept {int(np.nansum(fit.trace.ascent_kept.values))}/{done - M}"
                if "ascent_kept" in fit.trace else ""))
 
 
@@ -486,16 +515,16 @@ def main(argv=None):
     p.add_argument("--laser-kem-iterations", type=int, default=200)
     p.add_argument("--chunk", type=int, default=5, help="breathing: MCEM iterations per saved checkpoint")
     p.add_argument("--max-boost", type=int, default=8,
-                   help="MonteCarloEM(max_boost=...): the largest factor rejections may multiply particles and paths by")
+                   help="Acceptance(max_boost=...): the largest factor rejections may multiply particles and paths by")
     p.add_argument("--ascent-z", type=float, default=None,
-                   help="breathing: MonteCarloEM(ascent_z=...) for the network row (the ascent test; its paths "
+                   help="breathing: Acceptance(ascent_z=...) for the network row (the ascent test; its paths "
                         "double after each refused step within a chunk)")
     p.add_argument("--num-particles", type=int, default=300, help="breathing: particles of MCEM's E-step smoother")
     p.add_argument("--laser-chunk", type=int, default=20, help="laser: MCEM iterations per saved checkpoint")
     p.add_argument("--laser-init", choices=["gaussian", "rotation"], default="gaussian",
                    help="laser: the network's random start (ElmanSSM(weight_init=...); rotation: gain 1.1)")
     p.add_argument("--laser-restarts", type=int, default=1,
-                   help="laser: MonteCarloEM(num_restarts=...) in the first chunk (multi-start; 1 = off)")
+                   help="laser: MultiStart(num_starts=...) in the first chunk (multi-start; 1 = off)")
     p.add_argument("--laser-restart-iterations", type=int, default=10,
                    help="laser: iterations per restart candidate; the first checkpoint is this plus --laser-chunk")
     p.add_argument("--laser-num-particles", type=int, default=500, help="laser: particles of MCEM's E-step")

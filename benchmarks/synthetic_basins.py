@@ -3,8 +3,8 @@ r"""Which optimum MCEM reaches on ``unkelbach-synthetic``, and why training evid
 Three measurements behind the synthetic section of benchmarks/README.md (issue 10's synthetic point). Every fit here is a
 single start: the table's MCEM without its restarts.
 
-1. **Restart candidates continued alone** (default). Candidate ``r`` of ``MonteCarloEM(num_restarts=8,
-   restart_kind="rotation")`` from the Gaussian start ``ElmanSSM(4, 1, seed=--init-seed)`` (candidate 0 is the
+1. **Restart candidates continued alone** (default). Candidate ``r`` of ``MonteCarloEM(start=MultiStart(num_starts=8,
+   kind="rotation"))`` from the Gaussian start ``ElmanSSM(4, 1, seed=--init-seed)`` (candidate 0 is the
    start itself, ``r >= 1`` a random rotation times 1.1, the same draw the restarts make with fit seed 0) is
    given the table's MCEM (``--mcem-iters``, ``--mcem-overrelax``) on its own. Each fit is then scored by its
    training log-evidence per step, :math:`\frac1T\log\hat p_\theta(y_{1:T})` (mean ± SE of 8 default particle
@@ -106,10 +106,9 @@ def basis_hit_probability(H: int, radii: list[float], draws: int, g: torch.Gener
 
 
 def single_start(a, iterations: int | None = None):
-    """The table's MCEM (``synthetic_table.mcem_method``) without restarts: the given start is continued alone."""
-    meth = stb.mcem_method(a if iterations is None else argparse.Namespace(**{**vars(a), "mcem_iters": iterations}))
-    meth.num_restarts = 1
-    return meth
+    """The table's MCEM (``synthetic_setup.mcem_method``) without restarts: the given start is continued alone."""
+    return stb.mcem_method(a if iterations is None else argparse.Namespace(**{**vars(a), "mcem_iters": iterations}),
+                           multistart=False)
 
 
 def main(argv=None):
@@ -138,7 +137,7 @@ def main(argv=None):
     fits: dict[str, torch.nn.Module] = {}
     t0 = time.perf_counter()
     for r in [int(s) for s in a.candidates.split(",") if s.strip()]:
-        cand = stb.mcem_method(a)._candidate(stb.initial_network(a), 0, r)  # the restarts' draw (fit seed 0)
+        cand = stb.mcem_start(a).candidate(stb.initial_network(a), 0, r)  # the restarts' draw (fit seed 0)
         fits[f"candidate {r}"] = pr.fit(cand, train, method=single_start(a), seed=(104_729 * (r + 1)) % (2**31 - 1)).model
         print(f"# candidate {r} fitted ({time.perf_counter() - t0:.0f} s)", flush=True)
     if a.reorient:

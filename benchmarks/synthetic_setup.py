@@ -10,7 +10,20 @@ from __future__ import annotations
 import argparse
 
 import torch
-from ppl_rnn.inference import MonteCarloEM, ParticleFilter, ParticleSmoother
+from ppl_rnn.inference import (
+    SAEM,
+    Acceptance,
+    AutoMStep,
+    ClosedFormMStep,
+    ConvergenceRule,
+    FromModel,
+    GradientMStep,
+    MonteCarloEM,
+    MultiStart,
+    ParticleFilter,
+    ParticleSchedule,
+    ParticleSmoother,
+)
 from ppl_rnn.models import ElmanSSM
 
 import ppl_rnn as pr
@@ -136,13 +149,24 @@ def initial_network(a) -> ElmanSSM:
     return ElmanSSM(4, 1, seed=a.init_seed, weight_init=a.init, weight_scale=a.init_weight_scale)
 
 
-def mcem_method(a) -> MonteCarloEM:
-    """The table's MCEM: 200 -> 1000 particles (50 -> 200 paths), SAEM averaging over the last 40 %."""
+def mcem_start(a) -> MultiStart | FromModel:
+    """The table's MCEM start: ``--mcem-restarts K`` candidates (``--mcem-restart-kind``, ``--mcem-restart-iters``
+    iterations each) around the given network, or the network itself."""
+    if a.mcem_restarts <= 1:
+        return FromModel()
+    return MultiStart(num_starts=a.mcem_restarts, iterations=a.mcem_restart_iters, kind=a.mcem_restart_kind)
+
+
+def mcem_method(a, multistart: bool = True) -> MonteCarloEM:
+    """The table's MCEM: 200 -> 1000 particles (50 -> 200 paths), SAEM averaging over the last 40 %
+    (``multistart=False``: without the restarts, from the given network)."""
     n = max(a.mcem_iters - 1, 1)
+    gs = a.gradient_steps
     return MonteCarloEM(
-        smoother=ParticleSmoother(num_particles=200, num_paths=50), num_iterations=a.mcem_iters, tol=0,
-        particle_schedule=((200, 50), (1000, 200)), saem=lambda k: 1.0 if k < 0.6 * n else
-        (k - 0.6 * n + 1) ** -0.7, gradient_steps=a.gradient_steps, num_restarts=a.mcem_restarts,
-        restart_iterations=a.mcem_restart_iters, restart_kind=a.mcem_restart_kind, progress=a.progress,
-        anneal_noise=None if a.mcem_anneal is None else (a.mcem_anneal[0], int(a.mcem_anneal[1])),
-        overrelax=a.mcem_overrelax)
+        smoother=ParticleSmoother(num_particles=200, num_paths=50), num_iterations=a.mcem_iters,
+        stopping=ConvergenceRule(tol=0), schedule=ParticleSchedule(particles=(200, 1000), paths=(50, 200)),
+        averaging=SAEM(lambda k: 1.0 if k < 0.6 * n else (k - 0.6 * n + 1) ** -0.7),
+        mstep=AutoMStep(closed_form=ClosedFormMStep(transition_steps=gs), gradient=GradientMStep(steps=gs),
+                        anneal_noise=None if a.mcem_anneal is None else (a.mcem_anneal[0], int(a.mcem_anneal[1]))),
+        acceptance=Acceptance(overrelax=a.mcem_overrelax), start=mcem_start(a) if multistart else FromModel(),
+        progress=a.progress)

@@ -28,8 +28,8 @@ A deterministic pre-training (BPTT, or GlobalSearch on the noise-free rollout's 
 start: on this data that objective's optimum is close to the climatological mean (the BPTT row ends at -0.78
 held-out; the climatological Gaussian scores -0.76), which has no oscillation for EM to tune.
 
-Rotation restarts (``--mcem-restarts 8 --mcem-restart-kind rotation``: ``num_restarts=8,
-restart_kind="rotation"``, candidates 1-7 with random rotation-type W, 10 iterations each, the best by training
+Rotation restarts (``--mcem-restarts 8 --mcem-restart-kind rotation``: ``MultiStart(num_starts=8,
+kind="rotation")``, candidates 1-7 with random rotation-type W, 10 iterations each, the best by training
 evidence continued), measured 2026-11-30 from ``--init gaussian`` init seeds 1, 2, 3 (truth 0.0188): the chosen
 candidate is always a rotation (the Gaussian start itself scores -0.056..-0.071 after 10 iterations, the chosen
 ones -0.030..-0.039); held-out -0.0062 / -0.0008 / -0.0019 +- 0.0002 after 60 iterations (delta -0.025 /
@@ -44,7 +44,7 @@ rad/step, the truth's being 0.57 and 0.31; other weights Gaussian, init seeds 1,
 after 60 iterations and -0.023 after 150 (seed 1; the fitted modes keep the right frequencies at |lambda|
 1.04-1.09 against the truth's 1.2); a rotation start with gain 1.25 (init seed 1) ends at -0.031.
 
-Over-relaxed M-steps (``--mcem-overrelax 1.8``: ``overrelax=1.8``, each M-step's move stretched by 1.8 in the
+Over-relaxed M-steps (``--mcem-overrelax 1.8``: ``Acceptance(overrelax=1.8)``, each M-step's move stretched by 1.8 in the
 unconstrained parametrisation), with the rotation restarts above from ``--init gaussian``, measured
 2026-12-01 (held-out delta to the truth, SE 0.0002): init seeds 1, 2, 3 after 60 iterations -0.0165 / -0.0208 /
 -0.0215 (seed 1 training -0.0200 nats/step against plain EM's -0.0237); seeds 1, 2, 3 after 120 iterations
@@ -80,9 +80,9 @@ several fits (not built) beats each member only when all are good fits: the thre
 -0.0153, each seed's top three restart candidates pooled -0.0213 / -0.0214 / -0.0201 (the restarts' single
 choice: -0.0194 / -0.0265 / -0.0193).
 
-MCEM escapes from local optima (issue 4): ``--mcem-restarts K`` (``num_restarts``; each candidate gets
+MCEM escapes from local optima (issue 4): ``--mcem-restarts K`` (``MultiStart(num_starts=K)``; each candidate gets
 ``--mcem-restart-iters`` iterations of 200 particles / 50 paths, the best by training evidence is continued) and
-``--mcem-anneal FACTOR ITERS`` (``anneal_noise``). Default: a single start, no annealing. Measured on noise seed 0
+``--mcem-anneal FACTOR ITERS`` (the M-step's ``anneal_noise``). Default: a single start, no annealing. Measured on noise seed 0
 (held-out nats/step, truth 0.017): single start -0.039; 8 restarts x 10 iterations -0.037 (all 8 candidates
 reach -0.06..-0.11 training nats/step after 10 iterations, the continued best ends at -0.055, i.e. the same
 basin, ~2x the wall time); 4 restarts x 20 -0.041; annealing (3, 25) -0.793 (the inflated process noise drives
@@ -131,14 +131,14 @@ def main(argv=None):
     ap.add_argument("--bptt-steps", type=int, default=400)
     ap.add_argument("--only", default=None, help="comma-separated subset of methods: mcem,meanfield,meanfield2,bptt (none: only --ensemble)")
     ap.add_argument("--gradient-steps", type=int, default=10, help="Levenberg-Marquardt steps per MCEM M-step")
-    ap.add_argument("--mcem-restarts", type=int, default=1, help="MCEM num_restarts (1: single start)")
+    ap.add_argument("--mcem-restarts", type=int, default=1, help="MCEM MultiStart(num_starts=...) (1: single start)")
     ap.add_argument("--mcem-restart-iters", type=int, default=10, help="MCEM iterations per restart candidate")
     ap.add_argument("--mcem-restart-kind", default="perturb", choices=("perturb", "rotation"),
-                    help="MCEM restart_kind: candidates redrawn near the start (perturb) or as rotations (rotation)")
+                    help="MCEM MultiStart(kind=...): candidates redrawn near the start (perturb) or as rotations (rotation)")
     ap.add_argument("--mcem-anneal", type=float, nargs=2, default=None, metavar=("FACTOR", "ITERS"),
-                    help="MCEM anneal_noise=(FACTOR, ITERS) (process-noise inflation decaying over ITERS iterations)")
+                    help="MCEM M-step anneal_noise=(FACTOR, ITERS) (process-noise inflation decaying over ITERS iterations)")
     ap.add_argument("--mcem-overrelax", type=float, default=1.0, metavar="OMEGA",
-                    help="MCEM overrelax (over-relaxed M-step; 1: plain EM)")
+                    help="MCEM Acceptance(overrelax=...) (over-relaxed M-step; 1: plain EM)")
     ap.add_argument("--fresh-test", type=int, nargs=2, default=None, metavar=("B", "T"),
                     help="also score every fit against the generating network on B fresh sequences of T steps "
                          "drawn from it (paired per step, HAC SE); e.g. 20 1000")

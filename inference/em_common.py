@@ -35,7 +35,9 @@ objectives of mean-field EM and EKF-EM) has not converged either.
 below the last accepted one by more than ``reject_se`` standard errors of the difference,
 :math:`\ell_{k+1} < \ell_k - r\sqrt{s_k^2 + s_{k+1}^2}`, or whose E-step degenerates, is rejected: the row is
 recorded with ``rejected = 1``, the parameters return to :math:`\theta_k`, the trainer's ``on_reject``
-raises the number of particles (returns False when it cannot), and :math:`\theta_k` is evaluated again.
+applies its rule for a refused step (Monte Carlo EM: :meth:`~ppl_rnn.inference.acceptance.AcceptanceWork.refuse`,
+a plain retry of a stretched step or more particles; it returns False when it can do neither), and
+:math:`\theta_k` is evaluated again.
 Steps with :math:`s = 0` are not rejected, except a ``strict`` one (an exact value that must not fall, e.g.
 the exact evidence after an over-relaxed EM step, whose plain counterpart cannot lower it): that one is
 rejected as soon as :math:`\ell_{k+1} < \ell_k - 10^{-9}\max(1, |\ell_k|)` (the margin absorbs rounding). A run

@@ -1,7 +1,7 @@
 r"""The nonlinear warm start: a least-squares autoregression on random ``tanh`` features of the lags.
 
 Smooth, densely sampled signals (breathing) are fitted well by linear models one step ahead, and the
-network's linear warm start (``MonteCarloEM(init="linear")``) inherits that: it forecasts like the linear
+network's linear warm start (``LinearStart``, :mod:`~ppl_rnn.inference.starts`) inherits that: it forecasts like the linear
 model it embeds. Their nonlinearity shows over several steps — the shape of a breathing cycle — and Monte
 Carlo EM, whose E-step noise near a noise-free optimum outweighs a weak nonlinear signal, does not find it
 from the linear regime (measured on the shipped breathing window: ``benchmarks/README.md``). A nonlinear

@@ -20,6 +20,7 @@ without a ``progress`` option.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import sys
@@ -135,10 +136,80 @@ def make_method(name: str, *, progress: bool = False, **options) -> InferenceMet
     return method
 
 
+#: the flat options ``make_method("mcem", ...)`` accepts (CLI, TOML configs, notebooks), by the part they build
+MCEM_FLAT_OPTIONS = {
+    "stopping": ("tol", "window", "z"),
+    "schedule": ("particle_schedule",),
+    "averaging": ("saem",),
+    "mstep": ("gradient_steps", "lr", "learn_initial", "anneal_noise"),
+    "acceptance": ("reject_se", "max_boost", "se_runs", "ascent_z", "overrelax"),
+    "start": ("init", "init_iterations", "init_gain", "init_linear", "init_order", "init_ridge", "init_feature_scale",
+              "num_restarts", "restart_iterations", "restart_kind"),
+}
+
+
+def _mcem_schedule(spec):
+    from .mcem import ParticleSchedule
+
+    if spec is None or isinstance(spec, ParticleSchedule):
+        return spec
+    if callable(spec):
+        return ParticleSchedule(fn=spec)
+    if isinstance(spec, (tuple, list)) and len(spec) == 2:
+        if all(isinstance(x, (tuple, list)) and len(x) == 2 for x in spec):
+            return ParticleSchedule(particles=(spec[0][0], spec[1][0]), paths=(spec[0][1], spec[1][1]))
+        return ParticleSchedule(particles=tuple(spec))
+    raise ConfigurationError(f"particle_schedule must be None, (start, end), ((N0, P0), (N1, P1)) or a callable; "
+                             f"found {spec!r}.")
+
+
+def _mcem_mstep(kind="auto", **kw):
+    from .msteps import AutoMStep, ClosedFormMStep, GradientMStep, MStep
+
+    if isinstance(kind, MStep):
+        if kw:
+            raise ConfigurationError(f"pass either mstep={kind!r} or {', '.join(sorted(kw))} to 'mcem', not both.")
+        return kind
+    if kind not in ("auto", "closed_form", "gradient"):
+        raise ConfigurationError(f"mstep must be one of ['auto', 'closed_form', 'gradient'] or an M-step object; "
+                                 f"found {kind!r}.")
+    steps, lr, learn = kw.get("gradient_steps", 10), kw.get("lr", 0.01), kw.get("learn_initial", True)
+    anneal = kw.get("anneal_noise")
+    closed = ClosedFormMStep(transition_steps=steps, learn_initial=learn)
+    grad = GradientMStep(steps=steps, lr=lr, **({"optimizer": "adam"} if "lr" in kw else {}))  # lr: Adam's
+    if kind == "auto":
+        return AutoMStep(closed_form=closed, gradient=grad, anneal_noise=anneal)
+    return dataclasses.replace(closed if kind == "closed_form" else grad, anneal_noise=anneal)
+
+
+def _mcem_start(init="model", init_iterations=200, init_gain=0.01, init_linear="ar", init_order=None,
+                init_ridge=1e-7, init_feature_scale=1.0, num_restarts=1, restart_iterations=10,
+                restart_kind="perturb"):
+    from .starts import FromModel, LinearStart, MultiStart, NARStart
+
+    if init not in ("model", "linear", "nar"):
+        raise ConfigurationError(f"init must be one of ['linear', 'model', 'nar']; found {init!r}.")
+    base = {"model": lambda: FromModel(),
+            "linear": lambda: LinearStart(iterations=init_iterations, begin=init_linear, gain=init_gain),
+            "nar": lambda: NARStart(order=init_order, gain=init_gain, ridge=init_ridge,
+                                    feature_scale=init_feature_scale)}[init]()
+    if num_restarts == 1:
+        return base
+    return MultiStart(num_starts=num_restarts, iterations=restart_iterations, kind=restart_kind, base=base)
+
+
 def _mcem(*, num_particles: int | None = None, num_paths: int | None = None, backward: str | None = None, **kw):
-    """MonteCarloEM; ``num_particles``, ``num_paths``, ``backward`` configure its particle smoother (unset:
-    MonteCarloEM's default smoother, or ParticleSmoother's defaults for the ones not given)."""
-    from .mcem import MonteCarloEM
+    """MonteCarloEM from flat options (what the CLI, TOML configs and notebooks pass): ``num_particles``,
+    ``num_paths``, ``backward`` configure its particle smoother; the options of :data:`MCEM_FLAT_OPTIONS` build
+    its parts (``tol``/``window``/``z``: ``stopping``; ``particle_schedule``: ``schedule``; ``saem``:
+    ``averaging``; ``mstep="auto"|"closed_form"|"gradient"`` with ``gradient_steps`` (Levenberg-Marquardt steps
+    of the closed form, Adam steps of the gradient step), ``lr``, ``learn_initial``, ``anneal_noise``: ``mstep``;
+    ``reject_se``/``max_boost``/``se_runs``/``ascent_z``/``overrelax``: ``acceptance``; ``init="model"|"linear"|
+    "nar"`` with ``init_*`` and ``num_restarts``/``restart_iterations``/``restart_kind``: ``start``). The part
+    objects themselves may be passed instead, not both."""
+    from .acceptance import Acceptance
+    from .em_common import ConvergenceRule
+    from .mcem import SAEM, MonteCarloEM
     from .particle_smoother import ParticleSmoother
 
     smo = {k: v for k, v in (("num_particles", num_particles), ("num_paths", num_paths), ("backward", backward))
@@ -147,6 +218,26 @@ def _mcem(*, num_particles: int | None = None, num_paths: int | None = None, bac
         raise ConfigurationError("pass either smoother= or num_particles/num_paths/backward to 'mcem', not both.")
     if smo:
         kw["smoother"] = ParticleSmoother(**smo)
+    flat = {part: {k: kw.pop(k) for k in keys if k in kw} for part, keys in MCEM_FLAT_OPTIONS.items()}
+    for part, opts in flat.items():
+        if opts and kw.get(part) is not None and part != "mstep":
+            raise ConfigurationError(f"pass either {part}= or {', '.join(sorted(opts))} to 'mcem', not both.")
+    st = flat["stopping"]
+    if st:
+        kw["stopping"] = ConvergenceRule(st.get("tol", 1e-5), st.get("window", 5), st.get("z", 2.0))
+    if flat["schedule"]:
+        kw["schedule"] = _mcem_schedule(flat["schedule"]["particle_schedule"])
+    if flat["averaging"]:
+        saem = flat["averaging"]["saem"]
+        kw["averaging"] = None if saem is None or callable(saem) else SAEM(saem)
+        if callable(saem):
+            kw["averaging"] = saem
+    if flat["mstep"] or isinstance(kw.get("mstep"), str):
+        kw["mstep"] = _mcem_mstep(kw.get("mstep") or "auto", **flat["mstep"])
+    if flat["acceptance"]:
+        kw["acceptance"] = Acceptance(**flat["acceptance"])
+    if flat["start"]:
+        kw["start"] = _mcem_start(**flat["start"])
     return MonteCarloEM(**kw)
 
 

@@ -12,7 +12,7 @@ same random initial weights for every method, and the one yardstick of :mod:`ppl
    the latency range of tumour-tracking radiotherapy (the reference paper's lung-tumour-motion setting).
    Rows: AR(p) with p chosen by AIC on the training part, persistence, KalmanEM's linear state-space model
    (exact EM on the network's linear special case, begun at AR fits in companion form: ``KalmanEM(init="ar")``)
-   and the tanh network trained by Monte Carlo EM from the nonlinear warm start (``MonteCarloEM(init="nar")``:
+   and the tanh network trained by Monte Carlo EM from the nonlinear warm start (``MonteCarloEM(start=NARStart())``:
    a least-squares autoregression on the AIC order's lags and 20 random tanh features of them, embedded in
    the network, which therefore has p + 20 units): the section says whether the nonlinearity earns its keep on
    this signal or a linear model is enough. Skipped with a message when the data package is missing.
@@ -63,7 +63,7 @@ REFERENCE = ("AR(5)", "persistence", "true network")
 #: the breathing section's settings (full, quick): KalmanEM iterations, MCEM iterations (each tested for ascent
 #: on fresh paths, ``ascent_z``), particles and paths of MCEM's smoother, the lags of the network's nonlinear
 #: warm start (``"aic"``: the AR order AIC picks on the training part) and its tanh features; the network has
-#: lags + features units (``MonteCarloEM(init="nar")``), and KalmanEM fits its linear special case begun at AR
+#: lags + features units (``MonteCarloEM(start=NARStart())``), and KalmanEM fits its linear special case begun at AR
 #: fits in companion form
 BREATHING = {"full": dict(kem=25, mcem=1, particles=300, paths=100, order="aic", features=20, ascent_z=1.0),
              "quick": dict(kem=3, mcem=1, particles=50, paths=10, order=2, features=3, ascent_z=1.0)}
@@ -96,7 +96,14 @@ class LinearSpecialCase(InferenceMethod):
 def breathing_methods(quick: bool = False, order: int | None = None) -> dict:
     """``{label: method}`` of the breathing section (see :data:`BREATHING`); ``order``: the lags of the
     network's nonlinear warm start (None: :data:`BREATHING`'s if an int, else AIC on the training data)."""
-    from ppl_rnn.inference import KalmanEM, MonteCarloEM, ParticleSmoother
+    from ppl_rnn.inference import (
+        Acceptance,
+        ConvergenceRule,
+        KalmanEM,
+        MonteCarloEM,
+        NARStart,
+        ParticleSmoother,
+    )
     from ppl_rnn.inference.reference import LinearAR, Persistence
 
     b = BREATHING["quick" if quick else "full"]
@@ -106,8 +113,8 @@ def breathing_methods(quick: bool = False, order: int | None = None) -> dict:
         "AR(p by AIC)": LinearAR(order="aic", max_order=30),
         "persistence": Persistence(),
         LINEAR_ROW: LinearSpecialCase(KalmanEM(num_iterations=b["kem"], tol=0.0, init="ar")),
-        NETWORK_ROW: MonteCarloEM(init="nar", init_order=order, num_iterations=b["mcem"], tol=0.0,
-                                  ascent_z=b["ascent_z"],
+        NETWORK_ROW: MonteCarloEM(start=NARStart(order=order), num_iterations=b["mcem"],
+                                  stopping=ConvergenceRule(tol=0.0), acceptance=Acceptance(ascent_z=b["ascent_z"]),
                                   smoother=ParticleSmoother(b["particles"], b["paths"], backward="mcmc")),
     }
 
@@ -369,7 +376,7 @@ def run_demo(out, *, quick: bool = False, workers: int = 1, respiration: bool = 
                          f"({b['mcem']} iteration(s), {b['particles']} particles, each M-step kept only if fresh "
                          f"paths show an ascent) started from a least-squares autoregression on {p} lags and "
                          f"{b['features']} random tanh features of them, embedded in the network "
-                         "(`MonteCarloEM(init=\"nar\")`).\n\n"
+                         "(`MonteCarloEM(start=NARStart())`).\n\n"
                          + verdict(ds, reference=BREATHING_REFERENCE, steps_label=lab) + "\n\n"
                          + linear_or_nonlinear(ds, steps_label=lab) + "\n\n"
                          + comparison_table(ds, reference=BREATHING_REFERENCE, steps_label=lab)

@@ -9,7 +9,15 @@ import sys
 import pyro.distributions as dist
 import pytest
 import torch
-from ppl_rnn.inference import MonteCarloEM, ParticleFilter, ParticleSmoother
+from ppl_rnn.inference import (
+    AutoMStep,
+    ClosedFormMStep,
+    GradientMStep,
+    MonteCarloEM,
+    MultiStart,
+    ParticleFilter,
+    ParticleSmoother,
+)
 from ppl_rnn.models import ElmanSSM, LinearGaussianSSM
 from pyro.nn import PyroParam
 from torch.distributions import constraints
@@ -99,10 +107,10 @@ def test_mcem_does_not_apply_elmans_mstep_to_a_subclass_with_another_transition(
     model = _SinElman(2, 1, seed=0, activation="identity")
     y = ElmanSSM(2, 1, seed=3).simulate(40, seed=1).observations
     fit = pr.fit(model, y, method=MonteCarloEM(num_iterations=1, smoother=ParticleSmoother(64, num_paths=8),
-                                               gradient_steps=2), seed=0)
+                                               mstep=AutoMStep(gradient=GradientMStep(steps=2))), seed=0)
     assert fit.trace.attrs["mstep"] == "gradient"
     with pytest.raises(ModelCapabilityError, match="closed_form_mstep"):
-        pr.fit(model, y, method=MonteCarloEM(num_iterations=1, mstep="closed_form"), seed=0)
+        pr.fit(model, y, method=MonteCarloEM(num_iterations=1, mstep=ClosedFormMStep()), seed=0)
     base = pr.fit(ElmanSSM(2, 1, seed=0), y, method=MonteCarloEM(num_iterations=1, smoother=ParticleSmoother(
         64, num_paths=8)), seed=0)
     assert base.trace.attrs["mstep"] == "closed_form"
@@ -151,9 +159,9 @@ def test_parameters_named_like_elmans_are_never_touched_by_name(float64):
     y = model.simulate(30, seed=0).observations
     # noise annealing and restarts need declared capabilities: a clear error, not a silent edit of q / W
     with pytest.raises(ModelCapabilityError, match="noise_scales"):
-        pr.fit(model, y, method=MonteCarloEM(num_iterations=2, anneal_noise=(2.0, 1)), seed=0)
+        pr.fit(model, y, method=MonteCarloEM(num_iterations=2, mstep=AutoMStep(anneal_noise=(2.0, 1))), seed=0)
     with pytest.raises(ModelCapabilityError, match="perturb"):
-        pr.fit(model, y, method=MonteCarloEM(num_iterations=2, num_restarts=2, restart_iterations=1), seed=0)
+        pr.fit(model, y, method=MonteCarloEM(num_iterations=2, start=MultiStart(num_starts=2, iterations=1)), seed=0)
     with pytest.raises(ModelCapabilityError, match="noise_scales"):
         pr.fit(model, y, method=pr.inference.BPTT(num_steps=2), seed=0)
     with pytest.raises(ModelCapabilityError, match="linear_gaussian"):
@@ -162,7 +170,7 @@ def test_parameters_named_like_elmans_are_never_touched_by_name(float64):
         pr.fit(model, y, method=pr.inference.MeanFieldEM(num_iterations=2), seed=0)
     # the generic methods train it (gradient M-step): every parameter moves by gradient only
     fit = pr.fit(model, y, method=MonteCarloEM(num_iterations=2, smoother=ParticleSmoother(64, num_paths=8),
-                                               gradient_steps=3), seed=0)
+                                               mstep=AutoMStep(gradient=GradientMStep(steps=3))), seed=0)
     assert fit.trace.attrs["mstep"] == "gradient"
     assert torch.isfinite(fit.model.q).all() and not torch.equal(fit.model.q, model.q)
 

@@ -49,7 +49,7 @@ def test_breathing_section_quick(tmp_path):
     pytest.importorskip("biopeaks")
     methods = breathing_methods(quick=True)
     assert set(methods) == {"AR(p by AIC)", "persistence", LINEAR_ROW, NETWORK_ROW}
-    assert methods["AR(p by AIC)"].order == "aic" and methods[NETWORK_ROW].init == "nar"
+    assert methods["AR(p by AIC)"].order == "aic" and isinstance(methods[NETWORK_ROW].start, pr.inference.NARStart)
     res = run_demo(tmp_path, quick=True, workers=1, synthetic=False, echo=lambda *a: None)
     ds = res["respiration"]
     assert set(map(str, ds.method.values)) == set(methods)

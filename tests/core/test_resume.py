@@ -11,7 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ppl_rnn.inference import BPTT, KalmanSmoother, ParticleFilter, ParticleSmoother
+from ppl_rnn.inference.acceptance import Acceptance
+from ppl_rnn.inference.em_common import ConvergenceRule
 from ppl_rnn.inference.mcem import MCEMState, MonteCarloEM
+from ppl_rnn.inference.msteps import GradientMStep
+from ppl_rnn.inference.starts import LinearStart
 from ppl_rnn.models import ElmanSSM
 
 import ppl_rnn as pr
@@ -36,13 +40,15 @@ def _assert_same_fit(a, b, tol=1e-6):
 
 
 def _mcem(n, **kw):
-    return MonteCarloEM(smoother=ParticleSmoother(64, 8, backward="mcmc"), num_iterations=n, tol=0, **kw)
+    return MonteCarloEM(smoother=ParticleSmoother(64, 8, backward="mcmc"), num_iterations=n,
+                        stopping=ConvergenceRule(tol=0), **kw)
 
 
 @pytest.mark.parametrize("opts", [
     {},
-    {"mstep": "gradient", "gradient_steps": 3, "lr": 0.02},
-    {"overrelax": 1.5, "saem": lambda k: 1.0 if k < 1 else 0.5},
+    {"mstep": GradientMStep(steps=3)},
+    {"mstep": GradientMStep(optimizer="adam", steps=3, lr=0.02)},
+    {"acceptance": Acceptance(overrelax=1.5), "averaging": lambda k: 1.0 if k < 1 else 0.5},
 ])
 def test_mcem_two_plus_two_iterations_equal_four(float64, opts):
     y, m = _data(), ElmanSSM(2, 1, seed=5)
@@ -56,7 +62,8 @@ def test_mcem_two_plus_two_iterations_equal_four(float64, opts):
     # the resumed trace holds the earlier rows: it is not the 2-iteration run re-done
     assert not np.allclose(half.model.W.detach().numpy(), resumed.model.W.detach().numpy())
     if opts:
-        assert resumed.state.trainer.optimizer is not None or resumed.state.trainer.omega_of > 1 or opts.get("saem")
+        st = resumed.state.trainer
+        assert st.mstep is not None or st.acceptance.omega_of > 1 or opts.get("averaging")
     # and 1 + 1 + 2 as well
     one = pr.fit(m, y, method=_mcem(1, **opts), seed=3)
     two = pr.fit(m, y, method=_mcem(2, **opts), resume=one)
@@ -65,8 +72,8 @@ def test_mcem_two_plus_two_iterations_equal_four(float64, opts):
 
 def test_mcem_resume_skips_the_warm_start(float64):
     y, m = _data(), ElmanSSM(2, 1, activation="identity", seed=5)
-    method = lambda n: MonteCarloEM(smoother=KalmanSmoother(), num_iterations=n, tol=0, init="linear",  # noqa: E731
-                                    init_iterations=5)
+    method = lambda n: MonteCarloEM(smoother=KalmanSmoother(), num_iterations=n,  # noqa: E731
+                                    stopping=ConvergenceRule(tol=0), start=LinearStart(iterations=5))
     full = pr.fit(m, y, method=method(4), seed=0)
     half = pr.fit(m, y, method=method(2), seed=0)
     resumed = pr.fit(m, y, method=method(4), seed=0, resume=half)
@@ -83,9 +90,10 @@ def test_mcem_resume_carries_the_boost_and_omega(float64):
     rejections have doubled the paths and omega is growing back after a fallback; 20 + 3 = 23 iterations."""
     true = ElmanSSM(2, 1, activation="identity", process_noise=0.3, obs_noise=0.2, seed=1)
     y, m = true.simulate(200, 1, seed=0).observations, ElmanSSM(2, 1, activation="identity", seed=5)
-    method = lambda n: MonteCarloEM(smoother=KalmanSmoother(), num_iterations=n, tol=0, overrelax=1.8)  # noqa: E731
+    method = lambda n: MonteCarloEM(smoother=KalmanSmoother(), num_iterations=n,  # noqa: E731
+                                    stopping=ConvergenceRule(tol=0), acceptance=Acceptance(overrelax=1.8))
     half = pr.fit(m, y, method=method(20), seed=0)
-    st = half.state.trainer
+    st = half.state.trainer.acceptance
     assert st.boost == 2 and st.grow and st.omega < 1.8  # the parts a fresh start would get wrong
     full = pr.fit(m, y, method=method(23), seed=0)
     _assert_same_fit(pr.fit(m, y, method=method(23), resume=half), full)

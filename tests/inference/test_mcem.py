@@ -20,8 +20,12 @@ import numpy as np
 import pytest
 import torch
 from ppl_rnn.inference import KalmanFilter, KalmanSmoother, ParticleFilter, ParticleSmoother
+from ppl_rnn.inference.acceptance import Acceptance
+from ppl_rnn.inference.em_common import ConvergenceRule
 from ppl_rnn.inference.kalman_em import KalmanEM, kalman_em_step
-from ppl_rnn.inference.mcem import MonteCarloEM
+from ppl_rnn.inference.mcem import SAEM, MonteCarloEM, ParticleSchedule
+from ppl_rnn.inference.msteps import AutoMStep, ClosedFormMStep, GradientMStep
+from ppl_rnn.inference.starts import MultiStart
 from ppl_rnn.models import ElmanSSM, LinearGaussianSSM
 
 import ppl_rnn as pr
@@ -63,8 +67,9 @@ def test_mcem_reaches_kalman_em_evidence(float64):
     m0 = ElmanSSM(2, 1, activation="identity", seed=5)
     iters = 20
     kem = pr.fit(m0, y, method=KalmanEM(num_iterations=iters, tol=0), seed=0)
-    mcem = pr.fit(m0, y, method=MonteCarloEM(smoother=ParticleSmoother(200, 50), num_iterations=iters, tol=0,
-                                             particle_schedule=((200, 50), (1000, 200))), seed=0)
+    mcem = pr.fit(m0, y, method=MonteCarloEM(smoother=ParticleSmoother(200, 50), num_iterations=iters, stopping=ConvergenceRule(tol=0),
+                                             schedule=ParticleSchedule(particles=(200, 1000), paths=(50, 200))),
+                  seed=0)
     le_k, le_m, le_0 = _exact(kem.model, y), _exact(mcem.model, y), _exact(m0, y)
     assert le_k > le_0 + 20
     assert le_m > le_k - 1.0 * y.numel() / 1000, (le_m, le_k)
@@ -75,7 +80,8 @@ def test_trace_rises_up_to_mc_noise(float64):
     true = ElmanSSM(2, 1, process_noise=0.2, obs_noise=0.1, weight_scale=1.5, seed=1)
     y = true.simulate(100, 1, seed=0).observations
     m = ElmanSSM(2, 1, seed=5)
-    r = pr.fit(m, y, method=MonteCarloEM(smoother=ParticleSmoother(200, 30), num_iterations=8, tol=0), seed=0)
+    r = pr.fit(m, y, method=MonteCarloEM(smoother=ParticleSmoother(200, 30), num_iterations=8,
+                                         stopping=ConvergenceRule(tol=0)), seed=0)
     le = r.trace.log_evidence.values
     # standard error of the evidence estimator at the fitted model (N=200, same as the E-step)
     reps = [float(pr.infer(r.model, y, method=ParticleFilter(200), seed=s).log_evidence.sum()) for s in range(6)]
@@ -91,20 +97,21 @@ def test_generic_gradient_mstep_raises_exact_evidence(float64):
     true = LinearGaussianSSM(2, 1, seed=1)
     y = true.simulate(40, 2, seed=0).observations
     m = LinearGaussianSSM(2, 1, seed=4, Q=0.5 * torch.eye(2), R=torch.eye(1))
-    method = MonteCarloEM(smoother=KalmanSmoother(), particle_schedule=((1, 30), (1, 30)), num_iterations=3,
-                          tol=0, gradient_steps=10, lr=0.05)
+    method = MonteCarloEM(smoother=KalmanSmoother(), schedule=ParticleSchedule(paths=(30, 30)), num_iterations=3,
+                          stopping=ConvergenceRule(tol=0), mstep=AutoMStep(gradient=GradientMStep(optimizer="adam", steps=10, lr=0.05)))
     r = pr.fit(m, y, method=method, seed=0)
     assert r.diagnostics["mstep"] == "gradient"
     assert _exact(r.model, y) > _exact(m, y) + 20
     with pytest.raises(ModelCapabilityError):
-        pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), mstep="closed_form", num_iterations=1))
+        pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), mstep=ClosedFormMStep(), num_iterations=1))
 
 
 def test_trace_layout_schedule_and_saem(float64):
     y = _linear_data(T=30, B=1)
     m = ElmanSSM(2, 1, activation="identity", seed=5)
-    method = MonteCarloEM(smoother=ParticleSmoother(50, 10), num_iterations=4, tol=0, saem=lambda k: 1 / (k + 1),
-                          particle_schedule=((50, 10), (400, 40)))
+    method = MonteCarloEM(smoother=ParticleSmoother(50, 10), num_iterations=4, stopping=ConvergenceRule(tol=0),
+                          averaging=SAEM(lambda k: 1 / (k + 1)),
+                          schedule=ParticleSchedule(particles=(50, 400), paths=(10, 40)))
     r = pr.fit(m, y, method=method, seed=0)
     tr = r.trace
     assert tr.sizes["iteration"] == 5
@@ -127,19 +134,19 @@ def test_configuration_errors():
     assert isinstance(default.smoother, ParticleSmoother) and default.smoother.num_paths == 100
     assert default.smoother.backward == "mcmc"
     with pytest.raises(ConfigurationError):
-        MonteCarloEM(particle_schedule=(0, 100))
+        MonteCarloEM(schedule=ParticleSchedule(particles=(0, 100)))
     with pytest.raises(ConfigurationError):
-        MonteCarloEM(particle_schedule=((10, 0), (100, 10)))
+        MonteCarloEM(schedule=ParticleSchedule(particles=(10, 100), paths=(0, 10)))
     with pytest.raises(ConfigurationError):
-        MonteCarloEM(particle_schedule=lambda k: 0)
+        MonteCarloEM(schedule=ParticleSchedule(fn=lambda k: 0))
     with pytest.raises(ConfigurationError):
-        MonteCarloEM(tol=-1e-3)
+        MonteCarloEM(stopping=ConvergenceRule(tol=-1e-3))
     with pytest.raises(ConfigurationError):
         MonteCarloEM(mstep="newton")
     with pytest.raises(ConfigurationError):
         MonteCarloEM(smoother="particle")
     with pytest.raises(ConfigurationError):
-        MonteCarloEM(saem=2.0)
+        MonteCarloEM(averaging=SAEM(2.0))
     with pytest.raises(ConfigurationError):
         ParticleSmoother(num_particles=0)
 
@@ -162,7 +169,7 @@ def test_divergence_error_names_iteration_and_keeps_last_good(float64):
     _Exploding.calls = 0
     m = _Exploding(2, 1, activation="identity", seed=5)
     with pytest.raises(DivergenceError) as ei:
-        pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), num_iterations=5, tol=0), seed=0)
+        pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), num_iterations=5, stopping=ConvergenceRule(tol=0)), seed=0)
     e = ei.value
     assert e.iteration == 2 and "iteration 2" in str(e) and "C" in str(e)
     good = e.last_good
@@ -174,7 +181,8 @@ def test_divergence_error_names_iteration_and_keeps_last_good(float64):
 def test_random_restarts_keep_the_best_candidate(float64):
     y = _linear_data(T=40, B=1)
     m = ElmanSSM(2, 1, activation="identity", seed=5)
-    method = MonteCarloEM(smoother=KalmanSmoother(), num_iterations=2, tol=0, num_restarts=3, restart_iterations=2)
+    method = MonteCarloEM(smoother=KalmanSmoother(), num_iterations=2, stopping=ConvergenceRule(tol=0),
+                          start=MultiStart(num_starts=3, iterations=2))
     r = pr.fit(m, y, method=method, seed=0)
     scores = r.diagnostics["restart_log_evidence"]
     assert len(scores) == 3 and np.ptp(scores) > 1e-3  # the candidates really differ
@@ -191,27 +199,27 @@ def test_random_restarts_keep_the_best_candidate(float64):
     assert r.trace.log_evidence.values[0] == pytest.approx(_exact(models[chosen], y), abs=1e-8)
     others = [_exact(models[i], y) for i in range(3) if i != chosen]
     assert min(abs(r.trace.log_evidence.values[0] - o) for o in others) > 1e-3  # the candidates' fits differ
-    plain = pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), num_iterations=2, tol=0), seed=0)
+    plain = pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), num_iterations=2, stopping=ConvergenceRule(tol=0)), seed=0)
     np.testing.assert_allclose(plain.trace.W.values[0], m.W.detach().numpy())
     assert "restart_log_evidence" not in plain.diagnostics
     # restarts are reproducible and leave the caller's model untouched
     r2 = pr.fit(m, y, method=method, seed=0)
     np.testing.assert_allclose(r2.diagnostics["restart_log_evidence"], scores)
     with pytest.raises(ConfigurationError):
-        MonteCarloEM(num_restarts=0)
+        MultiStart(num_starts=0)
 
 
 def test_noise_annealing_inflates_process_noise_then_frees_it(float64):
     y = _linear_data(T=40, B=1)
     m = ElmanSSM(2, 1, activation="identity", seed=5)
-    plain = pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), num_iterations=1, tol=0), seed=0)
-    ann = pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), num_iterations=1, tol=0,
-                                           anneal_noise=(3.0, 4)), seed=0)
+    plain = pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), num_iterations=1, stopping=ConvergenceRule(tol=0)), seed=0)
+    ann = pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), num_iterations=1, stopping=ConvergenceRule(tol=0),
+                                           mstep=AutoMStep(anneal_noise=(3.0, 4))), seed=0)
     # first M-step: same paths, same update, then q inflated by the full factor
     np.testing.assert_allclose(ann.model.q.detach().numpy(), 3.0 * plain.model.q.detach().numpy(), rtol=1e-10)
     np.testing.assert_allclose(ann.model.W.detach().numpy(), plain.model.W.detach().numpy(), rtol=1e-10)
     with pytest.raises(ConfigurationError):
-        MonteCarloEM(anneal_noise=(0.5, 10))
+        AutoMStep(anneal_noise=(0.5, 10))
 
 
 def test_overrelaxed_step_stretches_the_em_move_in_unconstrained_space(float64):
@@ -220,8 +228,9 @@ def test_overrelaxed_step_stretches_the_em_move_in_unconstrained_space(float64):
     start = {n: p.detach().clone() for n, p in m.named_parameters()}
 
     def one_step(omega):
-        method = MonteCarloEM(smoother=KalmanSmoother(), num_iterations=1, tol=0, reject_se=None,
-                              learn_initial=True, overrelax=omega)
+        method = MonteCarloEM(smoother=KalmanSmoother(), num_iterations=1, stopping=ConvergenceRule(tol=0),
+                              mstep=ClosedFormMStep(learn_initial=True),
+                              acceptance=Acceptance(reject_se=None, overrelax=omega))
         return pr.fit(m, y, method=method, seed=0).model
 
     plain, stretched = one_step(1.0), one_step(1.5)
@@ -237,7 +246,7 @@ def test_overrelaxed_step_stretches_the_em_move_in_unconstrained_space(float64):
     assert torch.all(stretched.q > 0) and torch.all(stretched.r > 0)
     for bad in (0, 2, 2.5, -1.0, True, "1.8"):
         with pytest.raises(ConfigurationError, match="overrelax"):
-            MonteCarloEM(overrelax=bad)
+            Acceptance(overrelax=bad)
 
 
 def test_a_rejected_stretched_step_falls_back_to_plain_em_and_omega_grows_back(float64):
@@ -248,7 +257,7 @@ def test_a_rejected_stretched_step_falls_back_to_plain_em_and_omega_grows_back(f
     _Sabotaged.calls = 0
     m = _Sabotaged(2, 1, activation="identity", seed=5)
     r = pr.fit(m, _sharp_series(60), method=MonteCarloEM(smoother=ParticleSmoother(100, 20), num_iterations=5,
-                                                         tol=0, overrelax=1.5), seed=0)
+                                                         stopping=ConvergenceRule(tol=0), acceptance=Acceptance(overrelax=1.5)), seed=0)
     tr = r.trace
     np.testing.assert_array_equal(tr.rejected.values, [0, 0, 1, 0, 0, 0, 0])
     # rows: start, step 1 (1.5), sabotaged step 2 (1.5, rejected), theta_1 again, then 1, 1.1, 1.21
@@ -257,15 +266,15 @@ def test_a_rejected_stretched_step_falls_back_to_plain_em_and_omega_grows_back(f
     np.testing.assert_array_equal(tr.num_particles.values, 100)  # no boost: the plain step was not rejected
     assert r.diagnostics["num_iterations"] == 5 and "stopped" not in r.diagnostics
     plain = pr.fit(ElmanSSM(2, 1, activation="identity", seed=5), _sharp_series(60),
-                   method=MonteCarloEM(smoother=ParticleSmoother(100, 20), num_iterations=2, tol=0), seed=0)
+                   method=MonteCarloEM(smoother=ParticleSmoother(100, 20), num_iterations=2, stopping=ConvergenceRule(tol=0)), seed=0)
     assert "overrelax" not in plain.trace  # plain EM's trace is unchanged
 
 
 def _exact_guard_fit(omega, n):
     y = _linear_data(T=200, B=1)
     m = ElmanSSM(2, 1, activation="identity", seed=5)
-    return y, pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), num_iterations=n, tol=0, overrelax=omega),
-                     seed=0)
+    return y, pr.fit(m, y, method=MonteCarloEM(smoother=KalmanSmoother(), num_iterations=n, stopping=ConvergenceRule(tol=0),
+                                               acceptance=Acceptance(overrelax=omega)), seed=0)
 
 
 def _kept_never_falls(tr):

@@ -1,4 +1,5 @@
-"""MonteCarloEM's ascent test (``ascent_z``) and rotation restarts (``restart_kind="rotation"``), float64.
+"""MonteCarloEM's ascent test (``Acceptance(ascent_z=)``) and rotation restarts (``MultiStart(kind="rotation")``),
+float64.
 
 Oracle: the exact Kalman log-evidence of ``ElmanSSM(activation="identity")``.
 
@@ -18,9 +19,13 @@ import numpy as np
 import pytest
 import torch
 from ppl_rnn.inference import KalmanFilter, ParticleSmoother
+from ppl_rnn.inference.acceptance import Acceptance
+from ppl_rnn.inference.em_common import ConvergenceRule
 from ppl_rnn.inference.kalman_em import KalmanEM
 from ppl_rnn.inference.mcem import MonteCarloEM
-from ppl_rnn.models import GRUSSM, ElmanSSM
+from ppl_rnn.inference.msteps import ClosedFormMStep
+from ppl_rnn.inference.starts import MultiStart
+from ppl_rnn.models import ElmanSSM, LinearGaussianSSM
 
 import ppl_rnn as pr
 from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
@@ -35,8 +40,9 @@ def _data(T=80, B=2, seed=0):
     return true.simulate(T, B, seed=seed).observations
 
 
-def _mcem(**kw):
-    return MonteCarloEM(smoother=ParticleSmoother(100, 4), num_iterations=3, tol=0, **kw)
+def _mcem(ascent_z=None, learn_initial=True):
+    return MonteCarloEM(smoother=ParticleSmoother(100, 4), num_iterations=3, stopping=ConvergenceRule(tol=0),
+                        mstep=ClosedFormMStep(learn_initial=learn_initial), acceptance=Acceptance(ascent_z=ascent_z))
 
 
 @pytest.mark.slow  # about 30 s: 400 KalmanEM iterations to an exact optimum, then MCEM there
@@ -87,8 +93,9 @@ def test_rotation_restarts_run_and_need_the_capability(float64):
     true = ElmanSSM(2, 1, process_noise=0.2, obs_noise=0.1, weight_scale=1.5, seed=1)
     y = true.simulate(60, 1, seed=0).observations
     m = ElmanSSM(2, 1, seed=5)
-    fit = pr.fit(m, y, method=MonteCarloEM(smoother=ParticleSmoother(64, 8), num_iterations=1, tol=0,
-                                           num_restarts=3, restart_iterations=2, restart_kind="rotation"), seed=0)
+    fit = pr.fit(m, y, method=MonteCarloEM(smoother=ParticleSmoother(64, 8), num_iterations=1,
+                                           stopping=ConvergenceRule(tol=0),
+                                           start=MultiStart(num_starts=3, iterations=2, kind="rotation")), seed=0)
     scores = fit.diagnostics["restart_log_evidence"]
     assert len(scores) == 3 and fit.diagnostics["restart_chosen"] == int(np.argmax(scores))
     # the full run continues the chosen candidate's fit (row 0 = its parameters), not another candidate's
@@ -100,9 +107,9 @@ def test_rotation_restarts_run_and_need_the_capability(float64):
     assert all(not np.allclose(models[i].W.detach().numpy(), chosen.W.detach().numpy())
                for i in range(3) if models[i] is not chosen)
     with pytest.raises(ModelCapabilityError, match="rotation_restart"):
-        pr.fit(GRUSSM(2, 1, seed=0), y, method=MonteCarloEM(num_iterations=1, num_restarts=2, restart_iterations=1,
-                                                             restart_kind="rotation"), seed=0)
-    with pytest.raises(ConfigurationError, match="restart_kind"):
-        MonteCarloEM(restart_kind="gaussian")
+        pr.fit(LinearGaussianSSM(2, 1, seed=0), y, method=MonteCarloEM(
+            num_iterations=1, start=MultiStart(num_starts=2, iterations=1, kind="rotation")), seed=0)
+    with pytest.raises(ConfigurationError, match="kind"):
+        MultiStart(kind="gaussian")
     with pytest.raises(ConfigurationError, match="ascent_z"):
-        MonteCarloEM(ascent_z=-1.0)
+        Acceptance(ascent_z=-1.0)

@@ -1,4 +1,4 @@
-"""Monte Carlo EM's linear warm start (``MonteCarloEM(init="linear")``), rejection and convergence default.
+"""Monte Carlo EM's linear warm start (``MonteCarloEM(start=LinearStart())``), rejection and convergence default.
 
 * the warm start is exact KalmanEM on the model's ``linear_special_case`` embedded through ``embed_linear``
   (gain 0.1): the run's row 0 is that embedding, and in the tanh network's linear regime it has (nearly) the
@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 from ppl_rnn.inference import KalmanEM, KalmanFilter, ParticleFilter, ParticleSmoother
+from ppl_rnn.inference.em_common import ConvergenceRule
 from ppl_rnn.inference.mcem import MonteCarloEM
+from ppl_rnn.inference.starts import LinearStart
 from ppl_rnn.models import ElmanSSM
 
 import ppl_rnn as pr
@@ -52,7 +54,7 @@ def test_linear_start_is_the_embedded_kalman_em_fit(float64, init_linear):
     at the default gain 0.01."""
     y = _sharp_series(200)
     m = ElmanSSM(2, 1, seed=3)
-    r = pr.fit(m, y, method=MonteCarloEM(init="linear", init_iterations=30, num_iterations=1, init_linear=init_linear,
+    r = pr.fit(m, y, method=MonteCarloEM(start=LinearStart(iterations=30, begin=init_linear), num_iterations=1,
                                          smoother=ParticleSmoother(100, 20)), seed=0)
     lin = pr.fit(m.linear_special_case(), y, method=KalmanEM(num_iterations=30, tol=1e-9, init=init_linear),
                  seed=0).model
@@ -75,12 +77,12 @@ def test_linear_start_needs_declared_capabilities(float64):
             return super().transition(t, h_prev, u_t)
 
     with pytest.raises(ModelCapabilityError, match="linear_special_case"):
-        pr.fit(Other(2, 1), _sharp_series(50), method=MonteCarloEM(init="linear", num_iterations=1))
+        pr.fit(Other(2, 1), _sharp_series(50), method=MonteCarloEM(start=LinearStart(), num_iterations=1))
 
 
 def _never_below_start(y_train, y_all, H, iters, N):
     m = ElmanSSM(H, 1, seed=0)
-    r = pr.fit(m, y_train, method=MonteCarloEM(init="linear", init_iterations=100, num_iterations=iters,
+    r = pr.fit(m, y_train, method=MonteCarloEM(start=LinearStart(iterations=100), num_iterations=iters,
                                                smoother=ParticleSmoother(N, 50, backward="mcmc")), seed=0)
     start = _heldout(r.diagnostics["initial_model"], y_train, y_all)
     end = _heldout(r.model, y_train, y_all)
@@ -123,7 +125,8 @@ def test_mcem_rejects_a_falling_iteration_and_raises_particles(float64):
     y = _sharp_series(60)
     _Sabotaged.calls = 0
     m = _Sabotaged(2, 1, activation="identity", seed=5)
-    r = pr.fit(m, y, method=MonteCarloEM(smoother=ParticleSmoother(100, 20), num_iterations=3, tol=0), seed=0)
+    r = pr.fit(m, y, method=MonteCarloEM(smoother=ParticleSmoother(100, 20), num_iterations=3,
+                                         stopping=ConvergenceRule(tol=0)), seed=0)
     tr = r.trace
     rej = tr.rejected.values
     assert rej.sum() == 1

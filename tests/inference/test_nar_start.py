@@ -1,4 +1,4 @@
-"""The nonlinear warm start (``MonteCarloEM(init="nar")``): random-feature autoregression + ``embed_nar``.
+"""The nonlinear warm start (``MonteCarloEM(start=NARStart())``): random-feature autoregression + ``embed_nar``.
 
 * ``fit_nar`` recovers a nonlinear autoregression's noise level (and beats the linear AR one step ahead);
   rows with a missing value are dropped;
@@ -7,7 +7,7 @@
   autoregression's, up to the tanh distortion of the scaled lags (O(gain^2));
 * the network's particle-filter log-evidence equals the autoregression's conditional Gaussian likelihood;
 * bad sizes, inputs and activations get errors naming the fix; a model without the capability gets a
-  ModelCapabilityError from MonteCarloEM(init="nar").
+  ModelCapabilityError from MonteCarloEM(start=NARStart()).
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 import torch
 from ppl_rnn.inference import ParticleFilter, ParticleSmoother
+from ppl_rnn.inference.acceptance import Acceptance
 from ppl_rnn.inference.mcem import MonteCarloEM
 from ppl_rnn.inference.nar_start import fit_nar, nar_design
+from ppl_rnn.inference.starts import LinearStart, NARStart
 from ppl_rnn.models import ElmanSSM, LinearGaussianSSM
 
 import ppl_rnn as pr
@@ -147,16 +149,16 @@ def test_embed_nar_checks_sizes_inputs_and_activation(float64):
 def test_mcem_nar_start_needs_the_capability_and_room_for_features(float64):
     y = _nar_series(T=300)
     with pytest.raises(ModelCapabilityError, match="embed_nar"):
-        pr.fit(LinearGaussianSSM(3, 1), y, method=MonteCarloEM(init="nar", num_iterations=1))
+        pr.fit(LinearGaussianSSM(3, 1), y, method=MonteCarloEM(start=NARStart(), num_iterations=1))
     with pytest.raises(ConfigurationError, match="hidden_dim > 4"):
-        pr.fit(ElmanSSM(4, 1), y, method=MonteCarloEM(init="nar", init_order=4, num_iterations=1))
+        pr.fit(ElmanSSM(4, 1), y, method=MonteCarloEM(start=NARStart(order=4), num_iterations=1))
 
 
 def test_mcem_nar_start_is_the_embedded_fit(float64):
     """Row 0 of the run is fit_nar's autoregression embedded at the default gain; the AIC order is used when
     init_order is None, and the features fill the remaining units."""
     y = _nar_series(T=400)
-    r = pr.fit(ElmanSSM(14, 1), y, method=MonteCarloEM(init="nar", num_iterations=1,
+    r = pr.fit(ElmanSSM(14, 1), y, method=MonteCarloEM(start=NARStart(), num_iterations=1,
                                                         smoother=ParticleSmoother(100, 20)), seed=3)
     p = r.diagnostics["init_order"]
     assert r.diagnostics["init"] == "nar" and r.diagnostics["init_features"] == 14 - p
@@ -177,11 +179,11 @@ def test_mcem_from_nar_start_never_ends_below_it_and_beats_the_linear_start(floa
     y = _nar_series(T=2100)[0]
     y_tr = y[:1500]
     sm = ParticleSmoother(200, 50, backward="mcmc")
-    r = pr.fit(ElmanSSM(10, 1), y_tr, method=MonteCarloEM(init="nar", init_order=2, num_iterations=3, smoother=sm,
-                                                          ascent_z=1.0), seed=0)
+    r = pr.fit(ElmanSSM(10, 1), y_tr, method=MonteCarloEM(start=NARStart(order=2), num_iterations=3, smoother=sm,
+                                                          acceptance=Acceptance(ascent_z=1.0)), seed=0)
     start, end = _heldout(r.diagnostics["initial_model"], y_tr, y), _heldout(r.model, y_tr, y)
     assert end[0] >= start[0] - 2 * math.hypot(start[1], end[1]) - 1e-3, (start, end)
-    lin = pr.fit(ElmanSSM(2, 1), y_tr, method=MonteCarloEM(init="linear", init_iterations=50, num_iterations=1,
-                                                          smoother=sm, ascent_z=1.0), seed=0)
+    lin = pr.fit(ElmanSSM(2, 1), y_tr, method=MonteCarloEM(start=LinearStart(iterations=50), num_iterations=1,
+                                                          smoother=sm, acceptance=Acceptance(ascent_z=1.0)), seed=0)
     lin_start = _heldout(lin.diagnostics["initial_model"], y_tr, y)
     assert start[0] > lin_start[0] + 0.1, (start, lin_start)
