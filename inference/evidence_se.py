@@ -79,6 +79,16 @@ def genealogy_log_evidence_var(record, block: int | None = None) -> torch.Tensor
     count = torch.zeros(B, dtype=torch.long, device=lw.device)  # resampling events since the block's start
     total = torch.zeros(B, dtype=torch.float64, device=lw.device)
     flags = flags.to(lw.device)
+    if B == 1:  # one sequence: the block bookkeeping in Python ints (no per-step tensor reductions)
+        n = 0
+        for t in [t for t, f in enumerate(flags[0].tolist()) if f and t > 0]:
+            if n >= K:  # this resampling would overfill the block: close it, start a new one here
+                total = total + _block_term(origin, lw[t - 1], count + n + 1, N)
+                origin, n = ident, 0
+            else:
+                origin = origin.gather(0, anc[t])
+                n += 1
+        return total + _block_term(origin, lw[T - 1], count + n + 1, N)
     for t in range(1, T):
         f = flags[:, t]
         if not bool(f.any()):

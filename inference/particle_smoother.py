@@ -240,9 +240,13 @@ def backward_mcmc(model, data: Data, record: ParticleFilterRecord, num_paths: in
 
     Xf = X.reshape(T, N * B, H)
 
+    X_l, A_l = Xf.unbind(0), A.unbind(0)
+
     def rows(t, i):  # X[t] at per-sequence indices i (..., B) -> (numel / B, B, H)
-        flat = i.reshape(-1) if B == 1 else (i * B + offsets).reshape(-1)
-        return Xf[t].index_select(0, flat).view(-1, B, H)
+        flat = i.view(-1) if B == 1 else (i * B + offsets).view(-1)
+        return X_l[t].index_select(0, flat).view(-1, B, H)
+
+    logdet = [None, None]  # (scale, sum log scale) of the last call: a shared scale is the same tensor every step
 
     def log_f(t, h_prev, h_next, u, out):
         """``out (1+m, P, B)`` <- log p(h_next | h_prev) up to a constant shared by every pair: ``h_prev``
@@ -253,8 +257,11 @@ def backward_mcmc(model, data: Data, record: ParticleFilterRecord, num_paths: in
         loc = loc.view(1 + m, P, B, H)
         if scale.dim() >= 3 and scale.shape[-3] != 1:  # per particle: the same split
             scale = scale.reshape((1 + m, P) + scale.shape[-2:])
+        elif scale is not logdet[0]:
+            logdet[0], logdet[1] = scale, scale.log().sum(-1)
+        ld = logdet[1] if scale is logdet[0] else scale.log().sum(-1)
         z = (h_next - loc).div_(scale)
-        return torch.sub((z * z).sum(-1).mul_(-0.5), scale.log().sum(-1), out=out)
+        return torch.sub(z.square_().sum(-1).mul_(-0.5), ld, out=out)
 
     with fast_context(model), threads_for(P * B * H):
         idx = multinomial(LW[-1], P)  # (P,B) indices into X[T-1]
@@ -270,22 +277,25 @@ def backward_mcmc(model, data: Data, record: ParticleFilterRecord, num_paths: in
             U = torch.rand((k_n, m, 2, B * P), dtype=X.dtype, device=X.device)
             props = _mcmc_proposals(LW, hi, lo, U[:, :, 0].view(k_n, m, B, P))  # (k_n, m, P, B)
             log_u = U[:, :, 1].view(k_n, m, P, B).log_()
-            for k, t in enumerate(ts):
+            cands = torch.empty((k_n, 1 + m, P, B), dtype=torch.long, device=X.device)  # current state, proposals
+            cands[:, 1:] = props
+            c_l, p_l, u_l, lf_l, i_l = cands.unbind(0), props.unbind(0), log_u.unbind(0), LF.unbind(0), IDX.unbind(0)
+            for k, t in enumerate(ts):  # (views unbound once per block: no per-step indexing in Python)
                 u = input_at(data.inputs, t + 1)
-                cur = A[t + 1].gather(0, idx)  # the genealogy's ancestor: a valid starting point
-                cand = torch.cat((cur.unsqueeze(0), props[k]), 0).view((1 + m) * P, B)
-                lf = log_f(t + 1, rows(t, cand), h, u, LF[k])
+                cand = c_l[k]
+                cur = torch.gather(A_l[t + 1], 0, idx, out=cand[0])  # the genealogy's ancestor: a valid start
+                lf = log_f(t + 1, rows(t, cand), h, u, lf_l[k])
                 lf_cur = lf[0]
                 for j in range(m):
                     lf_prop = lf[j + 1]
-                    acc = log_u[k, j] < lf_prop - lf_cur
+                    acc = u_l[k][j] < lf_prop - lf_cur
                     if j < m - 1:
-                        cur = torch.where(acc, props[k, j], cur)
+                        cur = torch.where(acc, p_l[k][j], cur)
                         lf_cur = torch.where(acc, lf_prop, lf_cur)
                     else:
-                        cur = torch.where(acc, props[k, j], cur, out=IDX[k])
+                        cur = torch.where(acc, p_l[k][j], cur, out=i_l[k])
                 if m == 0:
-                    cur = IDX[k].copy_(cur)
+                    cur = i_l[k].copy_(cur)
                 idx = cur
                 h = rows(t, cur)
             lfb = LF[:k_n]

@@ -46,6 +46,41 @@ def _scale(v, n, name):
     return t
 
 
+def _merge_equal_columns(X: torch.Tensor, Y: torch.Tensor, w: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Merge the equal columns of the regression ``X (P, M)``, ``Y (H, M)`` with weights ``w (M,)``: returns
+    ``(X', Y', w')`` over the distinct columns, each weight the sum of its copies', so every weighted sum
+    :math:`\sum_m w_m f(x_m, y_m)` is unchanged (up to the order of summation).
+
+    Smoothed particle paths share states (the backward pass draws from the same :math:`N` filter particles at
+    every step; at laser size about one row in five is distinct), so the Levenberg-Marquardt steps then work on
+    a fraction of the rows. Equal columns are found by an exact hash of their bits (integer arithmetic, so
+    equal columns get equal keys), grouped by ``torch.unique`` and checked equal to their group's first member;
+    where the check fails (a hash collision) or nothing repeats, the inputs are returned as they are."""
+    M = X.shape[1]
+    if M < 2 or X.dtype not in (torch.float64, torch.float32) or Y.dtype != X.dtype:
+        return X, Y, w
+    itype = torch.int64 if X.dtype == torch.float64 else torch.int32
+    mult = (torch.arange(X.shape[0] + Y.shape[0], dtype=torch.int64) * 2 + 1) * -7046029254386353131
+    key = None  # sum_p mix(c_p bits_p) (mod 2^64) over the rows of X and Y, odd c_p, mix(x) = x ^ (x >> 29)
+    for A, c in ((X, mult[:X.shape[0]]), (Y, mult[X.shape[0]:])):
+        part = A.contiguous().view(itype).to(torch.int64) * c[:, None]
+        part = part.bitwise_xor_(part >> 29).sum(0)  # the mix: no cancellation of e.g. a sign flip of a column
+        key = part if key is None else key.add_(part)
+    uniq, inv = torch.unique(key, return_inverse=True)
+    G = uniq.shape[0]
+    if G > 0.9 * M:  # little to gain
+        return X, Y, w
+    first = torch.full((G,), M, dtype=torch.long).scatter_reduce_(0, inv, torch.arange(M), "amin")
+    rep = first[inv]  # the first column of each column's group; merging needs every column equal to it
+    for A in (X, Y):
+        for row in A:
+            if not bool((row.index_select(0, rep) == row).all()):
+                return X, Y, w  # a collision (or a NaN): merge nothing
+    wu = torch.zeros(G, dtype=w.dtype).index_add_(0, inv, w)
+    return X.index_select(1, first), Y.index_select(1, first), wu
+
+
 def _rotation(A: torch.Tensor, scale: float) -> torch.Tensor:
     r""":math:`\exp\big(s(A-A^\top)\big)`: a random rotation, close to the identity for small ``scale``."""
     return torch.linalg.matrix_exp(scale * (A - A.T))
@@ -242,7 +277,7 @@ class ElmanSSM(StateSpaceModel):
         if self.input_dim:
             raise ModelCapabilityError(
                 f"embed_nar: this ElmanSSM has {self.input_dim} inputs; the nonlinear autoregression has no input "
-                "terms. Use MonteCarloEM(init='linear') for a model with inputs.")
+                "terms. Use the linear warm start, MonteCarloEM(start=LinearStart()), for a model with inputs.")
         if self.activation != "tanh":
             raise ModelCapabilityError(
                 f"embed_nar needs activation='tanh' (the features are tanh units); this model's is "
@@ -494,6 +529,9 @@ class ElmanSSM(StateSpaceModel):
                 Xt[-1] = 1.0
                 Yh = hT[..., 1:].reshape(H, M_)  # (H, M): h_t
                 del hT
+                if transition_steps:  # equal rows (x_m, h_m) merged, their weights summed: F_j is unchanged
+                    Xt, Yh, wm = _merge_equal_columns(Xt, Yh, wm)
+                    M_ = Xt.shape[1]
                 a = torch.tanh(Th @ Xt)  # (H,M) at the current weights
                 R = Yh - a  # residuals
                 F = R.square() @ wm  # (H,)

@@ -70,3 +70,21 @@ def test_needs_the_history_and_a_positive_block(float64):
     with pytest.raises(ConfigurationError, match="block"):
         genealogy_log_evidence_var(rec, block=0)
     assert math.isfinite(float(genealogy_log_evidence_var(rec, block=3)))
+
+
+@pytest.mark.parametrize("block", [None, 1, 3])
+def test_one_sequence_equals_its_row_of_a_batched_run(float64, block):
+    """A single sequence takes its own bookkeeping path (Python counters): it must give that
+    sequence's entry of the batched computation (where the sequences' blocks close at different steps), to
+    rounding (the batched reductions sum in another order)."""
+    import dataclasses
+
+    true = ElmanSSM(2, 1, process_noise=0.2, obs_noise=0.1, weight_scale=1.5, seed=1)
+    y = true.simulate(200, 3, seed=0).observations
+    _, rec = _record(true, y, 100, 1, proposal="bootstrap")
+    batched = genealogy_log_evidence_var(rec, block)
+    assert bool((rec.resampled.sum(1) != rec.resampled.sum(1)[0]).any())  # different resampling counts
+    for b in range(3):
+        one = dataclasses.replace(rec, ancestors=rec.ancestors[:, :, b:b + 1], log_weights=rec.log_weights[:, :, b:b + 1],
+                                  resampled=rec.resampled[b:b + 1])
+        torch.testing.assert_close(genealogy_log_evidence_var(one, block)[0], batched[b], rtol=1e-13, atol=0.0)
