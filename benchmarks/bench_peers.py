@@ -20,7 +20,7 @@ The peers (``jax``, ``particles``) are never project dependencies: they run in a
 Without it, sections 1-2 print ppl_rnn's times and skip the peers. Pyro's SMCFilter runs in this process (pyro is
 a project dependency).
 
-Run: ``.venv/bin/python benchmarks/bench_peers.py [--quick] [--peers-python PATH] [--runs R]``.
+Run: ``.venv/bin/python benchmarks/bench_peers.py [--quick] [--peers-python PATH] [--runs R] [--repeats R]``.
 """
 
 from __future__ import annotations
@@ -200,7 +200,8 @@ def main() -> None:
     ap.add_argument("--peers-python", default="/tmp/peers/bin/python" if Path("/tmp/peers/bin/python").exists()
                     else None, help="python of a venv with jax and particles (default /tmp/peers/bin/python)")
     ap.add_argument("--runs", type=int, default=None, help="independent runs for the log Z statistics")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10,
+                    help="timed runs of ppl_rnn and JAX in section 1, best kept (SMCFilter: a quarter of them)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     runs = args.runs or (10 if args.quick else 50)
@@ -213,11 +214,11 @@ def main() -> None:
     model = ElmanSSM(8, 1, seed=0, process_noise=0.1, obs_noise=0.1)
     y = model.simulate(T, 1, seed=0).observations  # (1, T, 1)
     pf = ParticleFilter(N, proposal=Bootstrap())
-    ours = best_time(lambda: pr.infer(model, y, method=pf, seed=0), args.repeats + 2)
-    smc = best_time(lambda: run_smcfilter(model, y[0], N), max(1, args.repeats - 1))
+    ours = best_time(lambda: pr.infer(model, y, method=pf, seed=0), args.repeats)
+    smc = best_time(lambda: run_smcfilter(model, y[0], N), max(1, args.repeats // 4))
     with torch.no_grad():
         e = {k: getattr(model, k).detach().tolist() for k in ("W", "b", "q", "C", "d", "r", "m0", "s0")}
-    peers = run_peers(args.peers_python, {"elman": dict(e, y=y[0].tolist(), N=N, repeats=args.repeats + 2)})
+    peers = run_peers(args.peers_python, {"elman": dict(e, y=y[0].tolist(), N=N, repeats=args.repeats)})
     print(f"\n## 1. Bootstrap filter, ElmanSSM(8, 1, tanh), T={T}, N={N} (CPU ms per step, best; ratio = peer / ppl_rnn)")
     print(f"{'filter':>28} {'ms/step':>9} {'ratio':>8}")
     print(f"{'ppl_rnn ParticleFilter':>28} {1e3 * ours / T:>9.4f} {1.0:>7.2f}x")

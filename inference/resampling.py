@@ -181,9 +181,11 @@ def take(x: torch.Tensor, idx: torch.Tensor, offsets: torch.Tensor | None = None
     (one flat ``index_select``, about 3x faster than ``gather`` with an expanded index). ``offsets``:
     ``arange(B)`` when the caller has it at hand."""
     n, b = x.shape[0], x.shape[1]
+    if b == 1:  # one sequence: rows of x directly (no flattening views, ~3x less overhead at N ~ 1000)
+        return x.index_select(0, idx.reshape(-1))
     if offsets is None:
         offsets = torch.arange(b, device=idx.device)
-    flat = idx.reshape(-1) if b == 1 else offsets.add(idx, alpha=b).reshape(-1)
+    flat = offsets.add(idx, alpha=b).reshape(-1)
     return x.reshape(n * b, *x.shape[2:]).index_select(0, flat).reshape(idx.shape[0], b, *x.shape[2:])
 
 

@@ -113,3 +113,17 @@ def test_get_resampler_and_ess():
         get_resampler("bogus")
     lw = torch.log(torch.tensor([[0.5, 1.0], [0.5, 0.0]], dtype=torch.float64))
     assert torch.allclose(effective_sample_size(lw), torch.tensor([2.0, 1.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("trailing", [(), (4,)])
+def test_take_selects_rows_per_sequence(B, trailing):
+    """take(x, idx)[p, b] == x[idx[p, b], b] for one sequence (its own index_select route) and several, with
+    and without a trailing particle dimension, and with more or fewer indices than particles."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((7, B) + trailing, generator=g)
+    for P in (5, 7, 9):
+        idx = torch.randint(0, 7, (P, B), generator=g)
+        expected = torch.stack([torch.stack([x[idx[p, b], b] for b in range(B)]) for p in range(P)])
+        assert torch.equal(resampling.take(x, idx), expected)
+        assert torch.equal(resampling.take(x, idx, torch.arange(B)), expected)
