@@ -9,13 +9,17 @@ Most suite models share the Elman network's Gaussian frame and differ only in th
 
 where :math:`h_t[a{:}b]` is the part of the state the readout sees (``readout``: the whole state, an LSTM's
 ``h`` half, a stack's top layer). :class:`GaussianRNNBase` implements the frame, the emission's capabilities,
-the noise scales and the flat weight vector; a subclass writes ``transition_mean`` (and, where cheap, an
-analytic ``transition_jacobian``).
+the noise scales, the flat weight vector and the generic Levenberg-Marquardt / closed-form M-step
+(:meth:`GaussianRNNBase.closed_form_mstep`, maths in :mod:`._lm_mstep`); a subclass writes the mean as one pure
+function of its parameters, ``transition_parts`` (with the affine blocks the M-step moves: ``blocks_from`` /
+``params_from``), or just ``transition_mean`` (no M-step then), and, where cheap, an analytic
+``transition_jacobian``.
 
 **The defining-class rule** (:mod:`ppl_rnn.capabilities`): a capability that reads the transition is valid
-only when defined by the class that defines the transition (or one of its parts, ``transition_mean``). A
-subclass that writes its own ``transition_mean`` therefore re-declares the frame's transition capabilities
-with :func:`redeclare`, explicitly, naming each one it vouches for.
+only when defined by the class that defines the transition (or one of its parts, ``transition_mean`` and
+``transition_parts``). A subclass that writes its own mean therefore re-declares the frame's transition
+capabilities with :func:`redeclare`, explicitly, naming each one it vouches for (``closed_form_mstep`` among them
+where its ``transition_parts`` and blocks are written).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from pyro.nn import PyroParam
+from torch.distributions import transform_to
 
 from ppl_rnn.errors import ConfigurationError
 from ppl_rnn.model import StateSpaceModel, pack_params, set_param, unpack_params
@@ -82,8 +87,11 @@ class GaussianRNNBase(StateSpaceModel):
     Class attributes a subclass sets: ``recurrent_params`` (names :meth:`perturb` redraws).
     """
 
-    conditional_parts = {"transition": ("transition_mean",)}
+    conditional_parts = {"transition": ("transition_mean", "transition_parts")}
     recurrent_params: tuple[str, ...] = ()
+    #: every parameter or buffer the transition mean reads (by :meth:`transition_with`); names a model lacks
+    #: (``U`` without inputs) are skipped
+    transition_params: tuple[str, ...] = ()
 
     def _init_frame(self, g: torch.Generator, *, readout: tuple[int, int] | None = None, process_noise=0.1,
                     obs_noise=0.1, init_scale=1.0, learn_process_noise: bool = True,
@@ -110,8 +118,21 @@ class GaussianRNNBase(StateSpaceModel):
         self.s0 = PyroParam(positive_vector(init_scale, H, "init_scale"), constraint=constraints.positive)
 
     # ---- conditionals ----------------------------------------------------------------------
-    def transition_mean(self, t, h_prev, u_t):  # pragma: no cover - abstract
+    def transition_parts(self, p: dict, h_prev, u_t, shift: dict | None = None):  # pragma: no cover - abstract
+        r"""The transition mean :math:`f_\theta(h_{t-1}, u_t)` with parameter values ``p`` (name -> tensor, the names of
+        ``transition_params``): one pure function, read by the conditional and by the Levenberg-Marquardt M-step
+        (:mod:`._lm_mstep`). With ``shift`` (name -> ``(..., K_g)``, the M-step's probe) the mean's affine
+        pre-activations :math:`a_g = X_g\Theta_g^\top` get ``shift[g]`` added and the call returns
+        ``(mean, features)`` with ``features[g] = X_g``; without, it returns the mean."""
         raise NotImplementedError
+
+    def transition_values(self) -> dict:
+        """name -> current value of each of ``transition_params`` the model has (with gradients)."""
+        return {n: getattr(self, n) for n in self.transition_params if hasattr(self, n)}
+
+    def transition_mean(self, t, h_prev, u_t):
+        """:meth:`transition_parts` at the model's current parameters."""
+        return self.transition_parts(self.transition_values(), h_prev, u_t)
 
     def initial(self, u0):
         return dist.Normal(self.m0, self.s0).to_event(1)
@@ -195,6 +216,71 @@ class GaussianRNNBase(StateSpaceModel):
             set_param(self, n, (1.0 - scale) * old + scale * rms * noise)
 
 
+    # ---- the generic Levenberg-Marquardt / closed-form M-step (models/_lm_mstep.py) --------------------------
+    def blocks_from(self, p: dict) -> tuple[dict, dict]:  # pragma: no cover - abstract
+        r"""``(blocks, masks)``: the affine blocks :math:`\Theta_g` ``(K_g, L_g)`` of the trained transition parameters
+        (free coordinates) at parameter values ``p``, and bool masks of their free entries (absent: all free)."""
+        raise NotImplementedError
+
+    def params_from(self, blocks: dict) -> dict:  # pragma: no cover - abstract
+        """Inverse of :meth:`blocks_from`: name -> value of every entry of ``transition_params`` (fixed ones kept)."""
+        raise NotImplementedError
+
+    def lm_blocks(self) -> tuple[dict, dict]:
+        """:meth:`blocks_from` at the current (detached) parameters."""
+        return self.blocks_from({n: v.detach() for n, v in self.transition_values().items()})
+
+    def lm_mean(self, blocks: dict, h_prev, u_t, shift: dict | None):
+        """``(mean, features)`` (``features`` None without ``shift``) at the parameters of ``blocks``."""
+        out = self.transition_parts(self.params_from(blocks), h_prev, u_t, shift)
+        return out if shift is not None else (out, None)
+
+    def lm_admissible(self, blocks: dict) -> bool:
+        r"""Whether ``blocks`` give finite parameters, constrained ones strictly inside their support (a CTRNN's
+        :math:`\tau = \mathrm{dt} + e^z` overflows to inf, or rounds to dt, for a wild step in :math:`z`)."""
+        for n, v in self.params_from(blocks).items():
+            if not bool(torch.isfinite(v).all()):
+                return False
+            if n in self._pyro_params and not bool(
+                    torch.isfinite(transform_to(self._pyro_params[n][0]).inv(v)).all()):
+                return False
+        return True
+
+    @torch.no_grad()
+    def lm_write(self, blocks: dict) -> None:
+        """Set the trained transition parameters from ``blocks``."""
+        for n, v in self.params_from(blocks).items():
+            if n in self._pyro_params:
+                set_param(self, n, v)
+
+    def learnable_process_noise(self) -> torch.Tensor:
+        """``(H,)`` bool: which process-noise scales the M-step re-estimates (the others are fixed buffers)."""
+        return torch.full((self.hidden_dim,), "q" in self._pyro_params, dtype=torch.bool)
+
+    def closed_form_mstep(self, trajectories: torch.Tensor, observations: torch.Tensor, mask: torch.Tensor,
+                          inputs: torch.Tensor | None = None, *, weights: torch.Tensor | None = None,
+                          transition_steps: int = 5, learn_initial: bool = True) -> float:
+        r"""Increase :math:`\hat Q=\sum_s w_s\log p_\theta(h^{(s)}, y)` in place and return it (generalised EM):
+        readout and observation noise by weighted least squares, initial state in closed form, the transition's
+        parameters by ``transition_steps`` Levenberg-Marquardt steps with the process noise in closed form
+        (:mod:`ppl_rnn.models._lm_mstep` has the maths). ``trajectories`` ``(S,B,T,H)``; ``observations``, ``mask``
+        ``(B,T,D)``; ``inputs`` ``(B,T,I)`` or None; ``weights`` ``(S,)`` (default uniform; normalised)."""
+        from ._lm_mstep import transition_mstep
+
+        with torch.no_grad():
+            h = trajectories.detach().to(self.dtype)
+            S, B, T, H = h.shape
+            dt = h.dtype
+            w = torch.full((S,), 1.0 / S, dtype=dt) if weights is None else weights.detach().to(dt)
+            w = w / w.sum()
+            obj = readout_mstep(self, h, observations.to(dt), mask, w)
+            obj += initial_scale_mstep(self, h[:, :, 0], w, learn_mean=learn_initial and "m0" in self._pyro_params,
+                                       learn_scale=learn_initial)
+        if T < 2:
+            return obj
+        return obj + transition_mstep(self, h, inputs, w, transition_steps)
+
+
 # ---- closed-form blocks of the Monte Carlo EM objective (weighted least squares) ---------------------------
 def readout_mstep(model: GaussianRNNBase, h: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
                   w: torch.Tensor) -> float:
@@ -211,12 +297,12 @@ def readout_mstep(model: GaussianRNNBase, h: torch.Tensor, y: torch.Tensor, mask
     z = torch.cat([x, torch.ones(S, B, T, 1, dtype=dt)], -1)
     Szz = torch.einsum("s,btk,sbtp,sbtq->kpq", w, mf, z, z)
     Syz = torch.einsum("s,btk,sbtp->kp", w, mf * y, z)
-    Syy = (mf * y * y).sum((0, 1))
     n = mf.sum((0, 1))
     ridge = 1e-10 * torch.diagonal(Szz, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
     theta = torch.linalg.solve(Szz + ridge[:, None, None] * torch.eye(K + 1, dtype=dt), Syz.unsqueeze(-1)).squeeze(-1)
     seen = n > 0
-    ssr = (Syy - (theta * Syz).sum(-1)).clamp_min(0.0)
+    # the residuals themselves, not Syy - theta.Syz (which cancels catastrophically for large states)
+    ssr = torch.einsum("s,btk,sbtk->k", w, mf, (y - z @ theta.T) ** 2)
     r2 = torch.where(seen, (ssr / n.clamp_min(1)).clamp_min(1e-12), model.r.detach() ** 2)
     set_param(model, "C", torch.where(seen[:, None], theta[:, :K], model.C.detach()))
     set_param(model, "d", torch.where(seen, theta[:, K], model.d.detach()))
@@ -239,4 +325,14 @@ def initial_scale_mstep(model: GaussianRNNBase, h0: torch.Tensor, w: torch.Tenso
                          + B * (torch.log(s02) + math.log(2 * math.pi))).sum())
 
 
-__all__ = ["GaussianRNNBase", "redeclare", "positive_vector", "check_real", "readout_mstep", "initial_scale_mstep"]
+def rotation(n: int, generator: torch.Generator, *, gain: float = 1.1, scale: float = 0.25,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+    r""":math:`\text{gain}\cdot\exp\big(s(A - A^\top)\big)`, :math:`A_{ij}\sim N(0,1)` from ``generator``: a random
+    rotation near the identity times a gain (eigenvalues :math:`\text{gain}\,e^{\pm i\omega}`, small :math:`\omega`;
+    ``rotation_restart``'s draw, as ``ElmanSSM(weight_init="rotation")``)."""
+    A = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    return (gain * torch.linalg.matrix_exp(scale * (A - A.T))).to(dtype or torch.get_default_dtype())
+
+
+__all__ = ["GaussianRNNBase", "redeclare", "positive_vector", "check_real", "readout_mstep", "initial_scale_mstep",
+           "rotation"]

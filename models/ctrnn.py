@@ -32,7 +32,10 @@ context units can encode the sequence's slow structure. State: ``(fast, slow)`` 
 
 Neither has a linear special case (the sigmoid has no identity regime), so neither declares
 ``linear_special_case``; both declare the diagonal-Gaussian shortcuts, the linear-Gaussian emission, analytic
-Jacobians, noise scales, the weight vector and ``perturb``.
+Jacobians, noise scales, the weight vector, ``perturb``, the Levenberg-Marquardt M-step ``closed_form_mstep``
+(:mod:`ppl_rnn.models._lm_mstep`: readout and noises in closed form; ``W, U, b`` with features
+:math:`(\sigma(h_{t-1}+\Theta), u_t, 1)`, :math:`\Theta` and, where learnt, :math:`\log(\tau - \mathrm{dt})` by LM
+steps) and ``rotation_restart`` (``W``).
 """
 
 from __future__ import annotations
@@ -42,12 +45,13 @@ from pyro.distributions import constraints
 from pyro.nn import PyroParam
 
 from ppl_rnn.errors import ConfigurationError
+from ppl_rnn.model import set_param
 from ppl_rnn.rng import check_seed
 
-from ._rnn_common import GaussianRNNBase, check_real, positive_vector, redeclare
+from ._rnn_common import GaussianRNNBase, check_real, positive_vector, redeclare, rotation
 
 
-@redeclare("transition_loc_scale")
+@redeclare("transition_loc_scale", "closed_form_mstep")
 class CTRNNSSM(GaussianRNNBase):
     """Stochastic Euler-discretised CTRNN (module docstring).
 
@@ -62,6 +66,7 @@ class CTRNNSSM(GaussianRNNBase):
     """
 
     recurrent_params = ("W", "theta")
+    transition_params = ("W", "theta", "b", "U", "tau", "input_mask")
 
     def __init__(self, hidden_dim: int, obs_dim: int = 1, input_dim: int = 0, *, dt: float = 1.0, tau=2.0,
                  learn_tau: bool = True, weight_scale: float = 2.0, process_noise=0.1, obs_noise=0.1,
@@ -89,18 +94,59 @@ class CTRNNSSM(GaussianRNNBase):
         self._init_frame(g, readout=_readout, process_noise=process_noise, obs_noise=obs_noise,
                          init_scale=init_scale)
 
-    def _drive(self, h_prev, u_t):
-        s = torch.sigmoid(h_prev + self.theta)
-        a = s @ self.W.T + self.b
+    def transition_parts(self, p, h_prev, u_t, shift=None):
+        r""":math:`h_{t-1} + \alpha\odot(-h_{t-1} + W\sigma(h_{t-1}+\Theta) + U u_t + b)`, :math:`\alpha=\mathrm{dt}/\tau`, with
+        parameters ``p``. Affine blocks: ``"a"`` = ``[W, U, b]`` (features :math:`(\sigma(h_{t-1}+\Theta), u_t, 1)`;
+        an MTRNN's slow rows of ``U`` are not free), ``"theta"`` = :math:`\Theta` and (when learnt) ``"tau"`` =
+        :math:`\log(\tau-\mathrm{dt})`, each with the feature 1."""
+        th = p["theta"] if shift is None else p["theta"] + shift["theta"]
+        s = torch.sigmoid(h_prev + th)
+        a = s @ p["W"].T + p["b"]
         if u_t is not None:
-            a = a + u_t @ (self.U * self.input_mask).T
-        return s, a
+            a = a + u_t @ (p["U"] * p["input_mask"]).T
+        tau = p["tau"]
+        if shift is not None:
+            a = a + shift["a"]
+            if "tau" in shift:
+                tau = self.dt + torch.exp(torch.log(tau - self.dt) + shift["tau"])
+        mean = h_prev + (self.dt / tau) * (a - h_prev)
+        if shift is None:
+            return mean
+        one = h_prev.new_ones(h_prev.shape[:-1] + (1,))
+        feats = {"a": torch.cat([s, *(() if u_t is None else (u_t,)), one], -1), "theta": one}
+        if "tau" in shift:
+            feats["tau"] = one
+        return mean, feats
 
-    def transition_mean(self, t, h_prev, u_t):
-        r""":math:`h_{t-1} + \alpha\odot(-h_{t-1} + W\sigma(h_{t-1}+\Theta) + U u_t + b)`, :math:`\alpha=\mathrm{dt}/\tau`."""
-        _, a = self._drive(h_prev, u_t)
-        alpha = self.dt / self.tau
-        return h_prev + alpha * (a - h_prev)
+    def blocks_from(self, p):
+        blocks = {"a": torch.cat([p["W"], *((p["U"],) if self.input_dim else ()), p["b"][:, None]], 1),
+                  "theta": p["theta"][:, None]}
+        masks = {}
+        if self.input_dim:
+            m = torch.ones(blocks["a"].shape, dtype=torch.bool)
+            m[:, self.hidden_dim:-1] = p["input_mask"].expand(self.hidden_dim, self.input_dim) != 0
+            masks["a"] = m
+        if "tau" in self._pyro_params:
+            blocks["tau"] = torch.log(p["tau"] - self.dt)[:, None]
+        return blocks, masks
+
+    def params_from(self, blocks):
+        H = self.hidden_dim
+        a = blocks["a"]
+        out = {"W": a[:, :H], "b": a[:, -1], "theta": blocks["theta"][:, 0],
+               "tau": self.dt + torch.exp(blocks["tau"][:, 0]) if "tau" in blocks else self.tau.detach()}
+        if self.input_dim:
+            out["U"] = a[:, H:-1]
+            out["input_mask"] = self.input_mask
+        return out
+
+    @torch.no_grad()
+    def rotation_restart(self, generator: torch.Generator, *, gain: float = 1.1, rotation_scale: float = 0.25) -> None:
+        r"""Redraw the recurrent matrix ``W`` as a random rotation near the identity times ``gain``
+        (:func:`~._rnn_common.rotation`) scaled by 4, the inverse of the sigmoid's slope at 0: the linearised
+        drive :math:`W\sigma'(0)` then has eigenvalues :math:`\text{gain}\,e^{\pm i\omega}`."""
+        set_param(self, "W", 4.0 * rotation(self.hidden_dim, generator, gain=gain, scale=rotation_scale,
+                                              dtype=self.W.dtype))
 
     def transition_jacobian(self, t, h_prev, u_t, mean=None):
         r""":math:`\operatorname{diag}(1-\alpha) + \operatorname{diag}(\alpha) W \operatorname{diag}(\sigma'(h_{t-1}+\Theta))`."""

