@@ -40,6 +40,7 @@ from torch.distributions import transform_to
 from .data import model_dtype, validate_inputs, validate_observations
 from .errors import ConfigurationError, DataError
 from .masking import PartiallyObserved, masked_log_prob
+from .priors import sample_parameter_sites
 from .rng import seeded
 from .scope import library_scope, local_param_ready
 
@@ -304,6 +305,7 @@ class StateSpaceModel(PyroModule):
             y = m = None
         u = validate_inputs(inputs, num_sequences=B, num_steps=T, input_dim=self.input_dim, dtype=dtype)
         hs = []
+        sample_parameter_sites(self)  # a Bayesian model's parameter sites, outside the sequence plate
         with pyro.plate("sequences", B, dim=-1):
             h = None
             for t in pyro.markov(range(T)):

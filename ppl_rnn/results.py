@@ -172,6 +172,82 @@ class Forecast:
         return torch.quantile(self.samples, q, dim=0)
 
 
+@dataclass(frozen=True)
+class ParameterPosterior:
+    r"""Draws from the posterior :math:`p(\theta\mid y_{0:T-1})` over a Bayesian model's parameters (its
+    ``PyroSample`` sites, :mod:`ppl_rnn.priors`), ``C`` chains of ``S`` draws each (particle MCMC: PMMH, particle
+    Gibbs).
+
+    draws: ``{site: (C, S, *shape)}`` constrained draws :math:`\theta^{(c,s)}`
+    sample_stats: ``{name: (C, S) or (C, S, T)}`` per-draw sampler statistics (e.g. ``acceptance_rate``
+        :math:`\min(1,\alpha)`, ``accepted``, ``log_likelihood_estimate`` :math:`\log\hat p(y\mid\theta)`, ``lp``
+        :math:`\log p(\theta)+\log\hat p(y\mid\theta)`, ``step_size``, a particle-Gibbs update rate per step)
+    method: name of the sampler
+    model: the Bayesian model (with priors) the draws are of
+    paths: ``(C, S, B, T, H)`` latent paths :math:`h^{(c,s)}_{0:T-1}` drawn with the parameters, or None
+    log_likelihood: ``(C, S, B, T)`` pointwise :math:`\log\hat p(y_t\mid y_{0:t-1},\theta^{(c,s)})`, or None
+    diagnostics: per-method extras (proposal covariance, warm-up length, ...)
+    wall_time_s: sampling time in seconds
+    evidence_kind: what ``log_likelihood`` is (``"estimate"``: particle-filter increments; ``"exact"``)
+    data: the validated :class:`~ppl_rnn.data.Data` it conditions on (set by :func:`ppl_rnn.infer`), or None
+
+    The posterior predictive of :func:`ppl_rnn.forecast` and :func:`ppl_rnn.evaluate` is the linear pool
+    :math:`\frac1K\sum_k p(y\mid\theta^{(k)})` over ``K`` draws thinned evenly from all chains (:meth:`models`;
+    :func:`ppl_rnn.workbench.forecasting.posterior_ensemble`).
+    """
+
+    draws: Mapping[str, torch.Tensor]
+    sample_stats: Mapping[str, torch.Tensor]
+    method: str
+    model: Any = field(default=None, repr=False, compare=False)
+    paths: torch.Tensor | None = field(default=None, repr=False)
+    log_likelihood: torch.Tensor | None = field(default=None, repr=False)
+    diagnostics: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    wall_time_s: float = 0.0
+    evidence_kind: str = "estimate"
+    data: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not self.draws:
+            raise ValueError("ParameterPosterior.draws is empty; expected {site: (chains, draws, *shape)}.")
+        shapes = {n: tuple(v.shape[:2]) for n, v in self.draws.items()}
+        if len(set(shapes.values())) != 1:
+            raise ValueError(f"ParameterPosterior.draws must share (chains, draws); found {shapes}.")
+
+    @property
+    def num_chains(self) -> int:
+        return next(iter(self.draws.values())).shape[0]
+
+    @property
+    def num_draws(self) -> int:
+        return next(iter(self.draws.values())).shape[1]
+
+    def model_at(self, chain: int, draw: int):
+        r"""A plain-tensor copy of the model at :math:`\theta^{(chain, draw)}` (filter, forecast or score it)."""
+        from .priors import ParameterSpace
+
+        C, S = self.num_chains, self.num_draws
+        if not (isinstance(chain, int) and -C <= chain < C and isinstance(draw, int) and -S <= draw < S):
+            raise ConfigurationError(f"model_at: chain and draw must be ints indexing {C} chains x {S} draws; "
+                                     f"found chain={chain!r}, draw={draw!r}.")
+        if self.model is None:
+            raise ConfigurationError("model_at: this posterior carries no model; get it from pr.infer.")
+        space = ParameterSpace(self.model)
+        z = space.unconstrain({n: self.draws[n][chain, draw] for n in space.names})
+        return space.fixed(self.model, z)
+
+    def models(self, num: int | None = None) -> list:
+        """Models at ``num`` draws thinned evenly over all chains and draws (all draws when None)."""
+        total = self.num_chains * self.num_draws
+        num = total if num is None else num
+        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+            raise ConfigurationError(f"num must be a positive int or None; found {num!r}.")
+        num = min(num, total)
+        flat = torch.linspace(0, total - 1, num).round().long().tolist()
+        return [self.model_at(i // self.num_draws, i % self.num_draws) for i in flat]
+
+
+
 def remember(result, *, data, model=None):
     """``result`` with ``data`` (and, for a Posterior, a copy of ``model``) filled in where the method left
     them unset: what the verbs return, so a result carries what it was computed from. A FitResult's
@@ -182,6 +258,8 @@ def remember(result, *, data, model=None):
         if result.model is None and model is not None:
             changes["model"] = model.copy() if hasattr(model, "copy") else model
         return replace(result, **changes) if changes else result
+    if isinstance(result, ParameterPosterior):
+        return replace(result, data=data) if result.data is None else result
     if isinstance(result, FitResult):
         changes = {"data": data} if result.data is None else {}
         if isinstance(result.posterior, Posterior) and result.posterior.data is None:

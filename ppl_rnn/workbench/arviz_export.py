@@ -27,6 +27,12 @@ Groups
 * ``em_trace`` (EM methods) / ``optimization`` (SVI, BPTT, others): the ``FitResult.trace`` (dim ``iteration``).
 * ``gaussian_posterior``: means, variances (and covariances where the method has them).
 
+A :class:`~ppl_rnn.results.ParameterPosterior` (PMMH, particle Gibbs) gives ``posterior`` = its parameter draws
+(dims ``chain, draw, <site>_dim_k``; ``h`` where it kept latent paths), ``sample_stats`` = its per-draw
+statistics (``chain, draw[, time]``: acceptance rate, log-likelihood estimate, step size, ...),
+``log_likelihood.y_onestep`` = the filter's :math:`\log\hat p(y_t\mid y_{0:t-1},\theta^{(c,s)})` and
+``observed_data``; ``az.summary``, ``az.rhat``, ``az.ess``, ``az.plot_trace`` and ``az.loo`` apply as to any MCMC run.
+
 Root attrs: ``inference_method``, ``model``, ``seed``, ``wall_time_s``, ``evidence_kind``, ``posterior_draws``.
 """
 
@@ -41,7 +47,7 @@ import xarray as xr
 from ppl_rnn.capabilities import capability
 from ppl_rnn.data import prepare, validate_observations
 from ppl_rnn.errors import ConfigurationError
-from ppl_rnn.results import FitResult, Forecast, Posterior
+from ppl_rnn.results import FitResult, Forecast, ParameterPosterior, Posterior
 
 __all__ = ["to_inference_data"]
 
@@ -201,6 +207,35 @@ def _from_fit(fit: FitResult, *, observations, inputs, num_draws, seed, onestep,
     return groups
 
 
+def _from_parameter_posterior(post: ParameterPosterior, *, observations) -> dict:
+    r"""Groups of a parameter posterior (particle MCMC): ``posterior`` = the parameter draws (dims ``chain, draw,
+    <site>_dim_k``) and the latent paths ``h`` where kept; ``sample_stats`` = the sampler's per-draw statistics
+    (``chain, draw[, time]``); ``log_likelihood.y_onestep`` = the filter's pointwise
+    :math:`\log\hat p(y_t\mid y_{0:t-1},\theta)` (chain, draw, sequence, time); ``observed_data``."""
+    C, S = post.num_chains, post.num_draws
+    coords = _sample_coords(C, S)
+    pv = {}
+    for name, v in post.draws.items():
+        a = _np(v)
+        pv[name] = (("chain", "draw") + tuple(f"{name}_dim_{k}" for k in range(a.ndim - 2)), a)
+    if post.paths is not None:
+        pv["h"] = (("chain", "draw", "sequence", "time", "hidden"), _np(post.paths))
+    groups = {"posterior": xr.Dataset(pv, coords=coords)}
+    ss = {}
+    for name, v in post.sample_stats.items():
+        a = _np(v)
+        if a.shape[:2] == (C, S) and a.ndim in (2, 3):
+            ss[name] = (("chain", "draw") + (("time",) if a.ndim == 3 else ()), a)
+    if ss:
+        groups["sample_stats"] = xr.Dataset(ss, coords=coords)
+    if post.log_likelihood is not None:
+        groups["log_likelihood"] = xr.Dataset(
+            {"y_onestep": (("chain", "draw", "sequence", "time"), _np(post.log_likelihood))}, coords=coords)
+    if observations is not None:
+        groups["observed_data"] = _observed(_np(validate_observations(observations)[0]))
+    return groups
+
+
 def _from_forecast(fc: Forecast, *, observations, time0) -> dict:
     S, B, K, D = fc.samples.shape
     H = fc.state_samples.shape[-1]
@@ -280,7 +315,8 @@ def to_inference_data(result, *, model=None, observations=None, inputs=None, num
     """Convert a result to ``arviz.InferenceData`` (see the module docstring for the groups).
 
     Args:
-        result: a :class:`~ppl_rnn.Posterior`, :class:`~ppl_rnn.FitResult`, :class:`~ppl_rnn.Forecast`, the
+        result: a :class:`~ppl_rnn.Posterior`, :class:`~ppl_rnn.ParameterPosterior` (chains of parameter draws),
+            :class:`~ppl_rnn.FitResult`, :class:`~ppl_rnn.Forecast`, the
             ``xarray.Dataset`` returned by :func:`ppl_rnn.compare` (gives ``{method: InferenceData}``, chains =
             seeds, equal (chain, draw) sizes), or a list of Posteriors / FitResults of the same shape (one
             chain each: e.g. one per seed, so ``az.rhat`` measures run-to-run agreement).
@@ -337,7 +373,13 @@ def _remembered(result, model, observations, inputs):
 
 def _groups_of(result, model, observations, inputs, num_draws, seed, onestep, num_particles, forecast_start):
     model, observations, inputs = _remembered(result, model, observations, inputs)
-    if isinstance(result, Posterior):
+    if isinstance(result, FitResult) and isinstance(result.model, ParameterPosterior):  # pr.fit with a sampler
+        result = result.model
+    if isinstance(result, ParameterPosterior):
+        groups = _from_parameter_posterior(result, observations=observations)
+        attrs = _root_attrs(result.method, result.model, seed, result.wall_time_s, result.evidence_kind,
+                            result.num_draws)
+    elif isinstance(result, Posterior):
         groups = _posterior_groups(result, model=model, observations=observations, inputs=inputs,
                                    num_draws=num_draws, seed=seed, onestep=onestep, num_particles=num_particles)
         attrs = _root_attrs(result.method, model, seed, None, result.evidence_kind, num_draws)
@@ -353,6 +395,6 @@ def _groups_of(result, model, observations, inputs, num_draws, seed, onestep, nu
         attrs = _root_attrs(result.method, model, seed, None, "", result.samples.shape[0])
     else:
         raise ConfigurationError(
-            f"to_inference_data takes a Posterior, FitResult, Forecast, a pr.compare Dataset or a list of "
+            f"to_inference_data takes a Posterior, ParameterPosterior, FitResult, Forecast, a pr.compare Dataset or a list of "
             f"Posteriors/FitResults; found {type(result).__name__}.")
     return groups, attrs

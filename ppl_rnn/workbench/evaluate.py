@@ -113,6 +113,7 @@ from ppl_rnn.inference.resampling import systematic
 from ppl_rnn.masking import masked_log_prob
 from ppl_rnn.method import check_choice, check_positive_float, check_positive_int
 from ppl_rnn.model import LinearGaussianParams, StateSpaceModel, input_at
+from ppl_rnn.results import ParameterPosterior
 from ppl_rnn.rng import check_seed, seeded
 
 from .metrics import (
@@ -348,7 +349,9 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
     Args:
         model: a :class:`ppl_rnn.StateSpaceModel` (typically ``FitResult.model``), or a
             :class:`ppl_rnn.workbench.ensemble.Ensemble` of them, scored as the linear pool of its members'
-            predictives (see that module).
+            predictives (see that module), or a :class:`ppl_rnn.results.ParameterPosterior`, scored by its
+            posterior predictive (the pool of the models at 20 draws thinned over its chains:
+            :func:`ppl_rnn.workbench.forecasting.posterior_ensemble`).
         train: ``(B, T1, D)`` (or ``(T1, D)``) observations the forecasts condition on; NaN = missing.
         test: ``(B, T2, D)`` the held-out continuation of the same sequences.
         horizons: forecast leads ``k`` (steps) for RMSE / CRPS / coverage.
@@ -374,7 +377,10 @@ def evaluate(model, train, test, *, horizons: Sequence[int] | int = (1, 10), num
         (an ensemble adds ``ensemble_size``, ``ensemble_weights`` and ``pool``).
     """
     from .ensemble import Ensemble
+    from .forecasting import posterior_ensemble
 
+    if isinstance(model, ParameterPosterior):  # the posterior predictive: the pool of 20 draws' models
+        model = posterior_ensemble(model)
     hs = check_horizons(horizons)
     num_particles, max_particles, num_replicates, se_tol = check_yardstick_options(
         num_particles, max_particles, num_replicates, se_tol)

@@ -13,13 +13,25 @@ import torch
 
 from ppl_rnn.capabilities import capability
 from ppl_rnn.data import Data, validate_inputs, validate_observations
-from ppl_rnn.errors import DataError
+from ppl_rnn.errors import ConfigurationError, DataError
 from ppl_rnn.method import check_positive_int
 from ppl_rnn.model import input_at
-from ppl_rnn.results import Forecast
+from ppl_rnn.results import Forecast, ParameterPosterior
 from ppl_rnn.rng import check_seed, seeded
 from ppl_rnn.scope import in_library_scope
 from ppl_rnn.verbs import check_model_and_method
+
+
+def posterior_ensemble(posterior: ParameterPosterior, num: int = 20):
+    r"""The posterior predictive of a parameter posterior as an equal-weight :class:`~ppl_rnn.Ensemble`:
+    :math:`\frac1K\sum_{k} p(y\mid\theta^{(k)})` over ``num`` draws thinned evenly over all chains and draws
+    (``posterior.models(num)``), each model forecasting and scored with its own filter."""
+    from .ensemble import Ensemble
+
+    if not isinstance(posterior, ParameterPosterior):
+        raise ConfigurationError(f"posterior_ensemble needs a ParameterPosterior (pr.infer with PMMH or "
+                                 f"ParticleGibbs); found {type(posterior).__name__}.")
+    return Ensemble(posterior.models(check_positive_int(num, "num")))
 
 
 def default_filter(model):
@@ -41,10 +53,15 @@ def forecast(model, observations, *, horizon: int, method=None, num_samples: int
     :func:`default_filter`); the future is simulated forward with the model's own transition and emission.
     ``inputs`` (if the model has them) must cover T + horizon steps. An :class:`~ppl_rnn.Ensemble` forecasts
     with its linear pool: draw ``s`` comes from member ``k`` in proportion to its weight (stratified), each
-    member filtering with ``method`` on its own; ``state_samples`` is NaN in units a member does not have.
+    member filtering with ``method`` on its own; ``state_samples`` is NaN in units a member does not have. A
+    :class:`~ppl_rnn.results.ParameterPosterior` forecasts with its posterior predictive, the linear pool of the
+    models at 20 draws thinned evenly over its chains (:func:`posterior_ensemble`; pass
+    ``posterior_ensemble(post, num)`` for another number).
     """
     from .ensemble import Ensemble
 
+    if isinstance(model, ParameterPosterior):
+        model = posterior_ensemble(model)
     if isinstance(model, Ensemble):
         return _forecast_pool(model, observations, horizon=horizon, method=method, num_samples=num_samples,
                               inputs=inputs, seed=seed)
