@@ -22,7 +22,8 @@ from .errors import (
 )
 from .method import InferenceMethod
 from .model import ElmanForm, LinearGaussianParams, NARParams, Simulation, StateSpaceModel
-from .results import FitResult, FitState, Forecast, Posterior
+from .priors import ParameterSpace, parameter_priors, with_priors
+from .results import FitResult, FitState, Forecast, ParameterPosterior, Posterior
 from .verbs import fit, infer
 from .workbench import datasets
 from .workbench.arviz_export import to_inference_data
@@ -40,5 +41,6 @@ __all__ = [
     "InferenceMethod", "Data", "prepare", "infer", "fit", "forecast", "inference", "models", "errors",
     "capabilities", "ConfigurationError", "DataError", "DegenerateWeightsError", "DivergenceError",
     "ModelCapabilityError", "compare", "to_inference_data", "evaluate", "forecast_difference", "datasets",
-    "select_by_forecast", "workbench", "Ensemble", "fit_ensemble",
+    "select_by_forecast", "workbench", "Ensemble", "fit_ensemble", "ParameterPosterior", "with_priors",
+    "parameter_priors", "ParameterSpace",
 ]

@@ -53,6 +53,29 @@ class InferenceMethod:
         return f"{type(self).__name__}({opts})"
 
 
+#: the factory of the default trainer (``pr.fit(model, y)`` without ``method``); the inference floor registers
+#: its recommended strategy here on import (:mod:`ppl_rnn.inference.search`), so this floor never imports it
+_DEFAULT_TRAINER = None
+
+
+def set_default_trainer(factory) -> None:
+    """Make ``factory()`` the trainer ``pr.fit`` uses when no ``method`` is given (a hook, so the contract floor
+    needs no import of the inference floor; :mod:`ppl_rnn.inference.search` registers ``Recommended``)."""
+    global _DEFAULT_TRAINER
+    if not callable(factory):
+        raise ConfigurationError(f"set_default_trainer needs a callable returning a method object; found {factory!r}.")
+    _DEFAULT_TRAINER = factory
+
+
+def default_trainer() -> InferenceMethod:
+    """A fresh default trainer (see :func:`set_default_trainer`)."""
+    if _DEFAULT_TRAINER is None:
+        raise ConfigurationError(
+            "method: none was given and no default trainer is registered (import ppl_rnn, which registers "
+            "ppl_rnn.inference.search.Recommended); pass method=pr.inference.MonteCarloEM() or import ppl_rnn first.")
+    return _DEFAULT_TRAINER()
+
+
 def check_resume(method: InferenceMethod, resume, data) -> None:
     """Raise a :class:`ConfigurationError` unless ``method`` can continue the fit ``resume`` on ``data``: the
     method supports resuming, ``resume`` is a FitResult carrying a state, made by the same kind of method,

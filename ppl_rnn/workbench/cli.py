@@ -83,6 +83,9 @@ MODEL_OPTIONS = {
 }
 #: the [model] keys of a TOML config
 MODEL_KEYS = ("name", "hidden", "model_seed", *MODEL_OPTIONS)
+#: the architectures ``--model auto`` searches over (one start search, :meth:`Recommended.fit_models`)
+AUTO_MODELS = ("elman", "gru", "linear_gaussian")
+
 #: defaults that differ from the class's own: the Elman network keeps the CLI's long-standing start
 _CLI_DEFAULTS = {"elman": {"process_noise": 0.3, "obs_noise": 0.3}}
 
@@ -253,7 +256,8 @@ def _add_model_args(p, several: bool = False):
                             "seed (default: elman)")
     else:
         g.add_argument("--model", default="elman", metavar="NAME",
-                       help="model name (default: %(default)s; see `ppl-rnn models`)")
+                       help="model name (default: %(default)s; see `ppl-rnn models`); fit and forecast also take "
+                            "`auto`: one start search over " + ", ".join(AUTO_MODELS) + " with the default method")
     g.add_argument("--hidden", type=int, default=None,
                    help="the model's size: hidden units, reservoir units, ... (default per model; see `ppl-rnn models`)")
     g.add_argument("--activation", choices=("tanh", "identity"), default=None,
@@ -332,7 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out(p, "simulate")
 
     for name, hlp, extra in (
-        ("fit", "train the model with one method and score it on the held-out part beside persistence and AR by AIC",
+        ("fit", "train the model (by default with the recommended start search) and score it on the held-out part "
+                "beside persistence and AR by AIC",
+         "  ppl-rnn fit --data santafe-laser --max-steps 1500 --train-steps 1000\n"
+         "  ppl-rnn fit --data santafe-laser --max-steps 1500 --train-steps 1000 --model auto\n"
          "  ppl-rnn fit --data unkelbach-synthetic --method svi_markov_gaussian --set num_steps=300 --set lr=0.02\n"
          "  ppl-rnn fit --model echo_state --hidden 30 --method mcem --set num_iterations=20"),
         ("forecast", "train, then forecast the steps after the training part with intervals (in the data's units)",
@@ -343,8 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="example:\n" + extra + "\n\n" + _models_help() + "\n\n" + _methods_help())
         _add_data_args(p)
         _add_model_args(p)
-        p.add_argument("--method", default="mcem", metavar="NAME",
-                       help="method name (default: mcem; see the list below)")
+        p.add_argument("--method", default="recommended", metavar="NAME",
+                       help="method name (default: recommended, what pr.fit(model, y) runs: a start search chosen on "
+                            "a held-back tail of the training part, never silently below AR by AIC; see the list "
+                            "below)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option, repeatable "
                        "(e.g. --set num_iterations=20)")
         p.add_argument("--seed", type=int, default=0, help="seed of the fit (default: 0)")
@@ -597,14 +606,31 @@ def _fit_and_score(args, out):
     from .compare import assemble_grid
     from .evaluate import evaluate
 
-    model_names(args.model)  # an unknown name fails before the data are loaded
+    auto = args.model == "auto"
+    if not auto:
+        model_names(args.model)  # an unknown name fails before the data are loaded
     tr, te, rec, scaling = load_data(args.data, seed=args.data_seed, max_steps=args.max_steps,
                                      train_steps=args.train_steps, scale=args.scale)
-    model = make_model(args.model, args, tr.shape[-1])
     method = _make(args.method, progress=True, **_settings(args.set))
-    _print(f"fitting {args.model} ({type(model).__name__}, state dimension {model.hidden_dim}) with {args.method} "
-           f"on {tuple(tr.shape)} training steps ...")
-    f = fit(model, tr, method=method, seed=args.seed)
+    if auto:  # one search over the architectures of AUTO_MODELS (the default trainer's fit_models)
+        if not callable(getattr(method, "fit_models", None)):
+            raise ConfigurationError(f"--model auto searches over {', '.join(AUTO_MODELS)} and needs a method that "
+                                     f"searches over models (the default, recommended); found --method {args.method}.")
+        models = [make_model(n, args, tr.shape[-1], strict=False) for n in AUTO_MODELS]
+        model = models[0]
+        _print(f"searching {', '.join(AUTO_MODELS)} with {args.method} on {tuple(tr.shape)} training steps ...")
+        f = fit(models, tr, method=method, seed=args.seed)
+        _print(f"chose {f.diagnostics.get('search_choice')} ({type(f.model).__name__})")
+    else:
+        model = make_model(args.model, args, tr.shape[-1])
+        _print(f"fitting {args.model} ({type(model).__name__}, state dimension {model.hidden_dim}) with "
+               f"{args.method} on {tuple(tr.shape)} training steps ...")
+        f = fit(model, tr, method=method, seed=args.seed)
+    search = f.diagnostics.get("search")
+    if search is not None:  # the default trainer's start search: every candidate's tail score, its cost, the choice
+        _print(search[["label", "tail_log_score_per_step", "tail_log_score_per_step_se", "rounds",
+                             "wall_time_s", "chosen"]].to_dataframe().to_string(float_format=lambda v: f"{v:.3f}"))
+        _print(f.diagnostics["search_verdict"])
     horizons = [args.horizon] if hasattr(args, "horizon") else args.horizons
     horizons = sorted({1, *horizons})
     ekw = dict(horizons=horizons, num_particles=args.num_particles, se_tol=args.se_tol,

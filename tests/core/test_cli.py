@@ -256,7 +256,8 @@ def test_fit_report_has_reference_rows_scaling_and_verdict(tmp_path, capsys):
 
     out = tmp_path / "fit"
     assert main(["fit", "--data", "santafe-laser", "--max-steps", "300", "--train-steps", "200", "--set",
-                 "num_iterations=2", "--horizons", "1,5", "--num-particles", "200", "--out", str(out)]) == 0
+                 "num_iterations=2", "--set", "num_seeds=1", "--set", "num_particles=200", "--horizons", "1,5",
+                 "--num-particles", "200", "--out", str(out)]) == 0
     term = capsys.readouterr().out
     report = (out / "report.md").read_text()
     # the scaling sentence, with the training part's own mean and standard deviation (steps 0-199)
@@ -267,19 +268,21 @@ def test_fit_report_has_reference_rows_scaling_and_verdict(tmp_path, capsys):
     # the reference rows beside the fitted network, on the same yardstick
     grid = xr.load_dataset(out / "references.nc", engine="h5netcdf")
     names = [str(m) for m in grid.method.values]
-    assert names[0] == "mcem" and names[1] == "persistence" and re.fullmatch(r"AR\(\d+\) by AIC", names[2])
+    # no --method: the default trainer (the start search), its candidates and verdict printed
+    assert names[0] == "recommended" and names[1] == "persistence" and re.fullmatch(r"AR\(\d+\) by AIC", names[2])
+    assert "ElmanSSM/given#0" in term and "tail_log_score_per_step" in term and "held-back tail" in term
     assert (grid.heldout_logev_per_step_se.values[0, 1:] == 0).all()  # reference rows are scored exactly
-    for row in ("| persistence * |", f"| {names[2]} * |", "| mcem |"):
+    for row in ("| persistence * |", f"| {names[2]} * |", "| recommended |"):
         assert row in report, row
     assert "persistence *" in term and f"{names[2]} *" in term
     # the verdict sentence: beats the best reference or not, by how much ± SE, and the paired CRPS per lead
     m = _VERDICT.search(report)
-    assert m and m.group(1) == "mcem", report
+    assert m and m.group(1) == "recommended", report
     lev = grid.heldout_logev_per_step.values[:, 0]
     best = int(np.argmax(lev[1:])) + 1
     assert m.group(3) == names[best] and float(m.group(4)) == pytest.approx(abs(lev[0] - lev[best]), abs=1e-3)
     assert m.group(2) == ("beats" if lev[0] > lev[best] else "does not beat")
-    assert "paired CRPS, mcem minus" in report and "1-step" in report and "5-step" in report
+    assert "paired CRPS, recommended minus" in report and "1-step" in report and "5-step" in report
     assert m.group(0).replace("**", "") in term  # the same sentence on the terminal
     # scores also in the data's units: RMSE and CRPS times sigma, log-evidence minus log sigma
     assert "RMSE 1 (raw units)" in report and f"−log σ = {-np.log(np.std(x)):.4f}" in report
@@ -338,3 +341,22 @@ def test_scaling_statistics_come_from_the_training_part_only(tmp_path):
     assert (oa, sa) == (ob, sb)
     assert oa == pytest.approx(np.mean(y[:120]), rel=1e-6) and sa == pytest.approx(np.std(y[:120]), rel=1e-6)
     assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)  # the same fitted parameters
+
+
+@pytest.mark.slow
+def test_fit_model_auto_searches_the_architectures(tmp_path, capsys):
+    from ppl_rnn.workbench.cli import AUTO_MODELS
+
+    out = tmp_path / "auto"
+    assert main(["fit", "--model", "auto", "--data", "unkelbach-synthetic", "--max-steps", "160", "--train-steps",
+                 "120", "--set", "num_iterations=1", "--set", "num_seeds=1", "--set", "num_particles=100",
+                 "--horizons", "1,4", "--num-particles", "200", "--out", str(out)]) == 0
+    term = capsys.readouterr().out
+    assert AUTO_MODELS == ("elman", "gru", "linear_gaussian")
+    for label in ("ElmanSSM/given#0", "GRUSSM/given#0", "LinearGaussianSSM/given#0", "by AIC"):
+        assert label in term, label
+    chosen = re.search(r"chose (\S+) \((\w+)\)", term)
+    assert chosen and chosen.group(1).split("/")[0] == chosen.group(2)  # the returned model is the chosen one's
+    assert (out / "report.md").exists()
+    assert main(["fit", "--model", "auto", "--method", "mcem", "--max-steps", "60", "--out", str(tmp_path / "x")]) == 2
+    assert "needs a method that searches over models" in capsys.readouterr().err
