@@ -308,15 +308,16 @@ rec'''),
     ("md", "Four rows, one yardstick: **AR(p)** with p chosen by AIC on the training part; **persistence**; "
            "**KalmanEM** on the network's linear special case (exact EM for the linear state-space model, begun at "
            "AR fits in companion form, `init=\"ar\"`); and the **tanh network trained by Monte Carlo EM from the "
-           "nonlinear warm start** (`MonteCarloEM(init=\"nar\")`: a least-squares autoregression on the AIC "
+           "nonlinear warm start** (`MonteCarloEM(start=NARStart())`: a least-squares autoregression on the AIC "
            "order's lags and 20 random tanh features of them, embedded in the network — the lags ride in tanh's "
            "linear regime, the features are tanh units — so the network has p + 20 units; then MCEM with the "
-           "ascent test, `ascent_z=1`, which keeps an M-step only if fresh paths show it is a real ascent). "
+           "ascent test, `Acceptance(ascent_z=1)`, which keeps an M-step only if fresh paths show it is a real ascent). "
            "The last paragraph says whether the nonlinearity earns its keep on this signal."),
     ("code", '''if rec is not None:
     train, test = rec.split()   # the cut the scaling statistics were computed on
     dt = rec.sampling_interval
-    from ppl_rnn.inference import KalmanEM, MonteCarloEM, ParticleSmoother
+    from ppl_rnn.inference import (Acceptance, ConvergenceRule, KalmanEM, MonteCarloEM, NARStart,
+                                   ParticleSmoother)
     from ppl_rnn.inference.reference import LinearAR, Persistence
     from ppl_rnn.workbench.demo import LinearSpecialCase, linear_or_nonlinear
     ar_fit = pr.fit(ElmanSSM(1, 1).double(), train.values, method=LinearAR(order="aic", max_order=30))
@@ -328,7 +329,8 @@ rec'''),
     methods = {"AR(p by AIC)": LinearAR(order="aic", max_order=30), "persistence": Persistence(),
                "KalmanEM (linear SSM)": LinearSpecialCase(KalmanEM(num_iterations=kem_its, tol=0.0, init="ar")),
                "MCEM (nonlinear start)": MonteCarloEM(
-                   init="nar", init_order=p, num_iterations=1, tol=0.0, ascent_z=1,
+                   start=NARStart(order=p), num_iterations=1, stopping=ConvergenceRule(tol=0.0),
+                   acceptance=Acceptance(ascent_z=1),
                    smoother=ParticleSmoother(50 if SMALL else 300, 10 if SMALL else 100, backward="mcmc"))}
     import tempfile
     run_dir = tempfile.mkdtemp(prefix="ppl_rnn_06_")   # cells (and fitted models) are saved here
@@ -361,7 +363,8 @@ rec'''),
     display(plots.plot_forecast_difference(diffs, steps_label=lab, relative=True,
                                            title="CRPS difference, % of the reference's (95% intervals)"))'''),
     ("md", "With full settings the network is the best row on every count: held-out log-evidence above the "
-           "linear state-space model (by about 0.006 nats/step) and above AR(p) (by about 0.02), and a lower CRPS "
+           "linear state-space model (by about 0.006 nats/step) and above AR(p) (by about 0.008; AR scored by its own "
+           "exact likelihood), and a lower CRPS "
            "at every lead — by about 6 % at 0.2 s and 16 % at 0.6 s, many HAC standard errors (benchmarks/README.md's "
            "real-data table: three seeds). The ascent test refuses MCEM's step, so the trained network is its "
            "nonlinear warm start: least squares found the nonlinearity that MCEM's noisy E-step could not "
@@ -373,7 +376,7 @@ rec'''),
     print("best on held-out log-evidence:", best)
     logev = dict(zip(ds.method.values, ds.heldout_logev_per_step.values[:, 0]))
     if not SMALL:
-        assert logev["MCEM (nonlinear start)"] > logev["AR(p by AIC)"] + 0.015
+        assert logev["MCEM (nonlinear start)"] > logev["AR(p by AIC)"] + 0.005
         assert logev["MCEM (nonlinear start)"] > logev["KalmanEM (linear SSM)"] + 0.003
         crps = ds.crps.sel(seed=0)
         net = crps.sel({"method": "MCEM (nonlinear start)"}).values   # sel(method=...) is sel's own argument
@@ -395,7 +398,7 @@ NOTEBOOKS["07_architectures_on_real_data.ipynb"] = nb([
            "standard error, CRPS per forecast lead, and the wall time of the fit.\n\n"
            "* **Breathing** (`respiration`, 25 Hz, from the regular part of the recording that starts at "
            "`REGULAR_BREATHING_WINDOW`): smooth, nearly periodic, quasi-linear. The Elman network starts from "
-           "its **linear warm start** (`MonteCarloEM(init=\"linear\")`: KalmanEM on its linear special case, "
+           "its **linear warm start** (`MonteCarloEM(start=LinearStart())`: KalmanEM on its linear special case, "
            "embedded in tanh's linear regime); it is the only architecture that declares one, the others start "
            "from their default random weights.\n"
            "* **Santa Fe laser** (`santafe-laser`, standard-scaled on the training part): chaotic pulsations "
@@ -403,8 +406,8 @@ NOTEBOOKS["07_architectures_on_real_data.ipynb"] = nb([
            "in the linear basin, see benchmarks/README.md).\n\n"
            "References: **AR(p)** with p chosen by AIC on the training part (exact), and the **linear "
            "state-space model** (`LinearGaussianSSM`) trained by exact KalmanEM and scored by exact Kalman. "
-           "The settings (next cell) are budgets for a notebook — a full-settings run took 17–25 minutes of "
-           "wall time (one thread) on a shared, busy two-core machine — not converged fits: "
+           "The settings (next cell) are budgets for a notebook — a full-settings run takes a few minutes of "
+           "wall time (one thread) on a shared two-core machine — not converged fits: "
            "`benchmarks/real_tables.py` trains the Elman network for hundreds of iterations on longer series."),
     ("code", SETUP),
     ("code", """import time
@@ -414,16 +417,20 @@ from ppl_rnn.workbench import datasets
 from ppl_rnn.workbench.evaluate import evaluate
 from ppl_rnn.models import (JordanSSM, GRUSSM, LSTMSSM, CTRNNSSM, MultipleTimescalesSSM, SecondOrderSSM,
                             StackedSSM, EchoStateSSM, LinearGaussianSSM)
-from ppl_rnn.inference import KalmanEM, MonteCarloEM, ParticleSmoother
+from ppl_rnn.inference import (KalmanEM, MonteCarloEM, ParticleSmoother, AutoMStep, ClosedFormMStep, GradientMStep,
+                               ConvergenceRule, FromModel, LinearStart)
 from ppl_rnn.inference.reference import LinearAR
 torch.set_num_threads(1)
 
 H = 3 if SMALL else 6                             # state units of every network
 BREATHING = dict(window=(730.0, 20.0), train_s=12.0) if SMALL else dict(window=(730.0, 40.0), train_s=25.0)
 LASER_TRAIN, LASER_TEST = (100, 40) if SMALL else (400, 200)
-# the same MCEM for every network (library defaults otherwise: gradient M-step = 10 Adam steps at lr 0.01
-# per iteration for the networks without a closed-form M-step)
-MCEM = dict(num_iterations=1, gradient_steps=3, tol=0.0) if SMALL else dict(num_iterations=5, tol=0.0)
+# the same MCEM for every network (library defaults otherwise: the closed-form / Levenberg-Marquardt M-step
+# every network here declares)
+NEVER_STOP = ConvergenceRule(tol=0.0)
+MCEM = (dict(num_iterations=1, stopping=NEVER_STOP,
+             mstep=AutoMStep(closed_form=ClosedFormMStep(transition_steps=3), gradient=GradientMStep(steps=3)))
+        if SMALL else dict(num_iterations=5, stopping=NEVER_STOP))
 PARTICLES, PATHS = (40, 5) if SMALL else (200, 20)              # E-step: ParticleSmoother(..., backward="mcmc")
 KEM_ITERATIONS = 5 if SMALL else 100                            # the linear SSM; Elman's linear warm start
 YARDSTICK = dict(num_particles=100 if SMALL else 300, max_particles=100 if SMALL else 2400,
@@ -442,7 +449,7 @@ ARCHITECTURES = {   # label -> a fresh network (seed 0 draws its initial weights
 }
 from ppl_rnn.capabilities import capability
 warm_startable = [k for k, make in ARCHITECTURES.items() if capability(make(), "linear_special_case") is not None]
-assert warm_startable == ["Elman (tanh)"]    # the one architecture that declares a linear warm start
+assert warm_startable == ["Elman (tanh)", "second-order"]    # the architectures with a linear warm start
 print(f"H = {H}; MCEM {MCEM['num_iterations']} iterations, ParticleSmoother({PARTICLES}, {PATHS}, "
       f"backward='mcmc'); KalmanEM {KEM_ITERATIONS} iterations; yardstick {YARDSTICK}")"""),
     ("code", """try:
@@ -483,8 +490,8 @@ for problem, (tr, te, hs) in PROBLEMS.items():
                         KalmanEM(num_iterations=KEM_ITERATIONS, tol=0.0), tr, te, hs, "linear"))
     for label, make in ARCHITECTURES.items():
         warm = problem == "breathing" and label.startswith("Elman")    # the one declared linear warm start
-        method = MonteCarloEM(**MCEM, smoother=smoother(), init="linear" if warm else "model",
-                              init_iterations=KEM_ITERATIONS)
+        method = MonteCarloEM(**MCEM, smoother=smoother(),
+                              start=LinearStart(iterations=KEM_ITERATIONS) if warm else FromModel())
         rows.append(run_row(problem, label + (" (linear start)" if warm else ""), make(), method,
                             tr, te, hs, "network"))
 res = pd.DataFrame(rows)"""),
@@ -537,33 +544,31 @@ fig"""),
            "row is AR(p) by AIC. The best network is the Elman network from its linear warm start: within 0.05 "
            "nats/step of AR, level with it at the short leads (CRPS within 10 % at leads 1 and 5) and far ahead of "
            "every architecture started from random weights, which all end more than 1.5 nats/step below AR "
-           "after 5 iterations. Only the Elman network declares a linear special case for the warm start.\n"
-           "* **Laser: no network beats AR(p) at this budget.** The best network on held-out log-evidence is the "
-           "GRU, ahead of the Elman network; but the Elman network forecasts better than the GRU at leads 2–10 "
-           "(lower CRPS), the GRU only at lead 1. Trained for hundreds of MCEM iterations on 1000 steps "
-           "(`benchmarks/real_tables.py`, benchmarks/README.md), the Elman network beats AR by more than 1 nat/step on this "
-           "signal: the laser is where the nonlinearity earns its keep, given the iterations.\n"
-           "* **Cost.** The networks with a closed-form M-step (Elman, echo state) fit at least 3 times faster "
-           "than every network with the gradient M-step (Adam steps on the expected complete-data "
-           "log-likelihood) at the same iterations; the Jordan network is the slowest to fit."),
+           "after 5 iterations. Only the Elman network is warm-started (the input-free second-order network, an Elman network, also declares one).\n"
+           "* **Laser: the GRU beats AR(p) on held-out log-evidence already at this budget, every other network "
+           "does not.** The GRU is the best row, more than 0.5 nats/step above AR(p) by AIC, with lower CRPS at "
+           "leads 1–4; AR forecasts better at leads 5–8. Every other network ends below AR after 5 iterations. Trained for hundreds of MCEM "
+           "iterations on 1000 steps (`benchmarks/real_tables.py`, benchmarks/README.md), the Elman network also "
+           "beats AR by more than 1 nat/step on this signal: the laser is where the nonlinearity earns its keep.\n"
+           "* **Cost.** Every network here has a closed-form or Levenberg–Marquardt M-step (weighted least "
+           "squares for readout and noises, Gauss–Newton steps for the recurrent weights), so each network's "
+           "5-iteration fit costs less than the exact linear SSM's 100 KalmanEM iterations on the same series."),
     ("code", """def best(problem, kinds=("AR", "linear", "network")):
     t = res[(res.dataset == problem) & res.kind.isin(kinds)]
     return t.loc[t.logev.idxmax(), "architecture"]
 
-CLOSED_FORM = ("Elman", "echo state")        # the networks whose M-step is closed form
 crps_cols = [c for c in res.columns if c.startswith("crps_")]
 assert np.isfinite(res.logev).all() and np.isfinite(res.se).all()
 assert (res[res.kind != "network"].evidence == "kalman").all()     # the references are scored exactly
 for problem in PROBLEMS:
     t = res[res.dataset == problem]
     nets = t[t.kind == "network"]
-    cf, grad = nets[nets.architecture.str.startswith(CLOSED_FORM)], nets[~nets.architecture.str.startswith(CLOSED_FORM)]
-    print(f"{problem}: best row {best(problem)}; best network {best(problem, ('network',))}; fit time "
-          f"closed-form M-step <= {cf.fit_s.max():.0f} s, gradient M-step >= {grad.fit_s.min():.0f} s")
+    lin_s = float(t[t.kind == "linear"].fit_s.iloc[0])
+    print(f"{problem}: best row {best(problem)}; best network {best(problem, ('network',))}; network fits "
+          f"{nets.fit_s.min():.1f}-{nets.fit_s.max():.1f} s, the linear SSM's KalmanEM {lin_s:.1f} s")
     assert np.isfinite(t[[c for c in crps_cols if t[c].notna().any()]].values).all()
     if not SMALL:   # cost
-        assert 3 * cf.fit_s.max() < grad.fit_s.min()
-        assert nets.set_index("architecture").fit_s.idxmax() == "Jordan"
+        assert nets.fit_s.max() < lin_s
 
 if "breathing" in PROBLEMS:
     b = res[res.dataset == "breathing"].set_index("architecture")
@@ -579,10 +584,11 @@ if "breathing" in PROBLEMS:
 if not SMALL:
     las = res[res.dataset == "laser"].set_index("architecture")
     ar = las.index[las.kind == "AR"][0]
-    assert best("laser") == ar and best("laser", ("network",)) == "GRU"
-    assert las.logev["GRU"] > las.logev["Elman (tanh)"]
-    assert all(las[f"crps_{h}"]["Elman (tanh)"] < las[f"crps_{h}"]["GRU"] for h in range(2, 11))
-    assert las.crps_1["GRU"] < las.crps_1["Elman (tanh)"]
+    others = las[(las.kind == "network") & (las.index != "GRU")]
+    assert best("laser") == "GRU" and las.logev["GRU"] > las.logev[ar] + 0.5
+    assert all(las[f"crps_{h}"]["GRU"] < las[f"crps_{h}"][ar] for h in range(1, 5))
+    assert all(las[f"crps_{h}"]["GRU"] > las[f"crps_{h}"][ar] for h in range(5, 9))
+    assert (others.logev < las.logev[ar]).all()
 print("every claim above holds" + (" (small settings: the ones that hold at small settings)" if SMALL else ""))"""),
 ])
 
