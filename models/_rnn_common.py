@@ -325,6 +325,27 @@ def initial_scale_mstep(model: GaussianRNNBase, h0: torch.Tensor, w: torch.Tenso
                          + B * (torch.log(s02) + math.log(2 * math.pi))).sum())
 
 
+def embed_linear_frame(model: StateSpaceModel, p, gain: float) -> None:
+    r"""The part of ``embed_linear`` every Elman-framed network shares: bias, noise scales, readout and initial
+    state of the linear-Gaussian fit ``p`` with the states scaled by ``gain`` (:math:`b, q, m_0, s_0` times the
+    gain, :math:`C` divided by it; :math:`d, r` as fitted). The recurrent matrix is the caller's."""
+    dt = model.dtype
+
+    def c(x):
+        return torch.as_tensor(x).detach().to(dt)
+
+    def sd(cov):
+        return torch.diagonal(c(cov)).clamp_min(1e-24).sqrt()
+
+    set_param(model, "b", gain * c(p.b))
+    set_param(model, "q", gain * sd(p.Q))
+    set_param(model, "C", c(p.C) / gain)
+    set_param(model, "d", c(p.d))
+    set_param(model, "r", sd(p.R))
+    set_param(model, "m0", gain * c(p.m0))
+    set_param(model, "s0", gain * sd(p.P0))
+
+
 def rotation(n: int, generator: torch.Generator, *, gain: float = 1.1, scale: float = 0.25,
              dtype: torch.dtype | None = None) -> torch.Tensor:
     r""":math:`\text{gain}\cdot\exp\big(s(A - A^\top)\big)`, :math:`A_{ij}\sim N(0,1)` from ``generator``: a random

@@ -33,6 +33,8 @@ from ppl_rnn.model import (
 )
 from ppl_rnn.rng import check_seed
 
+from ._rnn_common import embed_linear_frame
+
 _ACTIVATIONS = {"tanh": torch.tanh, "identity": lambda x: x}
 
 
@@ -332,15 +334,9 @@ class ElmanSSM(StateSpaceModel):
             return x.detach().to(dt)
 
         set_param(self, "W", c(p.A))
-        set_param(self, "b", gain * c(p.b))
         if self.input_dim and p.B is not None:
             set_param(self, "U", gain * c(p.B))
-        set_param(self, "q", gain * torch.diagonal(c(p.Q)).clamp_min(1e-24).sqrt())
-        set_param(self, "C", c(p.C) / gain)
-        set_param(self, "d", c(p.d))
-        set_param(self, "r", torch.diagonal(c(p.R)).clamp_min(1e-24).sqrt())
-        set_param(self, "m0", gain * c(p.m0))
-        set_param(self, "s0", gain * torch.diagonal(c(p.P0)).clamp_min(1e-24).sqrt())
+        embed_linear_frame(self, p, gain)
 
     def elman_form(self) -> ElmanForm:
         return ElmanForm(W=self.W, b=self.b, C=self.C, d=self.d, q=self.q, r=self.r, m0=self.m0, s0=self.s0,

@@ -31,7 +31,7 @@ from ppl_rnn.errors import ConfigurationError, ModelCapabilityError
 from ppl_rnn.model import LinearGaussianParams, set_param
 from ppl_rnn.rng import check_seed
 
-from ._rnn_common import GaussianRNNBase, check_real, redeclare, rotation
+from ._rnn_common import GaussianRNNBase, check_real, embed_linear_frame, redeclare, rotation
 
 _ACT = {"tanh": torch.tanh, "identity": lambda x: x}
 
@@ -162,13 +162,7 @@ class SecondOrderSSM(GaussianRNNBase):
         W3 = self.W3.detach().clone()
         W3[..., 0] = c(p.A)
         set_param(self, "W3", W3)
-        set_param(self, "b", gain * c(p.b))
-        set_param(self, "q", gain * torch.diagonal(c(p.Q)).clamp_min(1e-24).sqrt())
-        set_param(self, "C", c(p.C) / gain)
-        set_param(self, "d", c(p.d))
-        set_param(self, "r", torch.diagonal(c(p.R)).clamp_min(1e-24).sqrt())
-        set_param(self, "m0", gain * c(p.m0))
-        set_param(self, "s0", gain * torch.diagonal(c(p.P0)).clamp_min(1e-24).sqrt())
+        embed_linear_frame(self, p, gain)
 
     @torch.no_grad()
     def rotation_restart(self, generator: torch.Generator, *, gain: float = 1.1, rotation_scale: float = 0.25) -> None:
