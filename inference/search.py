@@ -12,15 +12,28 @@ capability; ``LinearStart()`` where it declares ``linear_special_case`` and ``em
 ``num_seeds`` rotation-type restarts where it declares ``rotation_restart``. A model that declares none of
 these gives one candidate: itself.
 
-**Search: successive halving.** :func:`advance` moves a list of candidate fits on by ``k`` iterations
-(``search_iterations``) of the trainer's short version (:func:`~ppl_rnn.inference.starts.short_trainer`) on the
-head, continuing each candidate's earlier short fit with ``resume=`` — one candidate after another for now; a
-batched runner (a leading candidate dimension through filter, smoother and M-step) replaces that one function.
-After each round every live candidate is scored, the better half (rounded up) goes on to the next round, until
-one is left: :math:`K` candidates cost about :math:`k(K + K/2 + \dots)\approx 2kK` short iterations. Why not
-one round: a warm start (linear, NAR) is good at once and then plateaus, while a rotation-type start climbs for
-longer (measured on the laser: ``benchmarks/README.md``, "Default fit (first version)"). The score is the
-**one-step log score of the tail given the head**,
+**Search: successive halving.** :func:`advance` moves a list of candidate fits on by a round's iterations of
+the trainer's short version (:func:`~ppl_rnn.inference.starts.short_trainer`) on the head, continuing each
+candidate's earlier short fit with ``resume=`` — one candidate after another for now; a batched runner (a
+leading candidate dimension through filter, smoother and M-step) replaces that one function. After each round
+every live candidate is scored and the better half (rounded up) goes on, until one is left. Round :math:`r`
+(from 0) runs :math:`k\,2^r` iterations (:math:`k` = ``search_iterations``, at most the final fit's): half the
+candidates, twice the iterations, so every round costs about the same, :math:`kK` short iterations for
+:math:`K` candidates (Jamieson & Talwalkar 2016). Why rounds that grow: a warm start (linear, NAR) is good at
+once and then plateaus, while a rotation-type start climbs for tens of iterations (measured on the laser:
+``benchmarks/README.md``, "Default fit"); equal 5-iteration rounds dropped the climbers.
+
+**Score.** Each candidate is scored on the tail given the head. ``score="crps"`` (the default) ranks by the
+**mean CRPS of its forecasts** at the leads ``horizons`` (default 1–10) from every origin in the tail, the
+yardstick's (:func:`ppl_rnn.workbench.selection.tail_forecast_score`, registered by the user layer through
+:func:`register_tail_scorer`), lower is better,
+
+.. math:: C = \frac1{|K|}\sum_{k\in K}\operatorname{mean}_{o}\ \text{CRPS}\big(p_\theta(y_{o+k}\mid y_{0:o}),
+          \,y_{o+k}\big),\qquad T_h-1\le o\le T-1-k,
+
+because the one-step likelihood EM maximises does not always reward dynamics that free-run well (on the laser
+a NAR start won the one-step tail score and then forecast no better than AR). ``score="log_score"`` ranks by
+the **one-step log score of the tail given the head**,
 
 .. math:: S = \log p_\theta(y_{T_h:T-1}\mid y_{0:T_h-1}) = \sum_{t\ge T_h}\log p_\theta(y_t\mid y_{0:t-1}),
 
@@ -30,24 +43,27 @@ singular form of an autoregression). :math:`R` independent runs, batched as sequ
 the log-normal-CLT bias-corrected estimate and its standard error (as the yardstick,
 :mod:`ppl_rnn.workbench.evaluate`):
 :math:`\hat S = \sum_b(\bar\ell_b + s_b^2/2)`, :math:`\mathrm{SE}^2 = \sum_b(s_b^2/R + s_b^4/(2(R-1)))`.
+Both are recorded whichever ranks.
 
-**Choice and refit.** The candidate with the largest :math:`\hat S` continues: the trainer (default
+**Choice and refit.** The best candidate of the last round continues: the trainer (default
 ``MonteCarloEM()``, ``num_iterations`` of it) runs on the whole training part from that candidate's head-trained
 parameters. (Its head fit cannot be resumed on the whole part — a resumed fit needs data of the same shape — so
 this is a fresh run from the chosen parameters.)
 
 **Reference guard.** ``LinearAR(order="aic")`` (least squares on the head) and, where the model declares
 ``linear_special_case``, the linear state-space model of the same sizes fitted by exact ``KalmanEM`` on the head,
-are scored on the same tail the same way (exactly). If no network candidate's :math:`\hat S` exceeds the best
-reference's, the result says so (a :class:`BelowReferenceWarning` and ``diagnostics["search_verdict"]``) and
+are scored on the same tail the same way (exactly). If no network candidate scores better than the best
+reference by the ranking score, the result says so (a :class:`BelowReferenceWarning` and ``diagnostics["search_verdict"]``) and
 returns the refitted network with the reference's score beside it, or, with ``below_reference="reference"``,
 the reference itself refitted on the whole training part.
 
 **Record.** ``FitResult.diagnostics``: ``search`` (an ``xarray.Dataset`` over ``candidate``: ``label``, ``kind``
 (network/reference), ``model``, ``start``, ``seed``, ``tail_log_score``, ``tail_log_score_se``,
-``tail_log_score_per_step`` and its ``_se`` (each at the candidate's last round), ``wall_time_s``, ``failed``,
-``chosen``, ``rounds`` (rounds it ran), ``round_log_score_per_step`` (candidate, round; NaN after it was dropped)), ``search_choice``, ``search_verdict``,
-``reference_tail_log_score`` / ``_per_step``, ``search_tail_steps``, ``search_wall_time_s``; the trace is the
+``tail_log_score_per_step`` and its ``_se``, ``tail_crps`` and ``tail_crps_by_lead`` (candidate, horizon; NaN
+with ``score="log_score"``) (each at the candidate's last round), ``iterations`` (short iterations run on the
+head), ``wall_time_s``, ``failed``, ``chosen``, ``rounds`` (rounds it ran), ``round_log_score_per_step`` and
+``round_tail_crps`` (candidate, round; NaN after it was dropped)), ``search_choice``, ``search_verdict``,
+``reference_tail_log_score`` / ``_per_step``, ``reference_tail_crps``, ``search_tail_steps``, ``search_wall_time_s``; the trace is the
 final fit's. Pooling the top candidates into an ensemble is not offered yet.
 """
 
@@ -142,6 +158,29 @@ def tail_log_score(model, data: Data, head_steps: int, *, num_particles: int = 1
     return est, se, "particle_filter"
 
 
+_TAIL_SCORERS: dict = {}
+
+
+def register_tail_scorer(name: str, fn) -> None:
+    """Make ``fn`` the tail score ``Recommended(score=name)`` uses (a hook: the forecast CRPS is computed by the
+    yardstick of the user layer, :mod:`ppl_rnn.workbench.selection` registers ``"crps"``, so this floor imports
+    nothing from it). ``fn(model, data, head_steps, *, horizons, num_particles, replicates, seed)`` returns a
+    dict with ``log_score`` and ``log_score_se`` (totals over the tail, :func:`tail_log_score`'s meaning),
+    ``crps`` (mean over ``horizons``, lower is better) and ``crps_by_lead``."""
+    if not callable(fn):
+        raise ConfigurationError(f"register_tail_scorer needs a callable; found {fn!r}.")
+    _TAIL_SCORERS[str(name)] = fn
+
+
+def _log_score_only(model, data: Data, head_steps: int, *, horizons, num_particles: int, replicates: int,
+                    seed) -> dict:
+    v, se, _ = tail_log_score(model, data, head_steps, num_particles=num_particles, replicates=replicates, seed=seed)
+    return {"log_score": v, "log_score_se": se, "crps": math.nan, "crps_by_lead": [math.nan] * len(horizons)}
+
+
+register_tail_scorer("log_score", _log_score_only)
+
+
 @dataclasses.dataclass
 class Candidate:
     """One candidate fit of the search (mutable: :func:`advance` moves it on).
@@ -161,6 +200,9 @@ class Candidate:
     failed: str | None = None
     score: float = -math.inf
     score_se: float = math.nan
+    crps: float = math.nan
+    crps_by_lead: tuple = ()
+    iterations: int = 0
     info: dict = dataclasses.field(default_factory=dict)
 
 
@@ -185,6 +227,7 @@ def advance(candidates: Sequence[Candidate], data: Data, trainer, iterations: in
             c.failed = f"{type(e).__name__}: {str(e)[:120]}"
         else:
             c.fit, c.model = fr, fr.model
+            c.iterations += int(iterations)
         c.wall_time_s += time.perf_counter() - t0
 
 
@@ -266,7 +309,12 @@ class Recommended(InferenceMethod):
         trainer: the trainer of the short runs and the final fit (default ``MonteCarloEM()``).
         num_iterations: iterations of the final fit (None: the trainer's own).
         num_seeds: seeds per randomised start (perturb, NAR feature maps, rotation).
-        search_iterations: iterations of each round of short runs on the head (at most the final fit's).
+        search_iterations: iterations of the first round of short runs on the head; each later round doubles
+            them (successive halving's budget: half the candidates, twice the iterations).
+        score: what ranks the candidates on the tail: ``"crps"`` (mean CRPS of the forecasts at ``horizons``,
+            lower is better; the yardstick's, registered by the user layer) or ``"log_score"`` (the one-step
+            log score).
+        horizons: the forecast leads of the ``"crps"`` score (the leads the user cares about).
         tail: the held-back tail's fraction of the training part.
         min_tail: the tail's least length in steps.
         num_particles: particles per run of the tail-score filter.
@@ -284,7 +332,8 @@ class Recommended(InferenceMethod):
     resumable = False
 
     def __init__(self, *, trainer: InferenceMethod | None = None, num_iterations: int | None = None,
-                 num_seeds: int = 2, search_iterations: int = 5, tail: float = 0.2, min_tail: int = 50,
+                 num_seeds: int = 2, search_iterations: int = 5, score: str = "crps",
+                 horizons=tuple(range(1, 11)), tail: float = 0.2, min_tail: int = 50,
                  num_particles: int = 1000, replicates: int = 4, below_reference: str = "network",
                  halving: bool = True, linear_iterations: int = 30, progress: bool = False):
         if trainer is not None and not isinstance(trainer, InferenceMethod):
@@ -295,6 +344,15 @@ class Recommended(InferenceMethod):
                                                                                       "num_iterations")
         self.num_seeds = check_positive_int(num_seeds, "num_seeds")
         self.search_iterations = check_positive_int(search_iterations, "search_iterations")
+        if not isinstance(score, str) or score not in ("crps", "log_score"):
+            raise ConfigurationError(f"score must be 'crps' (forecast CRPS over horizons) or 'log_score' (one-step "
+                                     f"log score); found {score!r}.")
+        self.score = score
+        hs = [horizons] if isinstance(horizons, int) else list(horizons)
+        if not hs or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hs):
+            raise ConfigurationError(f"horizons must be positive integers (forecast leads), e.g. range(1, 11); "
+                                     f"found {horizons!r}.")
+        self.horizons = tuple(sorted(set(hs)))
         self.tail = check_positive_float(tail, "tail")
         if self.tail >= 0.5:
             raise ConfigurationError(f"tail must be a fraction below 0.5 of the training part; found {tail!r}. "
@@ -345,17 +403,37 @@ class Recommended(InferenceMethod):
                 linears.append((names[i], m.hidden_dim, *lin))
             cands += c
             skipped.update({f"{names[i]}/{key}": v for key, v in s.items()})
-        score = dict(num_particles=self.num_particles, replicates=self.replicates, seed=seed)
+        scorer = _TAIL_SCORERS.get(self.score)
+        if scorer is None:
+            raise ConfigurationError(
+                f"score={self.score!r}: no such tail score is registered (the forecast CRPS comes from the "
+                "yardstick of the user layer; `import ppl_rnn` registers it). Import ppl_rnn, or pass "
+                "Recommended(score='log_score').")
+        opts = dict(horizons=self.horizons, num_particles=self.num_particles, replicates=self.replicates, seed=seed)
+
+        def score(c: Candidate, d: Data) -> None:
+            t0 = time.perf_counter()
+            try:
+                r = scorer(c.model, d, Th, **opts)
+            except (DegenerateWeightsError, DivergenceError):
+                r = {"log_score": -math.inf, "log_score_se": math.inf, "crps": math.inf,
+                     "crps_by_lead": [math.inf] * len(self.horizons)}
+            c.score, c.score_se = float(r["log_score"]), float(r["log_score_se"])
+            c.crps, c.crps_by_lead = float(r["crps"]), tuple(float(v) for v in r["crps_by_lead"])
+            c.wall_time_s += time.perf_counter() - t0
+
+        def key(c: Candidate) -> float:  # higher is better
+            return -c.crps if self.score == "crps" else c.score
+
         live, rounds = list(cands), []
         while True:  # successive halving: advance, score, keep the better half, until one is left
-            advance(live, head, trainer, k, progress=self.progress)
+            k_round = min(k * 2 ** len(rounds), int(final_iters))  # each round doubles the iterations
+            advance(live, head, trainer, k_round, progress=self.progress)
             for c in live:
                 if c.failed is None:
-                    t0 = time.perf_counter()
-                    c.score, c.score_se, _ = tail_log_score(c.model, _sliced(data, T, c.model.dtype), Th, **score)
-                    c.wall_time_s += time.perf_counter() - t0
-            rounds.append({id(c): (c.score, c.score_se) for c in live if c.failed is None})
-            live = sorted((c for c in live if c.failed is None and math.isfinite(c.score)), key=lambda c: -c.score)
+                    score(c, _sliced(data, T, c.model.dtype))
+            rounds.append({id(c): (c.score, c.score_se, c.crps) for c in live if c.failed is None})
+            live = sorted((c for c in live if c.failed is None and math.isfinite(key(c))), key=lambda c: -key(c))
             if not self.halving or len(live) <= 1:
                 break
             live = live[:math.ceil(len(live) / 2)]
@@ -374,26 +452,32 @@ class Recommended(InferenceMethod):
         ar = LinearAR(order="aic")
         arf = ar.fit_prepared(models[0], head, seed)
         orders = sorted({int(o) for o in np.atleast_1d(arf.diagnostics.get("order", []))})
-        s, se, _ = tail_log_score(arf.model, data, Th, **score)
         refs.append(Candidate(label=f"AR({','.join(map(str, orders))}) by AIC", model=arf.model, start="reference",
-                              seed=seed, wall_time_s=time.perf_counter() - t0, score=s, score_se=se))
+                              seed=seed))
+        score(refs[-1], data)
+        refs[-1].wall_time_s += time.perf_counter() - t0
         for _nm, H, lin, secs in linears[:1]:  # the linear special case of the first model that has one
-            t0 = time.perf_counter()
-            s, se, _ = tail_log_score(lin, _sliced(data, T, torch.float64), Th, **score)
             refs.append(Candidate(label=f"linear SSM (H={H}, KalmanEM)", model=lin, start="reference", seed=seed,
-                                  wall_time_s=secs + time.perf_counter() - t0, score=s, score_se=se))
-        top_ref = max(refs, key=lambda c: c.score)
+                                  wall_time_s=secs))
+            score(refs[-1], _sliced(data, T, torch.float64))
+        top_ref = max(refs, key=key)
         n_tail = (T - Th) * data.num_sequences
-        beats = best.score > top_ref.score
+        beats = key(best) > key(top_ref)
         diff = (best.score - top_ref.score) / n_tail
         dse = math.sqrt(best.score_se ** 2 + top_ref.score_se ** 2) / n_tail
+        if self.score == "crps":
+            rel = (best.crps - top_ref.crps) / top_ref.crps
+            measure = (f"mean CRPS over leads {self.horizons[0]}-{self.horizons[-1]} {best.crps:.4g} vs "
+                       f"{top_ref.crps:.4g} ({rel:+.1%}); one-step log score {diff:+.3f} ± {dse:.3f} nats/step")
+        else:
+            close = " (within 2 SE: not a clear win)" if 0 <= diff < 2 * dse else ""
+            measure = f"one-step log score {diff:+.3f} ± {dse:.3f} nats/step{close}"
         if beats:
-            close = " (within 2 SE: not a clear win)" if diff < 2 * dse else ""
-            verdict = (f"{best.label} beats the best linear reference {top_ref.label} on the held-back tail by "
-                       f"{diff:+.3f} ± {dse:.3f} nats/step{close}.")
+            verdict = (f"{best.label} beats the best linear reference {top_ref.label} on the held-back tail "
+                       f"({n_tail} steps): {measure}.")
         else:
             verdict = (f"no network candidate beats the best linear reference {top_ref.label} on the held-back tail "
-                       f"({n_tail} steps): the best, {best.label}, scores {diff:+.3f} ± {dse:.3f} nats/step below it.")
+                       f"({n_tail} steps): the best, {best.label}, is below it: {measure}.")
             warnings.warn(verdict + (" Returning the reference (below_reference='reference')."
                                      if self.below_reference == "reference" else
                                      " Returning the network; pass Recommended(below_reference='reference') to get "
@@ -424,6 +508,10 @@ class Recommended(InferenceMethod):
              "tail_log_score_se": ("candidate", [c.score_se for c in rows]),
              "tail_log_score_per_step": ("candidate", [c.score / n_tail for c in rows]),
              "tail_log_score_per_step_se": ("candidate", [c.score_se / n_tail for c in rows]),
+             "tail_crps": ("candidate", [c.crps for c in rows]),
+             "tail_crps_by_lead": (("candidate", "horizon"), [list(c.crps_by_lead) or [math.nan] * len(self.horizons)
+                                                             for c in rows]),
+             "iterations": ("candidate", [c.iterations for c in rows]),
              "wall_time_s": ("candidate", [c.wall_time_s for c in rows]),
              "failed": ("candidate", [c.failed or "" for c in rows]),
              "chosen": ("candidate", [c.label == choice for c in rows]),
@@ -431,16 +519,21 @@ class Recommended(InferenceMethod):
                                       for c in rows]),
              "round_log_score_per_step": (("candidate", "round"), [
                  [r[id(c)][0] / n_tail if id(c) in r else (c.score / n_tail if c.start == "reference" else math.nan)
+                  for r in rounds] for c in rows]),
+             "round_tail_crps": (("candidate", "round"), [
+                 [r[id(c)][2] if id(c) in r else (c.crps if c.start == "reference" else math.nan)
                   for r in rounds] for c in rows])},
-            coords={"candidate": np.arange(len(rows)), "round": np.arange(1, len(rounds) + 1)},
+            coords={"candidate": np.arange(len(rows)), "round": np.arange(1, len(rounds) + 1),
+                    "horizon": list(self.horizons)},
             attrs={"head_steps": Th, "tail_steps": T - Th, "search_iterations": k, "halving": int(self.halving),
+                   "score": self.score,
                    "verdict": verdict,
                    "choice": choice})
         diag = {"search": table, "search_choice": choice, "search_verdict": verdict,
                 "search_beats_reference": bool(beats), "search_skipped": skipped,
                 "search_candidate_models": tuple(c.model for c in cands),
                 "reference_label": top_ref.label, "reference_tail_log_score": top_ref.score,
-                "reference_tail_log_score_per_step": top_ref.score / n_tail,
+                "reference_tail_log_score_per_step": top_ref.score / n_tail, "reference_tail_crps": top_ref.crps,
                 "search_tail_steps": T - Th, "search_wall_time_s": search_wall}
         return dataclasses.replace(res, diagnostics={**dict(res.diagnostics), **diag},
                                    wall_time_s=time.perf_counter() - t_all)

@@ -593,6 +593,177 @@ print("every claim above holds" + (" (small settings: the ones that hold at smal
 ])
 
 
+NOTEBOOKS["08_particle_mcmc.ipynb"] = nb([
+    ("md", "# 08 — Particle MCMC: posteriors over the weights and noises\n\n"
+           "A point estimate of a stochastic RNN is one optimum among many; a posterior over the parameters "
+           "averages over them and says how sure the model is. A model becomes Bayesian by giving its parameters "
+           "priors — `pyro.nn.PyroSample` on an attribute, or `pr.with_priors(model, scale=...)` for a whole "
+           "network — and two samplers draw from the posterior with the library's particle filter inside:\n\n"
+           "* **`ParticleGibbs`**: conditional SMC with *ancestor sampling* (Lindsten, Jordan & Schön 2014) "
+           "for the hidden path, then an HMC step (or a conjugate step where a capability gives one) for the "
+           "parameters given the path;\n"
+           "* **`PMMH`**: particle-marginal Metropolis–Hastings, a random walk on the parameters accepted on the "
+           "filter's unbiased likelihood estimate, with the *correlated* pseudo-marginal option (Deligiannidis, "
+           "Doucet & Pitt 2018).\n\n"
+           "Both return a `ParameterPosterior` with chain and draw dimensions; `pr.to_inference_data` turns it "
+           "into ArviZ, and `pr.evaluate` / `pr.forecast` average over its draws (the posterior predictive)."),
+    ("code", SETUP),
+    ("md", "## An exact check\n\nA linear-Gaussian model with unknown noise scales, "
+           "h_t = 0.9 h_{t-1} + N(0, q²), y_t = h_t + N(0, r²), q, r ~ HalfNormal(1), written as a user model. "
+           "Its marginal likelihood is the scalar Kalman filter's, so the exact posterior comes from 2-D "
+           "quadrature; both samplers' posterior means agree with it within 4 Monte Carlo standard errors "
+           "(from the effective sample size), with R-hat ≤ 1.1 over 4 chains."),
+    ("code", '''import math, time
+import arviz as az
+import pandas as pd
+import pyro.distributions as dist
+from pyro.nn import PyroSample
+from ppl_rnn.inference import ParticleGibbs, PMMH
+
+class NoisyAR1(pr.StateSpaceModel):
+    """h_t = 0.9 h_{t-1} + N(0, q^2), y_t = h_t + N(0, r^2); q, r ~ HalfNormal(1)."""
+    def __init__(self):
+        super().__init__(1, 1)
+        self.q = PyroSample(dist.HalfNormal(torch.tensor(1.0)))
+        self.r = PyroSample(dist.HalfNormal(torch.tensor(1.0)))
+    def initial(self, u0):
+        return dist.Normal(torch.zeros(1), torch.ones(1)).to_event(1)
+    def transition(self, t, h_prev, u_t):
+        return dist.Normal(0.9 * h_prev, self.q * torch.ones_like(h_prev)).to_event(1)
+    def emission(self, t, h, u_t):
+        return dist.Normal(h, self.r * torch.ones_like(h)).to_event(1)
+
+# 60 steps simulated at q = 0.5, r = 0.3
+g = torch.Generator().manual_seed(0)
+h, ys = torch.randn((), generator=g, dtype=torch.float64), []
+for t in range(60):
+    if t > 0:
+        h = 0.9 * h + 0.5 * torch.randn((), generator=g, dtype=torch.float64)
+    ys.append(h + 0.3 * torch.randn((), generator=g, dtype=torch.float64))
+y = torch.stack(ys).reshape(1, 60, 1).float()
+
+def kalman_loglik(q, r):                      # log p(y | q, r) on a grid (float64)
+    m, P, ll = np.zeros_like(q), np.ones_like(q), np.zeros_like(q)
+    for t, yt in enumerate(y.reshape(-1).double().numpy()):
+        if t > 0:
+            m, P = 0.9 * m, 0.81 * P + q ** 2
+        S = P + r ** 2
+        ll += -0.5 * (math.log(2 * math.pi) + np.log(S) + (yt - m) ** 2 / S)
+        m, P = m + P / S * (yt - m), P - P * P / S
+    return ll
+
+qs, rs = np.linspace(1e-3, 1.6, 600), np.linspace(1e-3, 1.2, 600)
+Q, R = np.meshgrid(qs, rs, indexing="ij")
+logpost = kalman_loglik(Q, R) - 0.5 * Q ** 2 - 0.5 * R ** 2     # + HalfNormal(1) log-priors
+w = np.exp(logpost - logpost.max()); w /= w.sum()
+exact = {"q": ((Q * w).sum(), math.sqrt(((Q - (Q * w).sum()) ** 2 * w).sum())),
+         "r": ((R * w).sum(), math.sqrt(((R - (R * w).sum()) ** 2 * w).sum()))}
+print("exact posterior (mean, sd):", {k: tuple(round(float(x), 4) for x in v) for k, v in exact.items()})'''),
+    ("code", '''S = 60 if SMALL else 1000
+samplers = {"particle Gibbs": ParticleGibbs(num_samples=S, num_chains=4, num_particles=30 if SMALL else 100),
+            "correlated PMMH": PMMH(num_samples=S, num_chains=4, num_particles=30 if SMALL else 100, warmup=100 if SMALL else 500,
+                                    correlation=0.99)}
+posts, rows = {}, []
+for name, method in samplers.items():
+    t0 = time.perf_counter()
+    posts[name] = post = pr.infer(NoisyAR1(), y, method=method, seed=0)
+    idata = pr.to_inference_data(post)
+    for p in ("q", "r"):
+        x = idata.posterior[p].values
+        ess = float(az.ess(idata, var_names=[p])[p])
+        mean, se = float(x.mean()), float(x.std(ddof=1)) / math.sqrt(ess)
+        rows.append({"sampler": name, "parameter": p, "exact mean": exact[p][0], "posterior mean": mean,
+                     "MC SE": se, "z": (mean - exact[p][0]) / se, "ESS": ess,
+                     "R-hat": float(az.rhat(idata, var_names=[p])[p]), "seconds": time.perf_counter() - t0})
+table = pd.DataFrame(rows)
+print(table.round(4).to_string(index=False))
+assert (table.z.abs() <= 4).all()                          # within 4 Monte Carlo SE of the exact posterior
+if not SMALL:
+    assert (table["R-hat"] <= 1.1).all()'''),
+    ("code", '''axes = az.plot_trace(pr.to_inference_data(posts["particle Gibbs"]), var_names=["q", "r"])
+fig = axes.ravel()[0].figure
+fig'''),
+    ("md", "## The synthetic network\n\n`unkelbach-synthetic` comes from a known 4-unit stochastic Elman network. "
+           "Fit it by Monte Carlo EM, give the fitted network weakly-informative priors (`pr.with_priors`: "
+           "Normal(0, 1) on weights and biases, HalfNormal(1) on noise scales) and sample its posterior by particle "
+           "Gibbs, the chains starting near the EM fit. Then score the posterior predictive (the equal-weight pool "
+           "of thinned draws) against the EM fit and the generating network with the one yardstick.\n\n"
+           "The budget here (2 chains of 50 draws on 1000 steps) is a demonstration of the interface, not a "
+           "converged posterior: the chains of a network's weights **have not mixed** (some R-hat above 1.05, "
+           "asserted below) — on the exact model above particle Gibbs needed thousands of draws, and a network "
+           "has tens of weights with symmetric modes. Read R-hat and ESS before trusting a posterior mean; the "
+           "posterior predictive is scored like any model (asserted: within 1 nat/step of the EM fit it started "
+           "from). Which of the two forecasts better is not a claim of this notebook."),
+    ("code", """from ppl_rnn.workbench import datasets
+from ppl_rnn.inference import MonteCarloEM, ParticleSmoother
+torch.set_num_threads(1)
+
+CHAINS, DRAWS, PG_PARTICLES = (2, 20, 30) if SMALL else (2, 50, 32)   # a demonstration budget, not a converged run
+
+def fit_and_sample(model, train, iterations, particles, paths, seed=0):
+    t0 = time.perf_counter()
+    fit = pr.fit(model, train, method=MonteCarloEM(num_iterations=iterations,
+                 smoother=ParticleSmoother(particles, paths, backward="mcmc")), seed=seed)
+    t1 = time.perf_counter()
+    post = pr.infer(pr.with_priors(fit.model, scale=1.0), train, seed=seed,
+                    method=ParticleGibbs(num_samples=DRAWS, num_chains=CHAINS, num_particles=PG_PARTICLES))
+    print(f"MCEM {t1 - t0:.0f} s, particle Gibbs {time.perf_counter() - t1:.0f} s "
+          f"({CHAINS} chains x {DRAWS} draws after warm-up, {PG_PARTICLES} particles)")
+    return fit, post
+
+def check(idata, table):
+    # the claims of the text: the network's chains have not mixed at this budget (some R-hat above 1.05), and
+    # the posterior predictive is scored like any model: finite, within 1 nat/step of the fit it started from
+    rhat = az.rhat(idata)
+    worst = max(float(rhat[v].max()) for v in rhat.data_vars)
+    print(f"largest R-hat over all parameters: {worst:.2f}")
+    assert worst > 1.05
+    assert np.isfinite(table.values).all()
+    assert abs(table.loc["posterior predictive", "held-out nats/step"] - table.loc["MCEM fit", "held-out nats/step"]) < 1.0
+
+def yardstick(models, train, test):
+    rows = {}
+    for name, m in models.items():
+        ev = pr.evaluate(m, train, test, horizons=[1, 5, 10], num_particles=300 if SMALL else 1000, seed=0)
+        rows[name] = {"held-out nats/step": float(ev.heldout_logev_per_step),
+                      "SE": float(ev.heldout_logev_per_step_se),
+                      **{f"CRPS lead {int(h)}": float(c) for h, c in zip(ev.horizon.values, ev.crps.values)}}
+    return pd.DataFrame(rows).T
+
+rec = datasets.load("unkelbach-synthetic", seed=0, train_steps=200 if SMALL else 1000,
+                    test_steps=60 if SMALL else 500)
+train, test = rec.split()
+start = ElmanSSM(4, 1, process_noise=0.3, obs_noise=0.3, seed=1, weight_init="rotation", weight_scale=1.1)
+syn_fit, syn_post = fit_and_sample(start, train.values, 3 if SMALL else 30, 100 if SMALL else 500,
+                                   20 if SMALL else 100)
+syn_idata = pr.to_inference_data(syn_post)
+print(az.summary(syn_idata, var_names=["q", "r"]).round(3).to_string())"""),
+    ("code", """axes = az.plot_trace(syn_idata, var_names=["q", "r"])
+fig = axes.ravel()[0].figure
+fig"""),
+    ("code", """syn_table = yardstick({"MCEM fit": syn_fit.model, "posterior predictive": syn_post,
+                        "generating network": rec.true_model}, train.values, test.values)
+print(syn_table.round(3).to_string())
+check(syn_idata, syn_table)"""),
+    ("md", "## The Santa Fe laser\n\nThe same on a real chaotic series (steps 0–999 train, 1000–1499 test, "
+           "standard-scaled with training-part statistics), `ElmanSSM(8)` from a rotation-type start."),
+    ("code", """n_train, n_test = (200, 40) if SMALL else (1000, 500)
+laser = datasets.load("santafe-laser", scale="standard", train_steps=n_train).values
+ltrain, ltest = laser[:, :n_train], laser[:, n_train:n_train + n_test]
+lstart = ElmanSSM(8, 1, seed=0, weight_init="rotation", weight_scale=1.1)
+las_fit, las_post = fit_and_sample(lstart, ltrain, 3 if SMALL else 50, 100 if SMALL else 500,
+                                   20 if SMALL else 100)
+las_idata = pr.to_inference_data(las_post)
+print(az.summary(las_idata, var_names=["q", "r"]).round(3).to_string())
+las_table = yardstick({"MCEM fit": las_fit.model, "posterior predictive": las_post}, ltrain, ltest)
+print(las_table.round(3).to_string())
+check(las_idata, las_table)"""),
+    ("code", """fc = pr.forecast(las_post, ltrain, horizon=10 if not SMALL else 5, num_samples=300, seed=0)
+fig = plots.plot_forecast(ltrain, fc, truth=ltest[:, :fc.horizon], history=80, label="posterior predictive")
+fig"""),
+])
+
+
 def _same_cells(a, b) -> bool:
     return [(c.cell_type, c.source) for c in a.cells] == [(c.cell_type, c.source) for c in b.cells]
 

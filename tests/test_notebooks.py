@@ -35,8 +35,8 @@ def _errors(book):
             if o.get("output_type") == "error"]
 
 
-def test_all_seven_notebooks_exist_and_match_the_generator():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
+def test_all_eight_notebooks_exist_and_match_the_generator():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07", "08"]
     gen = _generator()
     assert sorted(gen.NOTEBOOKS) == [p.name for p in NOTEBOOKS]
     for p in NOTEBOOKS:

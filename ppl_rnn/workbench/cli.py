@@ -628,8 +628,8 @@ def _fit_and_score(args, out):
         f = fit(model, tr, method=method, seed=args.seed)
     search = f.diagnostics.get("search")
     if search is not None:  # the default trainer's start search: every candidate's tail score, its cost, the choice
-        _print(search[["label", "tail_log_score_per_step", "tail_log_score_per_step_se", "rounds",
-                             "wall_time_s", "chosen"]].to_dataframe().to_string(float_format=lambda v: f"{v:.3f}"))
+        _print(search[["label", "tail_crps", "tail_log_score_per_step", "tail_log_score_per_step_se", "rounds",
+                             "iterations", "wall_time_s", "chosen"]].to_dataframe().to_string(float_format=lambda v: f"{v:.3f}"))
         _print(f.diagnostics["search_verdict"])
     horizons = [args.horizon] if hasattr(args, "horizon") else args.horizons
     horizons = sorted({1, *horizons})

@@ -22,15 +22,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 import xarray as xr
 
 from ppl_rnn.data import prepare
 from ppl_rnn.errors import ConfigurationError, DataError
+from ppl_rnn.inference.search import register_tail_scorer
 from ppl_rnn.method import check_choice, check_positive_int
 
 from .evaluate import check_horizons, evaluate
 
-__all__ = ["select_by_forecast"]
+__all__ = ["select_by_forecast", "tail_forecast_score"]
 
 
 def select_by_forecast(candidates: Sequence | Mapping, observations, *, validation_steps: int,
@@ -99,3 +101,24 @@ def select_by_forecast(candidates: Sequence | Mapping, observations, *, validati
                        "forecast quality, not over-fitting"})
     ds["mean_crps"].attrs["long_name"] = "mean CRPS over the horizons on the training tail (lower is better)"
     return ds
+
+
+def tail_forecast_score(model, data, head_steps: int, *, horizons, num_particles: int, replicates: int,
+                        seed) -> dict:
+    r"""The start search's ``"crps"`` tail score (:class:`ppl_rnn.inference.search.Recommended`): the yardstick
+    (:func:`~ppl_rnn.workbench.evaluate.evaluate`) with ``train = y[:, :T_h]``, ``test = y[:, T_h:]`` of the
+    prepared ``data``: the tail's one-step log score (total, with its SE) and the mean CRPS of the forecasts at
+    ``horizons`` from every origin in the tail, :math:`\frac1{|K|}\sum_{k\in K}\text{CRPS}_k` (lower is better).
+    ``num_particles`` starts the yardstick's adaptive particle count; ``replicates`` is its number of runs."""
+    y, m, u = data.observations, data.mask, data.inputs
+    y = torch.where(m, y, torch.full_like(y, float("nan"))) if not bool(m.all()) else y
+    ev = evaluate(model, y[:, :head_steps], y[:, head_steps:], horizons=tuple(horizons),
+                  train_inputs=None if u is None else u[:, :head_steps],
+                  test_inputs=None if u is None else u[:, head_steps:], num_particles=num_particles,
+                  num_replicates=max(int(replicates), 2), seed=seed)
+    crps = ev.crps.values.astype(float)
+    return {"log_score": float(ev.heldout_logev), "log_score_se": float(ev.heldout_logev_se),
+            "crps": float(np.mean(crps)), "crps_by_lead": crps.tolist()}
+
+
+register_tail_scorer("crps", tail_forecast_score)

@@ -271,6 +271,7 @@ def test_fit_report_has_reference_rows_scaling_and_verdict(tmp_path, capsys):
     # no --method: the default trainer (the start search), its candidates and verdict printed
     assert names[0] == "recommended" and names[1] == "persistence" and re.fullmatch(r"AR\(\d+\) by AIC", names[2])
     assert "ElmanSSM/given#0" in term and "tail_log_score_per_step" in term and "held-back tail" in term
+    assert "tail_crps" in term and "mean CRPS over leads" in term
     assert (grid.heldout_logev_per_step_se.values[0, 1:] == 0).all()  # reference rows are scored exactly
     for row in ("| persistence * |", f"| {names[2]} * |", "| recommended |"):
         assert row in report, row

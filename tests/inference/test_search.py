@@ -21,7 +21,9 @@ from .toy_models import NoWeights
 
 
 def _small(**kw) -> Recommended:
-    opts = dict(num_iterations=1, search_iterations=1, num_particles=200, replicates=4, min_tail=40)
+    """Tiny settings; ranked by the one-step log score unless ``score=`` says otherwise (the CRPS tests below)."""
+    opts = dict(num_iterations=1, search_iterations=1, num_particles=200, replicates=4, min_tail=40,
+                score="log_score")
     return Recommended(**{**opts, **kw})
 
 
@@ -147,3 +149,46 @@ def test_a_list_needs_a_searching_method():
         Recommended(below_reference="ar")
     with pytest.raises(ConfigurationError, match="tail"):
         Recommended(tail=0.7)
+    with pytest.raises(ConfigurationError, match="score must be 'crps'"):
+        Recommended(score="mse")
+    with pytest.raises(ConfigurationError, match="horizons must be positive integers"):
+        Recommended(horizons=[0, 1])
+
+
+def test_the_default_ranks_by_tail_crps_with_rounds_that_double():
+    assert Recommended().score == "crps" and Recommended().horizons == tuple(range(1, 11))
+    truth = ElmanSSM(3, seed=0)
+    y = truth.simulate(120, seed=1).observations
+    method = _small(score="crps", horizons=(1, 3), num_iterations=4, search_iterations=1, linear_iterations=5,
+                    num_particles=100)
+    f = pr.fit(ElmanSSM(3, seed=5), y, method=method, seed=0)
+    s = f.diagnostics["search"]
+    net = s.kind.values == "network"
+    crps = s.tail_crps.values
+    assert np.isfinite(crps).all() and (crps > 0).all() and s.tail_crps_by_lead.shape == (len(crps), 2)
+    np.testing.assert_allclose(crps, s.tail_crps_by_lead.values.mean(1))
+    # rounds of 1, 2, 4 iterations (7 -> 4 -> 2 -> 1 candidates): a candidate's iterations are 1, 3 or 7
+    assert sorted(s.iterations.values[net].tolist()) == [1, 1, 1, 3, 3, 7, 7] and s.attrs["score"] == "crps"
+    # each round keeps the lower tail CRPS; the choice is the best of the last round
+    r = s.round_tail_crps.values[net]
+    for j in range(1, r.shape[1]):
+        kept = np.isfinite(r[:, j])
+        assert r[kept, j - 1].max() <= r[np.isfinite(r[:, j - 1]) & ~kept, j - 1].min()
+    best = int(np.argmax(s.chosen.values))
+    assert s.iterations.values[best] == 7 and f.diagnostics["search_choice"] == str(s.label.values[best])
+    # the references' CRPS is the yardstick's on the same split (the AR refitted on the head agrees exactly)
+    head = int(s.attrs["head_steps"])
+    ar = pr.fit(ElmanSSM(3, seed=5), y[:, :head], method=pr.inference.LinearAR(order="aic"), seed=0)
+    ev = pr.evaluate(ar.model, y[:, :head], y[:, head:], horizons=(1, 3), num_particles=100, num_replicates=4,
+                     seed=0)
+    i_ar = int(np.flatnonzero(~net)[0])  # the first reference row: AR by AIC
+    assert str(s.label.values[i_ar]).startswith("AR(")
+    np.testing.assert_allclose(s.tail_crps_by_lead.values[i_ar], ev.crps.values, rtol=1e-6)
+
+
+def test_reference_guard_by_crps_on_an_ar2_series():
+    y = _ar2()
+    with pytest.warns(BelowReferenceWarning, match="mean CRPS over leads 1-2"):
+        f = pr.fit(NoWeights(), y, method=_small(score="crps", horizons=(1, 2)), seed=0)
+    d = f.diagnostics
+    assert d["search_beats_reference"] is False and d["reference_tail_crps"] < float(d["search"].tail_crps.values[0])
