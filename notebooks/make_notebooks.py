@@ -687,15 +687,18 @@ fig'''),
            "Fit it by Monte Carlo EM, give the fitted network weakly-informative priors (`pr.with_priors`: "
            "Normal(0, 1) on weights and biases, HalfNormal(1) on noise scales) and sample its posterior by particle "
            "Gibbs, the chains starting near the EM fit. Then score the posterior predictive (the equal-weight pool "
-           "of thinned draws) against the EM fit and the generating network with the one yardstick.\n\n"
+           "of 8 draws thinned over the chains) against the EM fit and the generating network with the one yardstick.\n\n"
            "The budget here (2 chains of 50 draws on 1000 steps) is a demonstration of the interface, not a "
            "converged posterior: the chains of a network's weights **have not mixed** (some R-hat above 1.05, "
            "asserted below) — on the exact model above particle Gibbs needed thousands of draws, and a network "
            "has tens of weights with symmetric modes. Read R-hat and ESS before trusting a posterior mean; the "
-           "posterior predictive is scored like any model (asserted: within 1 nat/step of the EM fit it started "
-           "from). Which of the two forecasts better is not a claim of this notebook."),
+           "posterior predictive is scored like any model, and at this budget it forecasts **worse** than the EM fit "
+           "it started from, on both series (asserted: a lower held-out log score, within 1 nat/step): the draws "
+           "of unmixed chains wander away from the optimum EM found. A posterior worth averaging over needs far "
+           "longer chains than a notebook affords."),
     ("code", """from ppl_rnn.workbench import datasets
 from ppl_rnn.inference import MonteCarloEM, ParticleSmoother
+from ppl_rnn.workbench.forecasting import posterior_ensemble
 torch.set_num_threads(1)
 
 CHAINS, DRAWS, PG_PARTICLES = (2, 20, 30) if SMALL else (2, 50, 32)   # a demonstration budget, not a converged run
@@ -713,18 +716,23 @@ def fit_and_sample(model, train, iterations, particles, paths, seed=0):
 
 def check(idata, table):
     # the claims of the text: the network's chains have not mixed at this budget (some R-hat above 1.05), and
-    # the posterior predictive is scored like any model: finite, within 1 nat/step of the fit it started from
+    # the posterior predictive is scored like any model: finite, below the fit it started from, within 1 nat/step
     rhat = az.rhat(idata)
     worst = max(float(rhat[v].max()) for v in rhat.data_vars)
     print(f"largest R-hat over all parameters: {worst:.2f}")
     assert worst > 1.05
     assert np.isfinite(table.values).all()
-    assert abs(table.loc["posterior predictive", "held-out nats/step"] - table.loc["MCEM fit", "held-out nats/step"]) < 1.0
+    gap = table.loc["MCEM fit", "held-out nats/step"] - table.loc["posterior predictive", "held-out nats/step"]
+    assert 0 < gap < 1.0
+
+POOL = 8          # the posterior predictive pools 8 draws thinned over the chains (pr.evaluate's default is 20)
 
 def yardstick(models, train, test):
     rows = {}
     for name, m in models.items():
-        ev = pr.evaluate(m, train, test, horizons=[1, 5, 10], num_particles=300 if SMALL else 1000, seed=0)
+        if isinstance(m, pr.results.ParameterPosterior):
+            m = posterior_ensemble(m, POOL)
+        ev = pr.evaluate(m, train, test, horizons=[1, 5, 10], num_particles=300 if SMALL else 500, seed=0)
         rows[name] = {"held-out nats/step": float(ev.heldout_logev_per_step),
                       "SE": float(ev.heldout_logev_per_step_se),
                       **{f"CRPS lead {int(h)}": float(c) for h, c in zip(ev.horizon.values, ev.crps.values)}}
@@ -758,7 +766,7 @@ print(az.summary(las_idata, var_names=["q", "r"]).round(3).to_string())
 las_table = yardstick({"MCEM fit": las_fit.model, "posterior predictive": las_post}, ltrain, ltest)
 print(las_table.round(3).to_string())
 check(las_idata, las_table)"""),
-    ("code", """fc = pr.forecast(las_post, ltrain, horizon=10 if not SMALL else 5, num_samples=300, seed=0)
+    ("code", """fc = pr.forecast(posterior_ensemble(las_post, POOL), ltrain, horizon=10 if not SMALL else 5, num_samples=300, seed=0)
 fig = plots.plot_forecast(ltrain, fc, truth=ltest[:, :fc.horizon], history=80, label="posterior predictive")
 fig"""),
 ])
