@@ -35,7 +35,7 @@ def main() -> None:
     refs = {}
     ar = pr.fit(ElmanSSM(8, seed=0), tr, method=pr.inference.LinearAR(order="aic"), seed=0)
     refs[f"AR({ar.diagnostics['order']}) by AIC"] = ar.model
-    lin = pr.fit(LinearGaussianSSM(8, 1, seed=0), tr, method=pr.inference.KalmanEM(num_iterations=100, init="ar"), seed=0)
+    lin = pr.fit(LinearGaussianSSM(8, 1, seed=0).to(torch.float64), tr.double(), method=pr.inference.KalmanEM(num_iterations=100, init="ar"), seed=0)
     refs["linear SSM (H=8, KalmanEM 100)"] = lin.model
     crps_ref = {}
     for name, m in refs.items():
