@@ -6,7 +6,8 @@ batched over leading dims; covariances are ``(..., K, K)``.
 
 * :func:`symmetrize`: :math:`\tfrac12(P+P^\top)`.
 * :func:`psd_cholesky`: :math:`L` with :math:`LL^\top = \tfrac12(S+S^\top) + \epsilon I`, the smallest jitter
-  :math:`\epsilon \in \{0, 10^{-12}\bar s, 10^{-11}\bar s, \dots\}` (:math:`\bar s` the mean diagonal magnitude)
+  :math:`\epsilon \in \{0, 10^{-12}\bar s, 10^{-11}\bar s, \dots\}` (:math:`\bar s` the mean diagonal magnitude;
+  up to :math:`10^{-7}\bar s` in float64, and in float32 on up to :math:`10^6\varepsilon_{\text{mach}}\bar s\approx0.1\bar s`)
   for which the factorisation succeeds (silent; for parameters built from a model's own factors).
 * :func:`ensure_pd`: :math:`\tfrac12(P+P^\top)`, and where its Cholesky fails
   :math:`P + \epsilon_k I`, :math:`\epsilon_k = \bar p\,\varepsilon_{\text{mach}}10^{k+2}` for the first
@@ -92,7 +93,10 @@ def psd_cholesky(S: torch.Tensor, *, tries: int = 6) -> torch.Tensor:
     S = symmetrize(S)
     eye = torch.eye(S.shape[-1], dtype=S.dtype)
     jitter = 0.0
-    for _ in range(tries):
+    # the ladder 1e-12, 1e-11, ... (times the mean diagonal): ``tries`` rungs, and in a low precision as many more
+    # as reach 1e6 machine epsilons (float32: up to ~0.1; float64: the same 6 rungs as ever)
+    top = 1e6 * torch.finfo(S.dtype).eps
+    for _ in range(max(tries, math.ceil(math.log10(top / 1e-12)))):
         try:
             return torch.linalg.cholesky(S + jitter * eye)
         except RuntimeError:

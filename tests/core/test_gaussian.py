@@ -17,6 +17,7 @@ from ppl_rnn.gaussian import (
     kalman_update,
     linearize,
     matvec,
+    psd_cholesky,
     safe_update,
     scalar_update,
     smoother_gain,
@@ -162,3 +163,17 @@ def test_cholesky_pd_and_gaussian_sampler():
     sd = torch.diagonal(S, dim1=-2, dim2=-1).sqrt()
     se_c = ((sd.unsqueeze(-1) * sd.unsqueeze(-2)) ** 2 + S**2).sqrt() / N**0.5
     assert ((cov - S).abs() < 6 * se_c).all()
+
+
+def test_psd_cholesky_repairs_a_slightly_indefinite_float32_covariance():
+    # an EM covariance that lost definiteness in float32 rounding (eigenvalue -1e-6 of a unit-scale matrix): a
+    # relative jitter of 1e-12 (the float64 start) is below float32's rounding and cannot repair it
+    g = torch.Generator().manual_seed(0)
+    V, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    S = (V @ torch.diag(torch.tensor([1.0, 0.7, 0.4, 0.1, -1e-6], dtype=torch.float64)) @ V.T).float()
+    L = psd_cholesky(S)
+    assert L.dtype == torch.float32 and bool(torch.isfinite(L).all())
+    assert float((L @ L.T - S).abs().max()) < 1e-3  # the smallest jitter that works: ~1e-5 to 1e-4 here
+    # float64 keeps its 1e-12 start: an exactly PSD matrix is factorised without jitter
+    P = (V @ torch.diag(torch.tensor([1.0, 0.7, 0.4, 0.1, 0.05], dtype=torch.float64)) @ V.T)
+    torch.testing.assert_close(psd_cholesky(P) @ psd_cholesky(P).T, P, rtol=0, atol=1e-12)
