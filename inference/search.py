@@ -392,6 +392,11 @@ class Recommended(InferenceMethod):
         k = min(self.search_iterations, int(final_iters))
         T = data.num_steps
         Th = split_tail(T, self.tail, self.min_tail)
+        if self.score == "crps" and max(self.horizons) > T - Th:
+            raise DataError(
+                f"the start search holds back the last {T - Th} of {T} training steps, fewer than the largest forecast "
+                f"lead it scores (horizons up to {max(self.horizons)}). Pass Recommended(horizons=range(1, "
+                f"{T - Th + 1})) or Recommended(score='log_score'), or a longer series.")
         head = _sliced(data, Th, data.observations.dtype)
         names = [type(m).__name__ for m in models]
         names = [f"{n}[{i}]" if names.count(n) > 1 else n for i, n in enumerate(names)]

@@ -14,7 +14,7 @@ from ppl_rnn.models import ElmanSSM
 import ppl_rnn as pr
 import ppl_rnn.method
 from ppl_rnn.data import prepare
-from ppl_rnn.errors import ConfigurationError
+from ppl_rnn.errors import ConfigurationError, DataError
 
 from .test_mcem_local_level import LocalLevel, exact_log_lik
 from .toy_models import NoWeights
@@ -153,6 +153,8 @@ def test_a_list_needs_a_searching_method():
         Recommended(score="mse")
     with pytest.raises(ConfigurationError, match="horizons must be positive integers"):
         Recommended(horizons=[0, 1])
+    with pytest.raises(DataError, match=r"holds back the last 8 of 16 training steps.*horizons up to 10"):
+        pr.fit(LocalLevel(), LocalLevel().simulate(16, 1, seed=0).observations, method=Recommended(), seed=0)
 
 
 def test_the_default_ranks_by_tail_crps_with_rounds_that_double():
