@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
 import xarray as xr
 
 from ppl_rnn.data import prepare
@@ -110,12 +109,11 @@ def tail_forecast_score(model, data, head_steps: int, *, horizons, num_particles
     prepared ``data``: the tail's one-step log score (total, with its SE) and the mean CRPS of the forecasts at
     ``horizons`` from every origin in the tail, :math:`\frac1{|K|}\sum_{k\in K}\text{CRPS}_k` (lower is better).
     ``num_particles`` starts the yardstick's adaptive particle count; ``replicates`` is its number of runs."""
-    y, m, u = data.observations, data.mask, data.inputs
-    y = torch.where(m, y, torch.full_like(y, float("nan"))) if not bool(m.all()) else y
+    y, u = data.with_nan(), data.inputs
     ev = evaluate(model, y[:, :head_steps], y[:, head_steps:], horizons=tuple(horizons),
                   train_inputs=None if u is None else u[:, :head_steps],
                   test_inputs=None if u is None else u[:, head_steps:], num_particles=num_particles,
-                  num_replicates=max(int(replicates), 2), seed=seed)
+                  num_replicates=replicates, seed=seed)
     crps = ev.crps.values.astype(float)
     return {"log_score": float(ev.heldout_logev), "log_score_se": float(ev.heldout_logev_se),
             "crps": float(np.mean(crps)), "crps_by_lead": crps.tolist()}
